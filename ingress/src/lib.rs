@@ -1,0 +1,1 @@
+//! The public URL gateway. Not built yet: see issue 4.

@@ -1,0 +1,101 @@
+//! The smoltcp `Device` the core hands to the interface: at most one guest
+//! frame in, any number of frames out into a bounded queue of reused buffers.
+
+use std::collections::VecDeque;
+
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+/// Frames on their way to the guest, with a pool of spent buffers to reuse.
+#[derive(Debug, Default)]
+pub struct TxQueue {
+    frames: VecDeque<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+}
+
+const MAX_SPARE: usize = 64;
+
+impl TxQueue {
+    pub fn push(&mut self, frame: Vec<u8>) {
+        self.frames.push_back(frame);
+    }
+
+    pub fn pop(&mut self) -> Option<Vec<u8>> {
+        self.frames.pop_front()
+    }
+
+    /// Put a frame back at the head, after the link could not take it.
+    pub fn unpop(&mut self, frame: Vec<u8>) {
+        self.frames.push_front(frame);
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+}
+
+pub struct OneFrame<'a> {
+    pub rx: Option<&'a [u8]>,
+    pub tx: &'a mut TxQueue,
+    pub mtu: usize,
+}
+
+impl phy::Device for OneFrame<'_> {
+    type RxToken<'b>
+        = RxToken<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToken<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        let frame = self.rx.take()?;
+        Some((RxToken(frame), TxToken(self.tx)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
+        Some(TxToken(self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + crate::wire::ETH_HEADER;
+        caps.max_burst_size = None;
+        caps
+    }
+}
+
+pub struct RxToken<'a>(&'a [u8]);
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+pub struct TxToken<'a>(&'a mut TxQueue);
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = self.0.buffer(len);
+        let r = f(&mut buf);
+        self.0.push(buf);
+        r
+    }
+}

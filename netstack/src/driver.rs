@@ -1,0 +1,444 @@
+//! The thin tokio driver around a `Stack`: it owns the link to the guest, the
+//! host sockets and the timer, and shuttles bytes between them.
+//!
+//! Bytes move straight between a host socket and the flow's smoltcp buffer
+//! (the closure forms of send/recv), and only as fast as the other side
+//! drains: a full guest window stops host reads, a full host socket leaves
+//! the guest's bytes in smoltcp and so shuts the guest's window.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::stack::{smol_instant, ConnectError, DatagramKind, FlowId, HostRequest, Stack};
+use crate::wire::Unreachable;
+
+/// Where the guest's frames come from and go to: a tap, a socket, a channel.
+/// Both calls are non-blocking and return `ErrorKind::WouldBlock` when they
+/// would wait.
+///
+/// # Safety
+/// `as_raw_fd` must return the same open descriptor for as long as the link
+/// lives (the driver registers it with the reactor): own it, do not lend it.
+pub unsafe trait Link: AsRawFd {
+    /// Read one whole frame.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Write one whole frame.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+}
+
+/// Largest frame a link may hand over: 64 KiB IP packets plus Ethernet.
+const FRAME_BUF: usize = 65536 + 64;
+/// Guest frames taken per round before the stack answers them.
+const FRAMES_PER_ROUND: usize = 64;
+/// Rounds of work before yielding to other tasks.
+const ROUNDS_PER_POLL: usize = 16;
+
+enum HostTcp {
+    Connecting(JoinHandle<()>),
+    Open(OpenTcp),
+}
+
+struct OpenTcp {
+    stream: TcpStream,
+    read_done: bool,
+}
+
+struct HostDatagram {
+    socket: AsyncFd<Socket>,
+}
+
+type ConnectResult = (FlowId, Result<TcpStream, ConnectError>);
+
+pub struct Driver<L: Link> {
+    stack: Stack,
+    link: AsyncFd<L>,
+    started: std::time::Instant,
+    tcp: HashMap<FlowId, HostTcp>,
+    datagrams: HashMap<FlowId, HostDatagram>,
+    connect_tx: mpsc::UnboundedSender<ConnectResult>,
+    connect_rx: mpsc::UnboundedReceiver<ConnectResult>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timer_at: Option<tokio::time::Instant>,
+    rx_buf: Vec<u8>,
+    icmp_warned: bool,
+}
+
+impl<L: Link> Driver<L> {
+    /// Must be called inside a tokio runtime. The link must be non-blocking.
+    pub fn new(stack: Stack, link: L) -> io::Result<Self> {
+        let (connect_tx, connect_rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            stack,
+            // SAFETY: `Link` implementors promise a stable, owned descriptor.
+            link: unsafe { AsyncFd::register(link) }.map_err(io::Error::from)?,
+            started: std::time::Instant::now(),
+            tcp: HashMap::new(),
+            datagrams: HashMap::new(),
+            connect_tx,
+            connect_rx,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            timer_at: None,
+            rx_buf: vec![0; FRAME_BUF],
+            icmp_warned: false,
+        })
+    }
+
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    pub fn stack_mut(&mut self) -> &mut Stack {
+        &mut self.stack
+    }
+
+    /// Serve the sandbox until `shutdown` completes or the link fails.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<Stack> {
+        self.stack.advertise_router();
+        let mut shutdown = std::pin::pin!(shutdown);
+        let result = poll_fn(|cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            self.poll_drive(cx)
+        })
+        .await;
+        result.map(|()| self.stack)
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smol_instant(self.started.elapsed())
+    }
+
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        for _ in 0..ROUNDS_PER_POLL {
+            let now = self.now();
+            let mut progress = self.read_link(cx, now)?;
+            while let Poll::Ready(Some((flow, result))) = self.connect_rx.poll_recv(cx) {
+                progress = true;
+                self.on_connected(flow, result);
+            }
+            progress |= self.pump_tcp(cx);
+            progress |= self.pump_datagrams(cx, now);
+            self.stack.poll(now);
+            progress |= self.serve_requests(now);
+            progress |= self.write_link(cx)?;
+            progress |= self.poll_timer(cx, now);
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: let other tasks run, then come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn read_link(&mut self, cx: &mut Context<'_>, now: smoltcp::time::Instant) -> io::Result<bool> {
+        let mut progress = false;
+        for _ in 0..FRAMES_PER_ROUND {
+            let mut guard = match self.link.poll_read_ready_mut(cx) {
+                Poll::Ready(g) => g?,
+                Poll::Pending => break,
+            };
+            let buf = &mut self.rx_buf;
+            match guard.try_io(|l| l.get_mut().recv(buf)) {
+                Ok(Ok(n)) => {
+                    self.stack.handle_frame(now, &self.rx_buf[..n]);
+                    progress = true;
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        Ok(progress)
+    }
+
+    fn write_link(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut progress = false;
+        while let Some(frame) = self.stack.poll_transmit() {
+            let mut guard = match self.link.poll_write_ready_mut(cx) {
+                Poll::Ready(g) => g?,
+                Poll::Pending => {
+                    self.stack.unsend(frame);
+                    break;
+                }
+            };
+            match guard.try_io(|l| l.get_mut().send(&frame)) {
+                Ok(Ok(())) => {
+                    progress = true;
+                    self.stack.recycle(frame);
+                }
+                Ok(Err(e)) => {
+                    // A frame the link refuses (too big, …) is dropped, not retried forever.
+                    tracing::debug!(error = %e, len = frame.len(), "link refused a frame");
+                    self.stack.recycle(frame);
+                }
+                Err(_would_block) => self.stack.unsend(frame),
+            }
+        }
+        Ok(progress)
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>, now: smoltcp::time::Instant) -> bool {
+        let Some(at) = self.stack.poll_at(now) else {
+            self.timer_at = None;
+            return false;
+        };
+        let wait = Duration::from_micros((at - now).total_micros());
+        if at <= now {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        if self.timer_at != Some(deadline) {
+            self.timer.as_mut().reset(deadline);
+            self.timer_at = Some(deadline);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            self.timer_at = None;
+            return true;
+        }
+        false
+    }
+
+    fn on_connected(&mut self, flow: FlowId, result: Result<TcpStream, ConnectError>) {
+        if !matches!(self.tcp.get(&flow), Some(HostTcp::Connecting(_))) {
+            return; // the guest gave up meanwhile
+        }
+        match result {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                self.tcp.insert(
+                    flow,
+                    HostTcp::Open(OpenTcp {
+                        stream,
+                        read_done: false,
+                    }),
+                );
+                self.stack.tcp_connected(flow);
+            }
+            Err(e) => {
+                self.tcp.remove(&flow);
+                self.stack.tcp_connect_failed(flow, e);
+            }
+        }
+    }
+
+    fn pump_tcp(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        for (&flow, host) in self.tcp.iter_mut() {
+            let HostTcp::Open(open) = host else { continue };
+            progress |= host_to_guest(&mut self.stack, cx, flow, open);
+            progress |= guest_to_host(&mut self.stack, cx, flow, open);
+        }
+        progress
+    }
+
+    fn pump_datagrams(&mut self, cx: &mut Context<'_>, now: smoltcp::time::Instant) -> bool {
+        let mut progress = false;
+        for (&flow, host) in self.datagrams.iter_mut() {
+            while self.stack.wants_host_datagrams() {
+                let mut guard = match host.socket.poll_read_ready(cx) {
+                    Poll::Ready(Ok(g)) => g,
+                    _ => break,
+                };
+                let buf = &mut self.rx_buf;
+                match guard.try_io(|s| s.get_ref().read(buf)) {
+                    Ok(Ok(n)) => {
+                        progress = true;
+                        self.stack.datagram_from_host(now, flow, &self.rx_buf[..n]);
+                    }
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        progress = true;
+                        self.stack.datagram_host_error(flow, Unreachable::Port);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%flow, error = %e, "datagram receive failed");
+                        break;
+                    }
+                    Err(_would_block) => {}
+                }
+            }
+        }
+        progress
+    }
+
+    fn serve_requests(&mut self, now: smoltcp::time::Instant) -> bool {
+        let mut progress = false;
+        while let Some(req) = self.stack.poll_request() {
+            progress = true;
+            match req {
+                HostRequest::TcpConnect { flow, dst } => {
+                    let tx = self.connect_tx.clone();
+                    let limit = self.stack.config().connect_timeout;
+                    let task = tokio::spawn(async move {
+                        let result = connect(dst, limit).await;
+                        let _ = tx.send((flow, result));
+                    });
+                    self.tcp.insert(flow, HostTcp::Connecting(task));
+                }
+                HostRequest::TcpShutdown { flow } => {
+                    if let Some(HostTcp::Open(open)) = self.tcp.get(&flow) {
+                        let _ = SockRef::from(&open.stream).shutdown(Shutdown::Write);
+                    }
+                }
+                HostRequest::TcpClose { flow, reset } => match self.tcp.remove(&flow) {
+                    Some(HostTcp::Connecting(task)) => task.abort(),
+                    Some(HostTcp::Open(open)) if reset => {
+                        let _ = SockRef::from(&open.stream).set_linger(Some(Duration::ZERO));
+                    }
+                    Some(HostTcp::Open(_)) => {}
+                    None => {}
+                },
+                HostRequest::DatagramOpen { flow, kind, dst } => match open_datagram(kind, dst) {
+                    Ok(socket) => {
+                        self.datagrams.insert(flow, HostDatagram { socket });
+                    }
+                    Err(e) => {
+                        if kind == DatagramKind::IcmpEcho
+                            && e.kind() == io::ErrorKind::PermissionDenied
+                        {
+                            if !self.icmp_warned {
+                                self.icmp_warned = true;
+                                tracing::warn!(
+                                    "ICMP echo is not relayed: this user may not open ICMP sockets \
+                                     (widen sysctl net.ipv4.ping_group_range to include its group)"
+                                );
+                            }
+                        } else {
+                            tracing::info!(%flow, %dst, error = %e, "cannot open host datagram socket");
+                        }
+                        self.stack.datagram_host_error(flow, Unreachable::Host);
+                    }
+                },
+                HostRequest::DatagramSend { flow, payload } => {
+                    if let Some(host) = self.datagrams.get(&flow) {
+                        match host.socket.get_ref().send(&payload) {
+                            Ok(_) => {}
+                            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                                self.stack.datagram_host_error(flow, Unreachable::Port);
+                            }
+                            // UDP may lose datagrams; a full host buffer drops this one.
+                            Err(e) => tracing::trace!(%flow, error = %e, "datagram send failed"),
+                        }
+                    }
+                }
+                HostRequest::DatagramClose { flow } => {
+                    self.datagrams.remove(&flow);
+                }
+            }
+        }
+        let _ = now;
+        progress
+    }
+}
+
+/// Host → guest: read the host socket straight into the flow's send buffer.
+fn host_to_guest(
+    stack: &mut Stack,
+    cx: &mut Context<'_>,
+    flow: FlowId,
+    open: &mut OpenTcp,
+) -> bool {
+    let mut progress = false;
+    while !open.read_done && stack.tcp_send_capacity(flow) > 0 {
+        match open.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => {
+                stack.tcp_host_reset(flow);
+                return true;
+            }
+            Poll::Pending => break,
+        }
+        let stream = &open.stream;
+        let read = stack.tcp_send_with(flow, |buf| match stream.try_read(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match read {
+            None => break,
+            Some(Ok(0)) => {
+                open.read_done = true;
+                stack.tcp_host_eof(flow);
+                progress = true;
+            }
+            Some(Ok(_)) => progress = true,
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(Err(_)) => {
+                open.read_done = true;
+                stack.tcp_host_reset(flow);
+                return true;
+            }
+        }
+    }
+    progress
+}
+
+/// Guest → host: write what the guest sent straight from the flow's receive buffer.
+fn guest_to_host(
+    stack: &mut Stack,
+    cx: &mut Context<'_>,
+    flow: FlowId,
+    open: &mut OpenTcp,
+) -> bool {
+    let mut progress = false;
+    while stack.tcp_recv_pending(flow) > 0 {
+        match open.stream.poll_write_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => {
+                stack.tcp_host_reset(flow);
+                return true;
+            }
+            Poll::Pending => break,
+        }
+        let stream = &open.stream;
+        let wrote = stack.tcp_recv_with(flow, |buf| match stream.try_write(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match wrote {
+            None => break,
+            Some(Ok(_)) => progress = true,
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(Err(_)) => {
+                stack.tcp_host_reset(flow);
+                return true;
+            }
+        }
+    }
+    progress
+}
+
+async fn connect(dst: SocketAddr, limit: Duration) -> Result<TcpStream, ConnectError> {
+    match tokio::time::timeout(limit, TcpStream::connect(dst)).await {
+        Err(_) => Err(ConnectError::TimedOut),
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused),
+        Ok(Err(_)) => Err(ConnectError::Unreachable),
+    }
+}
+
+fn open_datagram(kind: DatagramKind, dst: SocketAddr) -> io::Result<AsyncFd<Socket>> {
+    let domain = Domain::for_address(dst);
+    let protocol = match (kind, dst) {
+        (DatagramKind::Udp, _) => Protocol::UDP,
+        (DatagramKind::IcmpEcho, SocketAddr::V4(_)) => Protocol::ICMPV4,
+        (DatagramKind::IcmpEcho, SocketAddr::V6(_)) => Protocol::ICMPV6,
+    };
+    let socket = Socket::new(domain, Type::DGRAM.cloexec(), Some(protocol))?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&dst.into())?;
+    // SAFETY: the socket owns its descriptor, which lives as long as the AsyncFd.
+    unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)
+}

@@ -1,0 +1,15 @@
+//! One sandbox's network: the egress policy, the gateway's services and a
+//! sans-IO core over smoltcp (`Stack`), plus a thin tokio driver that owns
+//! the host sockets (`driver`).
+
+pub mod config;
+mod device;
+pub mod driver;
+pub mod policy;
+mod services;
+pub mod stack;
+pub mod wire;
+
+pub use config::{AddressPlan, Caps, StackConfig};
+pub use policy::{EgressPolicy, PolicyError, PolicySpec, Verdict};
+pub use stack::{ConnectError, DatagramKind, FlowId, HostRequest, Stack, Stats};

@@ -1,0 +1,1195 @@
+//! The sans-IO core driven from both ends: a smoltcp guest (or hand-built
+//! frames) on the link, the test as the host driver, and a fake clock that
+//! only moves when a test moves it.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use netstack::{Caps, ConnectError, DatagramKind, EgressPolicy, FlowId, HostRequest, StackConfig};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, DhcpMessageType, DhcpPacket, DhcpRepr, EthernetAddress,
+    EthernetFrame, EthernetProtocol, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv6Packet, NdiscPrefixInfoFlags, NdiscRepr, TcpControl, TcpPacket,
+    TcpSeqNumber, UdpPacket,
+};
+
+const PEER_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const BUF: usize = 64 << 10;
+
+fn peer() -> SocketAddr {
+    sock(PEER_V4, 80)
+}
+
+fn deny(list: &[&str]) -> EgressPolicy {
+    policy(&[], list)
+}
+
+/// Take every contiguous run the host side can read from `flow` into `into`.
+fn host_read(p: &mut Pair, flow: FlowId, into: &mut Vec<u8>) {
+    while let Some(n) = p.stack.tcp_recv_with(flow, |b| {
+        into.extend_from_slice(b);
+        (b.len(), b.len())
+    }) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Write as much of `data` as the flow takes; how much it took.
+fn host_write(p: &mut Pair, flow: FlowId, data: &[u8]) -> usize {
+    let mut sent = 0;
+    while sent < data.len() {
+        let rest = &data[sent..];
+        let took = p.stack.tcp_send_with(flow, |buf| {
+            let n = buf.len().min(rest.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            (n, n)
+        });
+        match took {
+            Some(n) if n > 0 => sent += n,
+            _ => break,
+        }
+    }
+    sent
+}
+
+fn guest_read(p: &mut Pair, h: smoltcp::iface::SocketHandle, into: &mut Vec<u8>) {
+    while p.guest(h).can_recv() {
+        p.guest(h)
+            .recv(|b| {
+                into.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+    }
+}
+
+fn tcp_closes(p: &Pair) -> Vec<(FlowId, bool)> {
+    p.requests
+        .iter()
+        .filter_map(|r| match r {
+            HostRequest::TcpClose { flow, reset } => Some((*flow, *reset)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has_connect(p: &Pair) -> bool {
+    p.requests
+        .iter()
+        .any(|r| matches!(r, HostRequest::TcpConnect { .. }))
+}
+
+/// The one RST the stack answered `syn` (sequence `seq`) with: from `dst`, acking the SYN.
+#[track_caller]
+fn assert_rst_for_syn(out: &[Vec<u8>], src: SocketAddr, dst: SocketAddr, seq: i32) {
+    let rst = rsts(out);
+    assert_eq!(rst.len(), 1, "one RST for the SYN, got {rst:?}");
+    assert_eq!((rst[0].src, rst[0].dst), (dst, src));
+    assert_eq!(rst[0].ack, Some(TcpSeqNumber(seq) + 1));
+}
+
+// ----- TCP ------------------------------------------------------------------
+
+#[test]
+fn tcp_handshake_waits_for_host_connect() {
+    let mut p = Pair::allow_all();
+    let h = p.guest_connect(peer(), BUF);
+    let (flow, dst) = p.expect_connect();
+    assert_eq!(dst, peer());
+
+    // The host takes its time; the guest retransmits its SYN meanwhile.
+    p.pass_time(Duration::from_secs(3));
+    let synacks = p.sent.iter().filter_map(|f| tcp_of(f)).filter(|t| t.syn);
+    assert_eq!(synacks.count(), 0, "SYN-ACK before the host connected");
+    assert_eq!(p.guest_state(h), tcp::State::SynSent);
+    assert!(!has_connect(&p), "a retransmitted SYN opened a second flow");
+    assert_eq!(p.stack.tcp_flow_count(), 1);
+    assert_eq!(p.stack.half_open_count(), 1);
+    assert_eq!(p.stack.tcp_send_capacity(flow), 0);
+
+    p.stack.tcp_connected(flow);
+    p.run_until("the guest to establish", |p| {
+        p.guest_state(h) == tcp::State::Established
+    });
+    let synack = p.sent.iter().filter_map(|f| tcp_of(f)).find(|t| t.syn);
+    let synack = synack.expect("a SYN-ACK after tcp_connected");
+    assert_eq!(synack.src, peer());
+    assert!(synack.ack.is_some());
+    assert_eq!(p.stack.half_open_count(), 0);
+    assert!(p.stack.tcp_send_capacity(flow) > 0);
+}
+
+#[test]
+fn tcp_over_ipv6_reaches_the_host() {
+    let mut p = Pair::allow_all();
+    let dst = sock(PEER_V6, 443);
+    let (h, flow) = p.open_tcp(dst, BUF);
+    p.guest(h).send_slice(b"hello over v6").unwrap();
+    let mut got = Vec::new();
+    p.run_until("the bytes to reach the host", |p| {
+        host_read(p, flow, &mut got);
+        got.len() == 13
+    });
+    assert_eq!(got, b"hello over v6");
+}
+
+#[test]
+fn denied_tcp_gets_rst_at_once() {
+    let mut p = Pair::new(
+        StackConfig::default(),
+        deny(&["192.0.2.0/24", "2001:db8::/32"]),
+    );
+    for (src, dst) in [
+        (sock(GUEST_V4, 40_000), peer()),
+        (sock(GUEST_V6, 40_001), sock(PEER_V6, 443)),
+    ] {
+        let out = p.inject(&tcp_syn(src, dst, 1000));
+        assert_rst_for_syn(&out, src, dst, 1000);
+    }
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+    assert_eq!(p.stack.stats().tcp_denied, 2);
+
+    // A real guest gives up at once, without retransmitting.
+    let h = p.guest_connect(peer(), BUF);
+    p.run_until("the guest to see the RST", |p| {
+        p.guest_state(h) == tcp::State::Closed
+    });
+    assert!(p.requests.is_empty());
+}
+
+#[test]
+fn internal_destination_denied_by_default() {
+    let mut p = Pair::allow_all();
+    let v4 = [
+        Ipv4Addr::new(10, 1, 2, 3),
+        Ipv4Addr::new(169, 254, 169, 254),
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(192, 168, 1, 1),
+    ];
+    let v6 = [
+        "::ffff:169.254.169.254".parse::<Ipv6Addr>().unwrap(),
+        "fd00::99".parse().unwrap(),
+    ];
+    let dsts = v4
+        .iter()
+        .map(|&a| (sock(GUEST_V4, 40_000), sock(a, 80)))
+        .chain(v6.iter().map(|&a| (sock(GUEST_V6, 40_000), sock(a, 80))));
+    for (i, (src, dst)) in dsts.enumerate() {
+        let seq = 7_000 + i as i32;
+        let out = p.inject(&tcp_syn(src, dst, seq));
+        assert_rst_for_syn(&out, src, dst, seq);
+    }
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+}
+
+#[test]
+fn host_refused_becomes_rst() {
+    let mut p = Pair::allow_all();
+    let h = p.guest_connect(peer(), BUF);
+    let (flow, _) = p.expect_connect();
+    p.stack.tcp_connect_failed(flow, ConnectError::Refused);
+    p.run_until("the guest to see the RST", |p| {
+        p.guest_state(h) == tcp::State::Closed
+    });
+    let rst = rsts(&p.sent);
+    assert_eq!(rst.len(), 1, "{rst:?}");
+    assert_eq!(rst[0].src, peer());
+    assert_eq!(tcp_closes(&p), [(flow, true)]);
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+    assert_eq!(p.stack.half_open_count(), 0);
+    assert_eq!(p.stack.buffer_bytes(), 0);
+}
+
+#[test]
+fn host_unreachable_becomes_icmp_quoting_the_syn() {
+    let mut p = Pair::allow_all();
+    let src = sock(GUEST_V4, 40_000);
+    let syn = tcp_syn(src, peer(), 4242);
+    assert!(p.inject(&syn).is_empty());
+    let (flow, _) = p.expect_connect();
+    p.stack.tcp_connect_failed(flow, ConnectError::Unreachable);
+    let out = p.poll_stack();
+    assert!(rsts(&out).is_empty(), "an RST after the ICMP error");
+    let icmp = icmps(&out);
+    assert_eq!(icmp.len(), 1, "{icmp:?}");
+    assert_eq!((icmp[0].ty, icmp[0].code), (3, 1));
+    assert_eq!(icmp[0].src, IpAddr::V4(GATEWAY_V4));
+    // The quote is the SYN's IP header and its first 8 bytes: ports and sequence number.
+    assert_eq!(icmp[0].rest[4..], syn[14..14 + 28]);
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+    assert_eq!(p.stack.half_open_count(), 0);
+}
+
+#[test]
+fn data_flows_both_ways_byte_exact() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    let up = XorShift::new(1).bytes(300_000);
+    let down = XorShift::new(2).bytes(400_000);
+    let (mut up_sent, mut down_sent) = (0, 0);
+    let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
+    p.run_until("both directions to arrive", |p| {
+        up_sent += p.guest(h).send_slice(&up[up_sent..]).unwrap();
+        guest_read(p, h, &mut got_down);
+        host_read(p, flow, &mut got_up);
+        down_sent += host_write(p, flow, &down[down_sent..]);
+        got_up.len() >= up.len() && got_down.len() >= down.len()
+    });
+    assert!(got_up == up, "guest→host bytes differ");
+    assert!(got_down == down, "host→guest bytes differ");
+    assert_eq!(p.stack.stats().bytes_to_host, up.len() as u64);
+    assert_eq!(p.stack.stats().bytes_to_guest, down.len() as u64);
+}
+
+#[test]
+fn guest_half_close_reaches_host_and_host_can_still_send() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    p.guest(h).send_slice(b"request").unwrap();
+    p.guest(h).close();
+    p.run_until("the stack to ack the guest's FIN", |p| {
+        p.guest_state(h) == tcp::State::FinWait2
+    });
+    let shutdown = HostRequest::TcpShutdown { flow };
+    assert!(
+        !p.requests.contains(&shutdown),
+        "shutdown before the host took the guest's bytes"
+    );
+
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert_eq!(got, b"request");
+    p.poll_stack();
+    assert!(p.requests.contains(&shutdown));
+
+    assert!(
+        p.stack.tcp_send_capacity(flow) > 0,
+        "host side closed early"
+    );
+    assert_eq!(host_write(&mut p, flow, b"response"), 8);
+    let mut back = Vec::new();
+    p.run_until("the response to reach the guest", |p| {
+        guest_read(p, h, &mut back);
+        back.len() >= 8
+    });
+    assert_eq!(back, b"response");
+
+    p.stack.tcp_host_eof(flow);
+    assert_eq!(p.stack.tcp_send_capacity(flow), 0);
+    p.run_until("the flow to end", |p| !tcp_closes(p).is_empty());
+    assert!(!p.guest(h).may_recv(), "the guest never saw the FIN");
+    assert_eq!(tcp_closes(&p), [(flow, false)]);
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+    assert_eq!(p.stack.buffer_bytes(), 0);
+}
+
+#[test]
+fn host_eof_first_then_guest_close_ends_clean() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    assert_eq!(host_write(&mut p, flow, b"bye"), 3);
+    p.stack.tcp_host_eof(flow);
+    let mut got = Vec::new();
+    p.run_until("the guest to see data and FIN", |p| {
+        guest_read(p, h, &mut got);
+        p.guest_state(h) == tcp::State::CloseWait
+    });
+    assert_eq!(got, b"bye");
+    p.guest(h).close();
+    p.run_until("the flow to end", |p| !tcp_closes(p).is_empty());
+    assert!(p.requests.contains(&HostRequest::TcpShutdown { flow }));
+    assert_eq!(tcp_closes(&p), [(flow, false)]);
+}
+
+/// After the host's EOF the guest may still send; its bytes must reach the
+/// host even when its FIN arrives before the driver read them.
+#[test]
+#[ignore = "bug: settle_tcp drops a flow in TimeWait/Closed with guest bytes the host has not taken"]
+fn guest_bytes_after_host_eof_survive_the_guest_fin() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    p.stack.tcp_host_eof(flow);
+    p.run_until("the guest to see the host's FIN", |p| {
+        p.guest_state(h) == tcp::State::CloseWait
+    });
+    p.guest(h).send_slice(b"last words").unwrap();
+    p.guest(h).close();
+    // The driver is slow: the data and the FIN both arrive before it reads.
+    p.run_until("the guest to finish closing", |p| {
+        p.guest_state(h) == tcp::State::Closed
+    });
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert_eq!(got, b"last words", "guest bytes lost");
+    p.poll_stack();
+    assert!(p.requests.contains(&HostRequest::TcpShutdown { flow }));
+    assert_eq!(tcp_closes(&p), [(flow, false)]);
+}
+
+#[test]
+fn guest_rst_resets_host_side() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    p.guest(h).abort();
+    p.run_until("the flow to end", |p| !tcp_closes(p).is_empty());
+    assert_eq!(tcp_closes(&p), [(flow, true)]);
+    assert!(!p.requests.contains(&HostRequest::TcpShutdown { flow }));
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+    assert_eq!(p.stack.buffer_bytes(), 0);
+}
+
+#[test]
+fn host_reset_reaches_the_guest() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    p.stack.tcp_host_reset(flow);
+    p.run_until("the guest to see the RST", |p| {
+        p.guest_state(h) == tcp::State::Closed
+    });
+    assert_eq!(rsts(&p.sent).len(), 1);
+    assert_eq!(tcp_closes(&p), [(flow, true)]);
+}
+
+#[test]
+fn backpressure_guest_to_host() {
+    const TCP_BUFFER: usize = 16 << 10;
+    let cfg = StackConfig {
+        tcp_buffer: TCP_BUFFER,
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, EgressPolicy::allow_all());
+    let (h, flow) = p.open_tcp(peer(), 128 << 10);
+    let data = XorShift::new(3).bytes(100_000);
+    assert_eq!(p.guest(h).send_slice(&data).unwrap(), data.len());
+
+    // The host reads nothing: the stack's window shuts once its buffer is full.
+    p.pass_time(Duration::from_secs(5));
+    let pending = p.stack.tcp_recv_pending(flow);
+    assert!(pending > 0 && pending <= TCP_BUFFER, "pending {pending}");
+    let held = p.guest(h).send_queue();
+    assert!(held >= data.len() - TCP_BUFFER, "guest still holds {held}");
+    assert_eq!(p.guest_state(h), tcp::State::Established);
+
+    let mut got = Vec::new();
+    p.run_until("the host to drain everything", |p| {
+        host_read(p, flow, &mut got);
+        got.len() >= data.len()
+    });
+    assert!(got == data, "bytes lost or reordered under backpressure");
+}
+
+#[test]
+fn backpressure_host_to_guest() {
+    const TCP_BUFFER: usize = 16 << 10;
+    const GUEST_BUFFER: usize = 8 << 10;
+    let cfg = StackConfig {
+        tcp_buffer: TCP_BUFFER,
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, EgressPolicy::allow_all());
+    let (h, flow) = p.open_tcp(peer(), GUEST_BUFFER);
+    let data = XorShift::new(4).bytes(200_000);
+
+    // The guest reads nothing: the driver fills what the stack offers, then waits.
+    let mut sent = 0;
+    for _ in 0..50 {
+        sent += host_write(&mut p, flow, &data[sent..]);
+        p.pass_time(Duration::from_millis(200));
+    }
+    assert_eq!(p.stack.tcp_send_capacity(flow), 0);
+    assert!(
+        (TCP_BUFFER..=TCP_BUFFER + GUEST_BUFFER).contains(&sent),
+        "took {sent} bytes"
+    );
+
+    let mut got = Vec::new();
+    p.run_until("the guest to read everything", |p| {
+        guest_read(p, h, &mut got);
+        sent += host_write(p, flow, &data[sent..]);
+        got.len() >= data.len()
+    });
+    assert!(got == data, "bytes lost or reordered under backpressure");
+}
+
+// ----- UDP and ICMP relays ------------------------------------------------
+
+fn take_datagram_open(p: &mut Pair) -> Option<(FlowId, DatagramKind, SocketAddr)> {
+    p.take_request(|r| match r {
+        HostRequest::DatagramOpen { flow, kind, dst } => Some((*flow, *kind, *dst)),
+        _ => None,
+    })
+}
+
+#[test]
+fn udp_relay_and_idle_expiry() {
+    let mut p = Pair::allow_all();
+    let idle = p.stack.config().udp_idle_timeout;
+    let (guest, dst) = (sock(GUEST_V4, 40_000), sock(PEER_V4, 7));
+    assert!(p.inject(&udp_frame(guest, dst, b"ping")).is_empty());
+    let flow = match p.requests.pop_front() {
+        Some(HostRequest::DatagramOpen { flow, kind, dst: d }) => {
+            assert_eq!((kind, d), (DatagramKind::Udp, dst));
+            flow
+        }
+        other => panic!("expected DatagramOpen, got {other:?}"),
+    };
+    let send = |payload: &[u8]| HostRequest::DatagramSend {
+        flow,
+        payload: payload.to_vec(),
+    };
+    assert_eq!(p.requests.pop_front(), Some(send(b"ping")));
+
+    p.stack.datagram_from_host(p.now, flow, b"pong");
+    let out = p.flush();
+    assert_eq!(out.len(), 1);
+    let want = UdpSeen {
+        dst_mac: GUEST_MAC,
+        src: dst,
+        dst: guest,
+        payload: b"pong".to_vec(),
+    };
+    assert_eq!(udp_of(&out[0]), Some(want));
+
+    // The same 4-tuple stays one flow.
+    p.inject(&udp_frame(guest, dst, b"again"));
+    assert_eq!(p.requests.pop_front(), Some(send(b"again")));
+    assert!(p.requests.is_empty());
+
+    p.advance(idle - Duration::from_secs(1));
+    p.poll_stack();
+    assert!(p.requests.is_empty(), "closed before its idle timeout");
+    p.advance(Duration::from_secs(2));
+    p.poll_stack();
+    assert_eq!(
+        p.requests.pop_front(),
+        Some(HostRequest::DatagramClose { flow })
+    );
+    assert_eq!(p.stack.datagram_flow_count(), 0);
+    p.stack.datagram_from_host(p.now, flow, b"late");
+    assert!(p.flush().is_empty(), "a closed flow still delivers");
+}
+
+#[test]
+fn denied_udp_gets_admin_prohibited() {
+    let mut p = Pair::new(StackConfig::default(), deny(&["ALL_TRAFFIC"]));
+    let cases = [
+        (
+            sock(GUEST_V4, 40_000),
+            sock(PEER_V4, 7),
+            GATEWAY_V4.into(),
+            (3, 13),
+        ),
+        (
+            sock(GUEST_V6, 40_000),
+            sock(PEER_V6, 7),
+            GATEWAY_V6.into(),
+            (1, 1),
+        ),
+    ];
+    for (src, dst, gateway, want) in cases {
+        let frame = udp_frame(src, dst, b"let me out");
+        let out = p.inject(&frame);
+        let icmp = icmps(&out);
+        assert_eq!(icmp.len(), 1, "{dst}: {icmp:?}");
+        assert_eq!((icmp[0].ty, icmp[0].code), want, "{dst}");
+        assert_eq!((icmp[0].src, icmp[0].dst), (gateway, src.ip()));
+        let ip_header = if src.is_ipv4() { 20 } else { 40 };
+        let quote = &frame[14..14 + ip_header + 8];
+        assert_eq!(&icmp[0].rest[4..4 + quote.len()], quote, "{dst}: quote");
+        assert!(udp_of(&out[0]).is_none());
+    }
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+    assert_eq!(p.stack.datagram_flow_count(), 0);
+    assert_eq!(p.stack.stats().datagram_denied, 2);
+}
+
+#[test]
+fn ping_to_gateway_answered_locally() {
+    let mut p = Pair::allow_all();
+    let own: [(IpAddr, IpAddr); 3] = [
+        (GUEST_V4.into(), GATEWAY_V4.into()),
+        (GUEST_V4.into(), DNS_V4.into()),
+        (GUEST_V6.into(), GATEWAY_V6.into()),
+    ];
+    for (src, dst) in own {
+        let out = p.inject(&echo_request(src, dst, 0x1234, 7, b"abcdefgh"));
+        assert_eq!(out.len(), 1, "{dst}");
+        let ip = ip_of(&out[0]).unwrap();
+        assert_eq!((ip.src, ip.dst, ip.dst_mac), (dst, src, GUEST_MAC));
+        let (ident, seq_no, data) = match (src, dst) {
+            (IpAddr::V4(_), _) => {
+                let pkt = Icmpv4Packet::new_checked(&ip.payload[..]).unwrap();
+                match Icmpv4Repr::parse(&pkt, &Default::default()).unwrap() {
+                    Icmpv4Repr::EchoReply {
+                        ident,
+                        seq_no,
+                        data,
+                    } => (ident, seq_no, data.to_vec()),
+                    other => panic!("not an echo reply: {other:?}"),
+                }
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let pkt = Icmpv6Packet::new_checked(&ip.payload[..]).unwrap();
+                match Icmpv6Repr::parse(&d, &s, &pkt, &Default::default()).unwrap() {
+                    Icmpv6Repr::EchoReply {
+                        ident,
+                        seq_no,
+                        data,
+                    } => (ident, seq_no, data.to_vec()),
+                    other => panic!("not an echo reply: {other:?}"),
+                }
+            }
+            _ => unreachable!(),
+        };
+        assert_eq!((ident, seq_no, &data[..]), (0x1234, 7, &b"abcdefgh"[..]));
+    }
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+}
+
+#[test]
+fn ping_to_denied_destination_gets_admin_prohibited_not_a_reply() {
+    let mut p = Pair::new(StackConfig::default(), deny(&["192.0.2.0/24"]));
+    let out = p.inject(&echo_request(GUEST_V4.into(), PEER_V4.into(), 1, 1, b"x"));
+    let icmp = icmps(&out);
+    assert_eq!(icmp.len(), 1, "{icmp:?}");
+    assert_eq!((icmp[0].ty, icmp[0].code), (3, 13));
+    assert_eq!(icmp[0].src, IpAddr::V4(GATEWAY_V4));
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+}
+
+#[test]
+fn ping_to_public_is_relayed_and_reply_gets_the_guest_ident() {
+    let mut p = Pair::allow_all();
+    let out = p.inject(&echo_request(
+        GUEST_V4.into(),
+        PEER_V4.into(),
+        0x77,
+        3,
+        b"data",
+    ));
+    assert!(out.is_empty());
+    let (flow, kind, dst) = take_datagram_open(&mut p).expect("DatagramOpen");
+    assert_eq!((kind, dst), (DatagramKind::IcmpEcho, sock(PEER_V4, 0)));
+    let Some(HostRequest::DatagramSend { payload, .. }) = p.requests.pop_front() else {
+        panic!("no DatagramSend");
+    };
+    assert_eq!(payload, [8, 0, 0, 0, 0, 0x77, 0, 3, b'd', b'a', b't', b'a']);
+
+    // The kernel replies with an identifier of its own choosing.
+    let reply = [0, 0, 0, 0, 0x99, 0x99, 0, 3, b'd', b'a', b't', b'a'];
+    p.stack.datagram_from_host(p.now, flow, &reply);
+    let out = p.flush();
+    let ip = ip_of(&out[0]).expect("an echo reply");
+    assert_eq!(ip.src, IpAddr::V4(PEER_V4));
+    let pkt = Icmpv4Packet::new_checked(&ip.payload[..]).unwrap();
+    let repr = Icmpv4Repr::parse(&pkt, &Default::default()).unwrap();
+    let want = Icmpv4Repr::EchoReply {
+        ident: 0x77,
+        seq_no: 3,
+        data: b"data",
+    };
+    assert_eq!(repr, want);
+}
+
+#[test]
+fn dns_to_stack_is_forwarded_to_upstream() {
+    let upstream = sock(Ipv4Addr::new(192, 0, 2, 53), 53);
+    let cfg = StackConfig {
+        dns_upstream: Some(upstream),
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, EgressPolicy::allow_all());
+    let guest = sock(GUEST_V4, 41_000);
+    let dns = sock(DNS_V4, 53);
+    let query = dns_query(0xbeef, "example.com");
+    assert!(p.inject(&udp_frame(guest, dns, &query)).is_empty());
+    let (flow, kind, dst) = take_datagram_open(&mut p).expect("DatagramOpen");
+    assert_eq!((kind, dst), (DatagramKind::Udp, upstream));
+    let send = HostRequest::DatagramSend {
+        flow,
+        payload: query.clone(),
+    };
+    assert_eq!(p.requests.pop_front(), Some(send));
+
+    let mut answer = query.clone();
+    answer[2] |= 0x80;
+    p.stack.datagram_from_host(p.now, flow, &answer);
+    let out = p.flush();
+    let udp = udp_of(&out[0]).expect("a UDP answer");
+    assert_eq!((udp.src, udp.dst), (dns, guest));
+    assert_eq!(udp.payload, answer);
+
+    // Garbage to the resolver opens nothing and earns nothing.
+    let other = sock(GUEST_V4, 41_001);
+    for junk in [&b"\x00\x01garbage"[..], &[0u8; 12][..], &answer[..]] {
+        assert!(p.inject(&udp_frame(other, dns, junk)).is_empty());
+    }
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+    assert_eq!(p.stack.datagram_flow_count(), 1);
+}
+
+#[test]
+fn dns_without_upstream_gets_port_unreachable() {
+    let mut p = Pair::allow_all();
+    let query = dns_query(1, "example.com");
+    let out = p.inject(&udp_frame(sock(GUEST_V4, 41_000), sock(DNS_V4, 53), &query));
+    let icmp = icmps(&out);
+    assert_eq!(icmp.len(), 1, "{icmp:?}");
+    assert_eq!((icmp[0].ty, icmp[0].code), (3, 3));
+    assert_eq!(icmp[0].src, IpAddr::V4(DNS_V4));
+    assert!(p.requests.is_empty());
+}
+
+// ----- gateway services ---------------------------------------------------
+
+fn dhcp_message(message_type: DhcpMessageType) -> DhcpRepr<'static> {
+    DhcpRepr {
+        message_type,
+        transaction_id: 0x1234_5678,
+        secs: 0,
+        client_hardware_address: GUEST_MAC,
+        client_ip: Ipv4Addr::UNSPECIFIED,
+        your_ip: Ipv4Addr::UNSPECIFIED,
+        server_ip: Ipv4Addr::UNSPECIFIED,
+        router: None,
+        subnet_mask: None,
+        relay_agent_ip: Ipv4Addr::UNSPECIFIED,
+        broadcast: false,
+        requested_ip: None,
+        client_identifier: Some(GUEST_MAC),
+        server_identifier: None,
+        parameter_request_list: Some(&[1, 3, 6, 26]),
+        dns_servers: None,
+        max_size: None,
+        lease_duration: None,
+        renew_duration: None,
+        rebind_duration: None,
+        additional_options: &[],
+    }
+}
+
+/// The stack's one answer to a DHCP message, checked for its addressing.
+#[track_caller]
+fn dhcp_answer(p: &mut Pair, repr: &DhcpRepr) -> (DhcpMessageType, Ipv4Addr, Vec<u8>) {
+    let out = p.inject(&dhcp_frame(repr));
+    assert_eq!(out.len(), 1, "one DHCP answer");
+    let udp = udp_of(&out[0]).expect("DHCP answer is UDP");
+    assert_eq!(udp.dst_mac, GUEST_MAC);
+    assert_eq!(udp.src, sock(GATEWAY_V4, 67));
+    assert_eq!(udp.dst, sock(Ipv4Addr::BROADCAST, 68));
+    let pkt = DhcpPacket::new_checked(&udp.payload[..]).unwrap();
+    let reply = DhcpRepr::parse(&pkt).unwrap();
+    assert_eq!(reply.transaction_id, repr.transaction_id);
+    assert_eq!(reply.client_hardware_address, GUEST_MAC);
+    assert_eq!(reply.server_identifier, Some(GATEWAY_V4));
+    if reply.message_type != DhcpMessageType::Nak {
+        assert_eq!(reply.router, Some(GATEWAY_V4));
+        assert_eq!(reply.subnet_mask, Some(Ipv4Addr::new(255, 255, 255, 0)));
+        let dns = reply.dns_servers.as_deref().unwrap_or_default();
+        assert_eq!(dns, [DNS_V4]);
+        assert!(reply.lease_duration.is_some_and(|s| s > 0));
+    }
+    (reply.message_type, reply.your_ip, udp.payload)
+}
+
+#[test]
+fn dhcp_discover_gets_offer_and_request_gets_ack() {
+    let mut p = Pair::allow_all();
+    let discover = dhcp_message(DhcpMessageType::Discover);
+    let (kind, yiaddr, _) = dhcp_answer(&mut p, &discover);
+    assert_eq!((kind, yiaddr), (DhcpMessageType::Offer, GUEST_V4));
+
+    let request = DhcpRepr {
+        requested_ip: Some(GUEST_V4),
+        server_identifier: Some(GATEWAY_V4),
+        ..dhcp_message(DhcpMessageType::Request)
+    };
+    let (kind, yiaddr, _) = dhcp_answer(&mut p, &request);
+    assert_eq!((kind, yiaddr), (DhcpMessageType::Ack, GUEST_V4));
+
+    // A renewal names the address as ciaddr instead.
+    let renew = DhcpRepr {
+        client_ip: GUEST_V4,
+        ..dhcp_message(DhcpMessageType::Request)
+    };
+    let (kind, _, _) = dhcp_answer(&mut p, &renew);
+    assert_eq!(kind, DhcpMessageType::Ack);
+
+    let other = DhcpRepr {
+        requested_ip: Some(Ipv4Addr::new(10, 0, 2, 99)),
+        ..request.clone()
+    };
+    let (kind, yiaddr, _) = dhcp_answer(&mut p, &other);
+    assert_eq!(
+        (kind, yiaddr),
+        (DhcpMessageType::Nak, Ipv4Addr::UNSPECIFIED)
+    );
+
+    // A request that chose another server is not ours to answer.
+    let elsewhere = DhcpRepr {
+        server_identifier: Some(Ipv4Addr::new(10, 0, 2, 1)),
+        ..request
+    };
+    assert!(p.inject(&dhcp_frame(&elsewhere)).is_empty());
+    assert!(
+        p.requests.is_empty(),
+        "DHCP reached the host: {:?}",
+        p.requests
+    );
+}
+
+fn arp_of(frame: &[u8]) -> Option<(EthernetAddress, ArpRepr)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Arp {
+        return None;
+    }
+    let repr = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).ok()?).ok()?;
+    Some((eth.dst_addr(), repr))
+}
+
+#[test]
+fn arp_for_gateway_is_answered() {
+    let mut p = Pair::allow_all();
+    for target in [GATEWAY_V4, DNS_V4] {
+        let out = p.inject(&arp_request(GUEST_V4, target));
+        assert_eq!(out.len(), 1, "ARP for {target}");
+        let (dst_mac, repr) = arp_of(&out[0]).expect("an ARP reply");
+        assert_eq!(dst_mac, GUEST_MAC);
+        let want = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: GATEWAY_MAC,
+            source_protocol_addr: target,
+            target_hardware_addr: GUEST_MAC,
+            target_protocol_addr: GUEST_V4,
+        };
+        assert_eq!(repr, want);
+    }
+}
+
+/// RFC 5227: a host that hears another MAC claim its address treats it as a conflict.
+#[test]
+#[ignore = "bug: set_any_ip(true) makes the gateway answer ARP for the guest's own address"]
+fn arp_announcement_of_the_guest_address_is_not_claimed() {
+    let mut p = Pair::allow_all();
+    let out = p.inject(&arp_request(GUEST_V4, GUEST_V4));
+    let claims: Vec<_> = out.iter().filter_map(|f| arp_of(f)).collect();
+    assert!(
+        claims.is_empty(),
+        "the gateway claimed {GUEST_V4}: {claims:?}"
+    );
+}
+
+#[test]
+fn router_solicit_gets_advert_with_prefix() {
+    let mut p = Pair::allow_all();
+    let out = p.inject(&router_solicit());
+    assert_eq!(out.len(), 1);
+    let ip = ip_of(&out[0]).expect("an IPv6 frame");
+    assert_eq!(ip.dst_mac, EthernetAddress([0x33, 0x33, 0, 0, 0, 1]));
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    assert_eq!((ip.src, ip.dst), (GATEWAY_V6_LL.into(), all_nodes.into()));
+    assert_eq!(
+        ip.hop_limit, 255,
+        "RFC 4861 drops adverts with another hop limit"
+    );
+    let pkt = Icmpv6Packet::new_checked(&ip.payload[..]).unwrap();
+    let repr = Icmpv6Repr::parse(&GATEWAY_V6_LL, &all_nodes, &pkt, &Default::default());
+    let Ok(Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+        router_lifetime,
+        lladdr,
+        mtu,
+        prefix_info,
+        ..
+    })) = repr
+    else {
+        panic!("not a router advert: {repr:?}");
+    };
+    assert!(router_lifetime.secs() > 0, "not a default router");
+    assert_eq!(lladdr, Some(GATEWAY_MAC.into()));
+    assert_eq!(mtu, Some(StackConfig::default().mtu as u32));
+    let prefix = prefix_info.expect("a prefix option");
+    assert_eq!(prefix.prefix, Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0));
+    assert_eq!(prefix.prefix_len, 64);
+    let flags = NdiscPrefixInfoFlags::ON_LINK | NdiscPrefixInfoFlags::ADDRCONF;
+    assert_eq!(prefix.flags, flags);
+    assert!(prefix.valid_lifetime >= prefix.preferred_lifetime);
+    assert!(prefix.preferred_lifetime.secs() > 0);
+}
+
+// ----- caps and policy ----------------------------------------------------
+
+#[test]
+fn caps_refuse_new_flows() {
+    let with_caps = |caps: Caps| {
+        let cfg = StackConfig {
+            caps,
+            ..StackConfig::default()
+        };
+        Pair::new(cfg, EgressPolicy::allow_all())
+    };
+
+    // Two open flows at most.
+    let mut p = with_caps(Caps {
+        max_tcp_flows: 2,
+        ..Caps::default()
+    });
+    for port in [40_000, 40_001] {
+        assert!(p
+            .inject(&tcp_syn(sock(GUEST_V4, port), peer(), 1))
+            .is_empty());
+        p.expect_connect();
+    }
+    let third = sock(GUEST_V4, 40_002);
+    let out = p.inject(&tcp_syn(third, peer(), 500));
+    assert_rst_for_syn(&out, third, peer(), 500);
+    assert!(!has_connect(&p));
+    assert_eq!(p.stack.tcp_flow_count(), 2);
+    assert_eq!(p.stack.stats().caps_hit, 1);
+
+    // One connect in progress at most; a finished connect frees the slot.
+    let mut p = with_caps(Caps {
+        max_half_open: 1,
+        ..Caps::default()
+    });
+    assert!(p
+        .inject(&tcp_syn(sock(GUEST_V4, 40_000), peer(), 1))
+        .is_empty());
+    let (first, _) = p.expect_connect();
+    let second = sock(GUEST_V4, 40_001);
+    let out = p.inject(&tcp_syn(second, peer(), 900));
+    assert_rst_for_syn(&out, second, peer(), 900);
+    assert!(!has_connect(&p));
+    p.stack.tcp_connected(first);
+    p.poll_stack();
+    assert!(p
+        .inject(&tcp_syn(sock(GUEST_V4, 40_002), peer(), 1))
+        .is_empty());
+    p.expect_connect();
+
+    // Buffers: two flows' worth, so the third is refused.
+    let buffer = StackConfig::default().tcp_buffer;
+    let mut p = with_caps(Caps {
+        max_buffer_bytes: 2 * 2 * buffer,
+        ..Caps::default()
+    });
+    for port in [40_000, 40_001] {
+        assert!(p
+            .inject(&tcp_syn(sock(GUEST_V4, port), peer(), 1))
+            .is_empty());
+        p.expect_connect();
+    }
+    let out = p.inject(&tcp_syn(sock(GUEST_V4, 40_002), peer(), 1));
+    assert_eq!(rsts(&out).len(), 1);
+
+    // One datagram flow at most.
+    let mut p = with_caps(Caps {
+        max_datagram_flows: 1,
+        ..Caps::default()
+    });
+    let guest = sock(GUEST_V4, 40_000);
+    assert!(p
+        .inject(&udp_frame(guest, sock(PEER_V4, 7), b"a"))
+        .is_empty());
+    assert!(take_datagram_open(&mut p).is_some());
+    let out = p.inject(&udp_frame(guest, sock(PEER_V4, 9), b"b"));
+    let icmp = icmps(&out);
+    assert_eq!(icmp.len(), 1, "{icmp:?}");
+    assert_eq!((icmp[0].ty, icmp[0].code), (3, 13));
+    assert!(take_datagram_open(&mut p).is_none());
+    assert_eq!(p.stack.datagram_flow_count(), 1);
+    // Pings count against the same cap.
+    let out = p.inject(&echo_request(GUEST_V4.into(), PEER_V4.into(), 1, 1, b""));
+    assert_eq!(icmps(&out).len(), 1);
+    assert_eq!(p.stack.datagram_flow_count(), 1);
+}
+
+#[test]
+fn policy_swap_resets_denied_live_flows() {
+    let mut p = Pair::allow_all();
+    let (doomed, doomed_flow) = p.open_tcp(peer(), BUF);
+    let (kept, kept_flow) = p.open_tcp(sock(Ipv4Addr::new(198, 51, 100, 1), 80), BUF);
+    p.inject(&udp_frame(sock(GUEST_V4, 40_500), sock(PEER_V4, 53), b"q"));
+    let (udp_flow, _, _) = take_datagram_open(&mut p).expect("DatagramOpen");
+    p.requests.clear();
+    p.sent.clear();
+
+    p.stack.set_policy(deny(&["192.0.2.0/24"]));
+    p.run_until("the denied flow to end", |p| !tcp_closes(p).is_empty());
+    p.settle();
+    assert_eq!(tcp_closes(&p), [(doomed_flow, true)]);
+    assert!(p
+        .requests
+        .contains(&HostRequest::DatagramClose { flow: udp_flow }));
+    assert_eq!(p.guest_state(doomed), tcp::State::Closed);
+    let rst = rsts(&p.sent);
+    assert_eq!(rst.len(), 1, "{rst:?}");
+    assert_eq!(rst[0].src, peer());
+
+    assert_eq!(p.guest_state(kept), tcp::State::Established);
+    assert_eq!(p.stack.tcp_flow_count(), 1);
+    assert_eq!(host_write(&mut p, kept_flow, b"still here"), 10);
+    let mut got = Vec::new();
+    p.run_until("the kept flow to carry data", |p| {
+        guest_read(p, kept, &mut got);
+        got.len() >= 10
+    });
+
+    // New flows obey the new policy too.
+    let out = p.inject(&tcp_syn(sock(GUEST_V4, 45_000), peer(), 5));
+    assert_rst_for_syn(&out, sock(GUEST_V4, 45_000), peer(), 5);
+}
+
+// ----- robustness ---------------------------------------------------------
+
+/// Valid frames of every kind the stack parses, for mutation.
+fn seed_frames() -> Vec<Vec<u8>> {
+    let g4 = |port| sock(GUEST_V4, port);
+    let g6 = |port| sock(GUEST_V6, port);
+    let dns = sock(DNS_V4, 53);
+    let mut seeds = vec![
+        tcp_syn(g4(40_000), peer(), 1),
+        tcp_syn(g4(40_001), sock(Ipv4Addr::new(198, 51, 100, 1), 443), 1),
+        tcp_syn(g4(40_002), sock(GATEWAY_V4, 22), 1),
+        tcp_syn(g6(40_003), sock(PEER_V6, 443), 1),
+        tcp_syn(g4(40_004), sock(Ipv4Addr::new(10, 9, 9, 9), 80), 1),
+        tcp_frame(g4(40_000), peer(), TcpControl::None, 2, Some(1), b"data"),
+        tcp_frame(g4(40_000), peer(), TcpControl::Fin, 2, Some(1), &[]),
+        tcp_frame(g4(40_000), peer(), TcpControl::Rst, 2, Some(1), &[]),
+        tcp_frame(
+            g6(40_003),
+            sock(PEER_V6, 443),
+            TcpControl::Psh,
+            2,
+            Some(1),
+            b"x",
+        ),
+        udp_frame(g4(40_100), sock(PEER_V4, 7), b"udp payload"),
+        udp_frame(g6(40_101), sock(PEER_V6, 7), b"udp payload"),
+        udp_frame(g4(40_102), dns, &dns_query(7, "example.com")),
+        udp_frame(
+            g4(40_103),
+            sock(Ipv4Addr::new(198, 51, 100, 9), 123),
+            &[0; 48],
+        ),
+        udp_frame(
+            g4(40_104),
+            sock(Ipv4Addr::new(224, 0, 0, 251), 5353),
+            b"mdns",
+        ),
+        echo_request(GUEST_V4.into(), PEER_V4.into(), 9, 1, b"ping"),
+        echo_request(GUEST_V4.into(), GATEWAY_V4.into(), 9, 1, b"ping"),
+        echo_request(GUEST_V6.into(), PEER_V6.into(), 9, 1, b"ping"),
+        arp_request(GUEST_V4, GATEWAY_V4),
+        router_solicit(),
+        dhcp_frame(&dhcp_message(DhcpMessageType::Discover)),
+        dhcp_frame(&DhcpRepr {
+            requested_ip: Some(GUEST_V4),
+            ..dhcp_message(DhcpMessageType::Request)
+        }),
+    ];
+    seeds.push(udp_frame(g4(40_105), sock(PEER_V4, 9), &[0xab; 1400]));
+    seeds
+}
+
+/// Recompute IP and L4 checksums after a mutation, so it gets past them.
+fn fix_checksums(frame: &mut [u8]) {
+    let Ok(eth) = EthernetFrame::new_checked(&*frame) else {
+        return;
+    };
+    let ethertype = eth.ethertype();
+    let ip = &mut frame[14..];
+    let (src, dst, proto, l4): (IpAddress, IpAddress, _, &mut [u8]) = match ethertype {
+        EthernetProtocol::Ipv4 => {
+            let Ok(mut pkt) = Ipv4Packet::new_checked(&mut *ip) else {
+                return;
+            };
+            pkt.fill_checksum();
+            let (s, d, proto) = (pkt.src_addr(), pkt.dst_addr(), pkt.next_header());
+            let (hl, tl) = (pkt.header_len() as usize, pkt.total_len() as usize);
+            (s.into(), d.into(), proto, &mut ip[hl..tl])
+        }
+        EthernetProtocol::Ipv6 => {
+            let Ok(pkt) = Ipv6Packet::new_checked(&*ip) else {
+                return;
+            };
+            let (s, d, proto) = (pkt.src_addr(), pkt.dst_addr(), pkt.next_header());
+            let len = pkt.payload_len() as usize;
+            (s.into(), d.into(), proto, &mut ip[40..40 + len])
+        }
+        _ => return,
+    };
+    match (proto, src, dst) {
+        (IpProtocol::Tcp, _, _) => {
+            if let Ok(mut t) = TcpPacket::new_checked(l4) {
+                t.fill_checksum(&src, &dst);
+            }
+        }
+        (IpProtocol::Udp, _, _) => {
+            if let Ok(mut u) = UdpPacket::new_checked(l4) {
+                u.fill_checksum(&src, &dst);
+            }
+        }
+        (IpProtocol::Icmp, _, _) => {
+            if let Ok(mut i) = Icmpv4Packet::new_checked(l4) {
+                i.fill_checksum();
+            }
+        }
+        (IpProtocol::Icmpv6, IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
+            if let Ok(mut i) = Icmpv6Packet::new_checked(l4) {
+                i.fill_checksum(&s, &d);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every frame the stack sends parses, with correct checksums.
+#[track_caller]
+fn assert_well_formed(frame: &[u8]) {
+    let eth = EthernetFrame::new_checked(frame).expect("a whole Ethernet frame");
+    assert_eq!(eth.src_addr(), GATEWAY_MAC);
+    match eth.ethertype() {
+        EthernetProtocol::Arp => {
+            assert!(arp_of(frame).is_some(), "malformed ARP");
+        }
+        EthernetProtocol::Ipv4 | EthernetProtocol::Ipv6 => {
+            let ip = ip_of(frame).expect("a whole IP packet");
+            let ok = match ip.proto {
+                IpProtocol::Tcp => tcp_of(frame).is_some(),
+                IpProtocol::Udp => udp_of(frame).is_some(),
+                IpProtocol::Icmp | IpProtocol::Icmpv6 => icmp_of(frame).is_some(),
+                other => panic!("the stack sent {other}"),
+            };
+            assert!(ok, "malformed {} from the stack", ip.proto);
+        }
+        other => panic!("the stack sent ethertype {other}"),
+    }
+}
+
+#[test]
+fn garbage_frames_never_panic() {
+    let caps = Caps {
+        max_tcp_flows: 8,
+        max_half_open: 4,
+        max_buffer_bytes: 6 * 2 * 4096,
+        max_datagram_flows: 8,
+        max_queued_frames: 64,
+    };
+    let cfg = StackConfig {
+        tcp_buffer: 4096,
+        dns_upstream: Some(sock(Ipv4Addr::new(192, 0, 2, 53), 53)),
+        caps: caps.clone(),
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, deny(&["198.51.100.0/24"]));
+    let seeds = seed_frames();
+    let mut rng = XorShift::new(0x5a5a_1234);
+    let mut tcp_flows: Vec<FlowId> = Vec::new();
+    let mut dgram_flows: Vec<FlowId> = Vec::new();
+    let (mut opened_tcp, mut opened_dgram) = (0, 0);
+
+    for round in 0..5_000 {
+        let seed = &seeds[rng.below(seeds.len())];
+        let frame = match rng.below(6) {
+            0 => {
+                let len = rng.below(200);
+                rng.bytes(len)
+            }
+            1 => seed[..rng.below(seed.len() + 1)].to_vec(),
+            2 | 3 => {
+                let mut f = seed.clone();
+                for _ in 0..=rng.below(4) {
+                    let at = rng.below(f.len());
+                    f[at] ^= 1 << rng.below(8);
+                }
+                if rng.below(4) != 0 {
+                    fix_checksums(&mut f);
+                }
+                f
+            }
+            _ => seed.clone(),
+        };
+        p.stack.handle_frame(p.now, &frame);
+
+        // Play a driver that answers at random.
+        while let Some(r) = p.stack.poll_request() {
+            match r {
+                HostRequest::TcpConnect { flow, .. } => {
+                    opened_tcp += 1;
+                    match rng.below(4) {
+                        0 => p.stack.tcp_connect_failed(flow, ConnectError::Refused),
+                        1 => p.stack.tcp_connect_failed(flow, ConnectError::TimedOut),
+                        _ => tcp_flows.push(flow),
+                    }
+                }
+                HostRequest::DatagramOpen { flow, .. } => {
+                    opened_dgram += 1;
+                    dgram_flows.push(flow);
+                }
+                _ => {}
+            }
+        }
+        if let Some(&flow) = tcp_flows.get(rng.below(tcp_flows.len() + 1)) {
+            match rng.below(8) {
+                0 => p.stack.tcp_host_eof(flow),
+                1 => p.stack.tcp_host_reset(flow),
+                2 => drop(host_write(&mut p, flow, b"from the host")),
+                3 => host_read(&mut p, flow, &mut Vec::new()),
+                _ => p.stack.tcp_connected(flow),
+            }
+        }
+        if let Some(&flow) = dgram_flows.get(rng.below(dgram_flows.len() + 1)) {
+            let len = rng.below(64);
+            let payload = rng.bytes(len);
+            p.stack.datagram_from_host(p.now, flow, &payload);
+        }
+        if rng.chance(500) {
+            let list = if rng.chance(2) {
+                "192.0.2.0/24"
+            } else {
+                "203.0.113.0/24"
+            };
+            p.stack.set_policy(deny(&[list]));
+        }
+        if rng.chance(20) {
+            p.advance(Duration::from_millis(rng.below(3_000) as u64));
+        }
+        p.stack.poll(p.now);
+        p.requests.clear();
+        for out in p.flush() {
+            assert_well_formed(&out);
+        }
+
+        let s = &p.stack;
+        assert!(s.tcp_flow_count() <= caps.max_tcp_flows, "round {round}");
+        assert!(s.half_open_count() <= caps.max_half_open, "round {round}");
+        assert!(s.half_open_count() <= s.tcp_flow_count(), "round {round}");
+        assert!(
+            s.datagram_flow_count() <= caps.max_datagram_flows,
+            "round {round}"
+        );
+        assert!(s.buffer_bytes() <= caps.max_buffer_bytes, "round {round}");
+        assert_eq!(
+            s.buffer_bytes(),
+            2 * 4096 * s.tcp_flow_count(),
+            "round {round}"
+        );
+    }
+    // Not vacuous: flows were opened, refused and dropped along the way.
+    let stats = p.stack.stats();
+    assert!(
+        opened_tcp > 10 && opened_dgram > 10,
+        "{opened_tcp} {opened_dgram}"
+    );
+    assert!(stats.tcp_denied > 0 && stats.datagram_denied > 0);
+    assert!(stats.caps_hit > 0 && stats.frames_dropped > 0);
+}

@@ -1,0 +1,200 @@
+//! Command-line flags shared by `run` and `attach`, and how they become a
+//! stack configuration and an egress policy. Bad input is a one-line error.
+
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use netstack::{EgressPolicy, PolicySpec, StackConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "slipway",
+    version,
+    about = "A userspace TCP/IP stack per sandbox, with an egress policy checked on every new flow",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run CMD in a new network namespace whose only link is served by slipway.
+    ///
+    /// Inside: tap0 with 10.0.2.15/24 via 10.0.2.2, fd00::15/64, DNS at 10.0.2.3
+    /// (and fd00::3) in /etc/resolv.conf. The exit status is CMD's.
+    Run {
+        #[command(flatten)]
+        net: NetOpts,
+        /// The command and its arguments (after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Serve an existing tap device (the kind a VMM such as Firecracker uses).
+    Attach {
+        #[command(flatten)]
+        link: AttachLink,
+        #[command(flatten)]
+        net: NetOpts,
+    },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct AttachLink {
+    /// Open (or create) the tap device NAME.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+    /// Use the tap device open on inherited file descriptor N.
+    #[arg(long = "tap-fd", value_name = "N")]
+    pub tap_fd: Option<i32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NetOpts {
+    /// Allow new flows to ADDR, CIDR or ALL_TRAFFIC; beats --deny-out whatever the prefix lengths.
+    /// Repeatable, or comma-separated.
+    #[arg(long = "allow-out", value_name = "CIDR", value_delimiter = ',')]
+    pub allow_out: Vec<String>,
+    /// Deny new flows to ADDR, CIDR or ALL_TRAFFIC (0.0.0.0/0 and ALL_TRAFFIC cover IPv6 too).
+    /// Repeatable, or comma-separated.
+    #[arg(long = "deny-out", value_name = "CIDR", value_delimiter = ',')]
+    pub deny_out: Vec<String>,
+    /// allowInternetAccess = false: deny all traffic except --allow-out.
+    #[arg(long = "no-internet")]
+    pub no_internet: bool,
+    /// Operator only: open a hole in the always-denied internal ranges (127/8, 10/8, 169.254/16, ...).
+    #[arg(long = "allow-internal", value_name = "CIDR", value_delimiter = ',')]
+    pub allow_internal: Vec<String>,
+    /// Operator only: connections to ADDR reach the host's loopback (127.0.0.1 or ::1), same port.
+    #[arg(long = "map-host-loopback", value_name = "ADDR")]
+    pub map_host_loopback: Vec<IpAddr>,
+    /// Resolver that queries to the stack's DNS address go to [default: first nameserver in /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]")]
+    pub dns_upstream: Option<String>,
+    /// IP MTU of the sandbox link (1280..=65520).
+    #[arg(long, default_value_t = 65520, value_parser = clap::value_parser!(u32).range(1280..=65520))]
+    pub mtu: u32,
+    /// Seconds a host connect may take before the guest gets "host unreachable".
+    #[arg(long = "connect-timeout", value_name = "SECS", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Seconds of silence after which a UDP or ICMP flow is forgotten.
+    #[arg(long = "udp-timeout", value_name = "SECS", default_value_t = 60.0)]
+    pub udp_timeout: f64,
+    /// Cap: open TCP flows.
+    #[arg(long = "max-flows", value_name = "N", default_value_t = 512)]
+    pub max_flows: usize,
+    /// Cap: TCP flows whose host connect is still in progress.
+    #[arg(long = "max-half-open", value_name = "N", default_value_t = 128)]
+    pub max_half_open: usize,
+    /// Cap: UDP, DNS and ICMP echo flows together.
+    #[arg(long = "max-udp-flows", value_name = "N", default_value_t = 512)]
+    pub max_udp_flows: usize,
+    /// Cap: bytes of TCP buffers, all flows and both directions together.
+    #[arg(long = "max-buffer-bytes", value_name = "BYTES", default_value_t = 256 << 20)]
+    pub max_buffer_bytes: usize,
+    /// TCP buffer per flow and direction, in bytes.
+    #[arg(long = "tcp-buffer", value_name = "BYTES", default_value_t = 256 << 10,
+          value_parser = clap::value_parser!(u32).range(4096..=(16 << 20)))]
+    pub tcp_buffer: u32,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `slipway::flow=info`.
+    /// Flow decisions are logged at info under the target `slipway::flow`.
+    /// [default: `warn` for run, `info` for attach; env SLIPWAY_LOG]
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// A user error: printed as one line, exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl NetOpts {
+    pub fn policy(&self) -> Result<EgressPolicy, UsageError> {
+        let spec = PolicySpec {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+            allow_internet_access: !self.no_internet,
+            allow_internal: self.allow_internal.clone(),
+        };
+        EgressPolicy::from_spec(&spec).map_err(|e| UsageError(e.to_string()))
+    }
+
+    pub fn stack_config(&self) -> Result<StackConfig, UsageError> {
+        let mut cfg = StackConfig {
+            mtu: self.mtu as usize,
+            tcp_buffer: self.tcp_buffer as usize,
+            connect_timeout: seconds("--connect-timeout", self.connect_timeout)?,
+            udp_idle_timeout: seconds("--udp-timeout", self.udp_timeout)?,
+            host_loopback_aliases: self.map_host_loopback.clone(),
+            random_seed: random_seed(),
+            ..StackConfig::default()
+        };
+        cfg.caps.max_tcp_flows = self.max_flows;
+        cfg.caps.max_half_open = self.max_half_open;
+        cfg.caps.max_datagram_flows = self.max_udp_flows;
+        cfg.caps.max_buffer_bytes = self.max_buffer_bytes;
+        cfg.dns_upstream = match &self.dns_upstream {
+            Some(s) => Some(parse_upstream(s)?),
+            None => host_resolver(),
+        };
+        Ok(cfg)
+    }
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration, UsageError> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            UsageError(format!(
+                "invalid {flag} {v}: give a positive number of seconds"
+            ))
+        })
+}
+
+fn parse_upstream(s: &str) -> Result<SocketAddr, UsageError> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| {
+            UsageError(format!(
+                "invalid --dns-upstream {s}: give ADDR or ADDR:PORT"
+            ))
+        })
+}
+
+/// The first nameserver of the host's /etc/resolv.conf.
+fn host_resolver() -> Option<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next()? == "nameserver")
+            .then(|| words.next()?.parse::<IpAddr>().ok())
+            .flatten()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
+fn random_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.as_nanos() as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_ne_bytes(seed)
+}

@@ -1,0 +1,315 @@
+//! `slipway run` end to end: a real kernel (a network namespace behind a tap)
+//! is the guest, real tools (curl, ping, getent, a Python probe) talk through
+//! the stack to servers on TEST-NET addresses in a world namespace.
+
+mod common;
+
+use common::World;
+
+const PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/probe.py");
+
+fn probe(what: &str, host: &str, port: u16) -> String {
+    format!("python3 {PROBE} {what} {host} {port}")
+}
+
+/// Parse "<result> <ms>" lines of the probe, in order.
+fn results(stdout: &str) -> Vec<(String, u64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let r = w.next()?.to_string();
+            let ms = w.next()?.parse().ok()?;
+            Some((r, ms))
+        })
+        .collect()
+}
+
+#[test]
+fn allowed_flows_work_over_ipv4_and_ipv6() {
+    require_world!();
+    let w = World::new();
+    let script = [
+        "set -e".to_string(),
+        "curl -sS --max-time 10 http://192.0.2.1/hello".into(),
+        "curl -sS --max-time 10 'http://[2001:db8::1]/hello'".into(),
+        probe("tcp-echo", "192.0.2.1", 7),
+        probe("tcp-echo", "2001:db8::1", 7),
+        probe("udp", "198.51.100.1", 7),
+        probe("udp", "2001:db8::1", 7),
+        "ping -c1 -W5 192.0.2.1 >/dev/null && echo ping4-ok 0".into(),
+        "ping -6 -c1 -W5 2001:db8::1 >/dev/null && echo ping6-ok 0".into(),
+        "getent ahostsv4 world.test | head -n1".into(),
+        "getent ahostsv6 www.test | head -n1".into(),
+    ]
+    .join("\n");
+    let run = w.run_default(&script);
+    run.ok();
+    let out = run.stdout();
+    // The server sees the guest's traffic come from the world's own side.
+    assert!(
+        out.contains("hello from world, you are ::ffff:192.0.2.1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("hello from world, you are 2001:db8::1"),
+        "{out}"
+    );
+    let got: Vec<String> = results(&out).into_iter().map(|(r, _)| r).collect();
+    for want in ["echo-ok", "reply", "ping4-ok", "ping6-ok"] {
+        assert!(got.iter().any(|r| r == want), "missing {want} in {out}");
+    }
+    assert_eq!(got.iter().filter(|r| *r == "echo-ok").count(), 2, "{out}");
+    assert_eq!(got.iter().filter(|r| *r == "reply").count(), 2, "{out}");
+    assert!(out.contains("192.0.2.1       STREAM world.test"), "{out}");
+    assert!(out.contains("2001:db8::80    STREAM www.test"), "{out}");
+}
+
+#[test]
+fn denied_flows_fail_at_once_with_the_right_error() {
+    require_world!();
+    let w = World::new();
+    let script = [
+        probe("tcp", "192.0.2.1", 80),
+        probe("tcp", "2001:db8::1", 80),
+        probe("udp", "192.0.2.1", 7),
+        probe("udp", "2001:db8::1", 7),
+        // Allow beats deny: the /32 inside the denied /24 still works.
+        probe("tcp", "192.0.2.80", 80),
+        "ping -c1 -W3 192.0.2.1 >/dev/null 2>&1; echo ping-exit-$? 0".into(),
+        "curl -sS --max-time 5 http://192.0.2.1/hello >/dev/null 2>&1; echo curl-exit-$? 0".into(),
+    ]
+    .join("\n");
+    let run = w.run(
+        &[
+            "--deny-out",
+            "192.0.2.0/24",
+            "--deny-out",
+            "2001:db8::/32",
+            "--allow-out",
+            "192.0.2.80",
+        ],
+        &script,
+    );
+    run.ok();
+    let r = results(&run.stdout());
+    let names: Vec<&str> = r.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ECONNREFUSED",
+            "ECONNREFUSED",
+            // ICMP "communication administratively prohibited": v4 maps to
+            // EHOSTUNREACH, v6 to EACCES in Linux.
+            "EHOSTUNREACH",
+            "EACCES",
+            "connected",
+            "ping-exit-1",
+            "curl-exit-7"
+        ],
+        "{}",
+        run.stderr()
+    );
+    for (name, ms) in &r[..4] {
+        assert!(*ms < 1000, "{name} took {ms} ms");
+    }
+    let log = run.stderr();
+    assert!(
+        log.contains("verdict=\"deny\""),
+        "no deny in flow log: {log}"
+    );
+    assert!(
+        log.contains("deny_out 192.0.2.0/24"),
+        "rule missing in flow log: {log}"
+    );
+}
+
+#[test]
+fn internal_ranges_are_denied_by_default() {
+    require_world!();
+    let w = World::new();
+    let targets = [
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "fc00::1",
+    ];
+    let script = targets
+        .iter()
+        .map(|t| probe("tcp", t, 80))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let run = w.run_default(&script);
+    run.ok();
+    let r = results(&run.stdout());
+    assert_eq!(r.len(), targets.len(), "{}", run.stderr());
+    for ((name, ms), target) in r.iter().zip(targets) {
+        assert_eq!(name, "ECONNREFUSED", "{target}: {}", run.stderr());
+        assert!(*ms < 1000, "{target} took {ms} ms");
+    }
+    assert!(
+        run.stderr().contains("internal 169.254.0.0/16"),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn host_refusal_and_unreachable_reach_the_guest_at_once() {
+    require_world!();
+    let w = World::new();
+    let script = [
+        probe("tcp", "192.0.2.1", 9),
+        probe("tcp", "203.0.113.200", 80),
+        probe("tcp", "2001:db8:dead::1", 80),
+    ]
+    .join("\n");
+    let run = w.run_default(&script);
+    run.ok();
+    let r = results(&run.stdout());
+    let names: Vec<&str> = r.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["ECONNREFUSED", "EHOSTUNREACH", "EHOSTUNREACH"],
+        "{}",
+        run.stderr()
+    );
+    for (name, ms) in &r {
+        assert!(*ms < 1000, "{name} took {ms} ms");
+    }
+}
+
+#[test]
+fn no_internet_leaves_only_allow_out() {
+    require_world!();
+    let w = World::new();
+    let script = [
+        probe("tcp", "192.0.2.1", 80),
+        probe("tcp", "198.51.100.1", 7),
+        probe("tcp", "2001:db8::1", 80),
+        // DNS is a flow to the upstream resolver: allowed here.
+        "getent ahostsv4 world.test >/dev/null && echo dns-ok 0".into(),
+    ]
+    .join("\n");
+    let run = w.run(
+        &[
+            "--no-internet",
+            "--allow-out",
+            "198.51.100.0/24,192.0.2.53",
+            "--dns-upstream",
+            "192.0.2.53",
+        ],
+        &script,
+    );
+    run.ok();
+    let names: Vec<String> = results(&run.stdout()).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        ["ECONNREFUSED", "connected", "ECONNREFUSED", "dns-ok"],
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn map_host_loopback_reaches_the_hosts_127_0_0_1() {
+    require_world!();
+    let w = World::new();
+    std::fs::write(w.dir.join("index.html"), "from the host's loopback\n").unwrap();
+    let out = w.exec(&format!(
+        "python3 -m http.server 8081 --bind 127.0.0.1 --directory {} >/dev/null 2>&1 &
+         for i in $(seq 50); do python3 {PROBE} tcp 127.0.0.1 8081 | grep -q connected && exit 0; sleep 0.1; done; exit 1",
+        w.dir.display()
+    ));
+    assert!(out.status.success(), "loopback server did not start");
+    let with = w.run(
+        &["--map-host-loopback", "10.0.2.2"],
+        "curl -sS --max-time 5 http://10.0.2.2:8081/index.html",
+    );
+    with.ok();
+    assert_eq!(with.stdout(), "from the host's loopback\n");
+    let without = w.run_default(&probe("tcp", "10.0.2.2", 8081));
+    without.ok();
+    assert!(
+        without.stdout().starts_with("ECONNREFUSED"),
+        "{}",
+        without.stdout()
+    );
+}
+
+#[test]
+fn transfers_100_mb_byte_exact_each_way() {
+    require_world!();
+    let w = World::with_blob(100);
+    let blob = w.blob();
+    let want = common::sha256_file(&blob);
+    let script = format!(
+        "set -e
+         curl -sS --max-time 120 http://192.0.2.1/blob | sha256sum | cut -d' ' -f1
+         curl -sS --max-time 120 -T {} http://192.0.2.1/upload",
+        blob.display()
+    );
+    let run = w.run_default(&script);
+    run.ok();
+    let out = run.stdout();
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some(want.as_str()),
+        "download: {}",
+        run.stderr()
+    );
+    assert_eq!(
+        lines.next(),
+        Some(format!("{want} {}", 100 << 20).as_str()),
+        "upload: {}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn exit_status_is_the_commands() {
+    require_world!();
+    let w = World::new();
+    assert_eq!(w.run_default("exit 7").code(), Some(7));
+    assert_eq!(w.run_default("kill -TERM $$").code(), Some(128 + 15));
+    let missing = w.run_default("exec /nonexistent/cmd");
+    assert_eq!(missing.code(), Some(127));
+}
+
+#[test]
+fn invalid_policy_entries_exit_2_naming_the_entry() {
+    let cases = [
+        (
+            vec!["--deny-out", "10.0.0.0/33"],
+            "invalid denied CIDR 10.0.0.0/33",
+        ),
+        (
+            vec!["--allow-out", "not-an-address"],
+            "invalid allowed address not-an-address",
+        ),
+        (
+            vec!["--allow-out", "1.2.3.4", "--deny-out", "300.1.1.1"],
+            "invalid denied CIDR 300.1.1.1",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = std::process::Command::new(common::slipway())
+            .arg("run")
+            .args(&args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim(), format!("slipway: {want}"), "{args:?}");
+    }
+    let no_cmd = std::process::Command::new(common::slipway())
+        .arg("run")
+        .output()
+        .unwrap();
+    assert_eq!(no_cmd.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_cmd.stderr).contains("CMD"));
+}

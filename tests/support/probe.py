@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Guest-side probe for slipway's end-to-end tests: one attempt, one line out,
+"<result> <milliseconds>", where result is `connected`, `echo-ok`, `reply`,
+`timeout` or the errno name (ECONNREFUSED, EHOSTUNREACH, EACCES, ...)."""
+import errno
+import socket
+import sys
+import time
+
+
+def outcome(e):
+    if isinstance(e, socket.timeout):
+        return "timeout"
+    return errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def main():
+    what, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    start = time.monotonic()
+    try:
+        if what == "tcp":
+            socket.create_connection((host, port), timeout=5).close()
+            result = "connected"
+        elif what == "tcp-echo":
+            with socket.create_connection((host, port), timeout=5) as s:
+                msg = b"slipway echo " * 1000
+                s.sendall(msg)
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                result = "echo-ok" if got == msg else f"echo-mismatch({len(got)})"
+        elif what == "udp":
+            with socket.socket(family(host), socket.SOCK_DGRAM) as s:
+                s.settimeout(3)
+                s.connect((host, port))
+                s.send(b"slipway udp")
+                # A second send picks up an ICMP error that raced the first recv.
+                got = s.recv(2048)
+                result = "reply" if got == b"slipway udp" else "wrong-reply"
+        else:
+            raise SystemExit(f"unknown probe {what}")
+    except OSError as e:
+        result = outcome(e)
+    print(f"{result} {int((time.monotonic() - start) * 1000)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,594 @@
+//! A Linux tap device: whole Ethernet frames in and out through a
+//! `/dev/net/tun` fd, opened by name or adopted from an inherited fd.
+//! The fd is always non-blocking; `recv` and `send` never wait.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::ifreq::{invalid_name_reason, IfReq};
+
+/// Longest virtio-net header accepted on an adopted fd (the largest the
+/// kernel defines, `virtio_net_hdr_v1_hash`, is 20 bytes).
+const MAX_VNET_HDR_LEN: usize = 32;
+
+/// What went wrong opening or adopting a tap, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("invalid tap name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error(
+        "/dev/net/tun does not exist (or the tun driver is not loaded); load the tun module (modprobe tun)"
+    )]
+    NoTunDevice(#[source] io::Error),
+    #[error(
+        "cannot open /dev/net/tun: permission denied; it must be readable and writable by this user (as root: chmod 0666 /dev/net/tun)"
+    )]
+    TunPermission(#[source] io::Error),
+    #[error("cannot open /dev/net/tun")]
+    OpenTun(#[source] io::Error),
+    #[error(
+        "tap {name} is in use: another process holds its only queue; stop that process or choose another tap name"
+    )]
+    Busy {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "not allowed to create or attach tap {name}: creating a tap needs CAP_NET_ADMIN, and an existing tap must belong to this user (as root: ip tuntap add dev {name} mode tap user $USER)"
+    )]
+    NotPermitted {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "interface {name} exists but is not a single-queue tap (a tun, a multi-queue tap or another kind of link); choose another name or remove it (ip link del {name})"
+    )]
+    NotATapInterface {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create or attach tap {name} (TUNSETIFF)")]
+    SetIff {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fd {fd} is not a tap device (TUNGETIFF refused it); pass a /dev/net/tun fd attached to a tap interface")]
+    NotATap {
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fd {fd} is a /dev/net/tun fd not attached to any interface; attach it with TUNSETIFF (IFF_TAP|IFF_NO_PI) before passing it")]
+    NotAttached {
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fd {fd} is attached to {name}, a tun (layer-3) device; slipway needs a tap (Ethernet frames): create it with IFF_TAP")]
+    IsTun { fd: RawFd, name: String },
+    #[error("fd {fd} ({name}) was attached without IFF_NO_PI, so every frame carries a packet-information header; attach it with IFF_TAP|IFF_NO_PI")]
+    PacketInfo { fd: RawFd, name: String },
+    #[error("fd {fd} ({name}) has a {len}-byte virtio-net header; at most {MAX_VNET_HDR_LEN} is supported (TUNSETVNETHDRSZ)")]
+    VnetHeaderTooLong { fd: RawFd, name: String, len: usize },
+    #[error("cannot configure the fd of tap {name} ({what})")]
+    Configure {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, TapError>;
+
+/// An open tap device. Dropping it closes the fd; a tap the kernel created
+/// for it (not persistent) then disappears.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+    /// Bytes of virtio-net header in front of each frame on this fd: 0 unless
+    /// an adopted fd was attached with IFF_VNET_HDR.
+    vnet_hdr_len: usize,
+}
+
+impl Tap {
+    /// Opens tap `name` in the caller's network namespace, creating it if it
+    /// does not exist, with IFF_TAP|IFF_NO_PI; the fd is non-blocking and
+    /// close-on-exec. A `%d` in `name` lets the kernel pick a free number;
+    /// [`Tap::name`] says which.
+    pub fn open(name: &str) -> Result<Tap> {
+        if let Some(reason) = invalid_name_reason(name) {
+            return Err(TapError::InvalidName {
+                name: name.to_owned(),
+                reason,
+            });
+        }
+        let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: the path is a NUL-terminated literal; open has no other
+        // preconditions.
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), flags) };
+        if raw < 0 {
+            return Err(open_error(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+
+        let mut req = IfReq::new(name);
+        req.set_flags(libc::IFF_TAP | libc::IFF_NO_PI);
+        // SAFETY: TUNSETIFF takes a `struct ifreq *`.
+        unsafe { req.ioctl(fd.as_fd(), libc::TUNSETIFF) }
+            .map_err(|source| set_iff_error(name, source))?;
+        Ok(Tap {
+            fd,
+            name: req.name(),
+            vnet_hdr_len: 0,
+        })
+    }
+
+    /// Adopts an inherited tap fd (one a VMM launcher or a parent process
+    /// opened): checks with TUNGETIFF that it is attached to a tap without
+    /// packet-information headers, learns the interface's name, and makes the
+    /// fd non-blocking. An fd attached with IFF_VNET_HDR is accepted: its
+    /// offloads are turned off and the header is added and stripped here, so
+    /// `recv` and `send` still deal in plain Ethernet frames.
+    pub fn from_fd(fd: OwnedFd) -> Result<Tap> {
+        let raw = fd.as_raw_fd();
+        let req = match tun_iff(fd.as_fd()) {
+            Ok(req) => req,
+            Err(source) if source.raw_os_error() == Some(libc::EBADFD) => {
+                return Err(TapError::NotAttached { fd: raw, source })
+            }
+            Err(source) => return Err(TapError::NotATap { fd: raw, source }),
+        };
+        let name = req.name();
+        let flags = req.flags();
+        if flags & libc::IFF_TAP == 0 {
+            return Err(TapError::IsTun { fd: raw, name });
+        }
+        match has_packet_info(fd.as_fd()) {
+            Ok(false) => {}
+            Ok(true) => return Err(TapError::PacketInfo { fd: raw, name }),
+            Err(source) => {
+                return Err(TapError::Configure {
+                    name,
+                    what: "checking for IFF_NO_PI",
+                    source,
+                })
+            }
+        }
+        let configure = |what, source| TapError::Configure {
+            name: name.clone(),
+            what,
+            source,
+        };
+        let mut vnet_hdr_len = 0;
+        if flags & libc::IFF_VNET_HDR != 0 {
+            let mut len: libc::c_int = 0;
+            // SAFETY: TUNGETVNETHDRSZ writes one `int` through the pointer.
+            let rc =
+                unsafe { libc::ioctl(raw, libc::TUNGETVNETHDRSZ, &mut len as *mut libc::c_int) };
+            if rc < 0 {
+                return Err(configure("TUNGETVNETHDRSZ", io::Error::last_os_error()));
+            }
+            vnet_hdr_len = usize::try_from(len).unwrap_or(usize::MAX);
+            if vnet_hdr_len > MAX_VNET_HDR_LEN {
+                return Err(TapError::VnetHeaderTooLong {
+                    fd: raw,
+                    name,
+                    len: vnet_hdr_len,
+                });
+            }
+            // With no offloads the kernel hands over only whole, checksummed
+            // frames, so the header we strip is always empty of meaning.
+            // SAFETY: TUNSETOFFLOAD takes its argument by value.
+            let rc = unsafe { libc::ioctl(raw, libc::TUNSETOFFLOAD, 0 as libc::c_uint) };
+            if rc < 0 {
+                return Err(configure("TUNSETOFFLOAD 0", io::Error::last_os_error()));
+            }
+        }
+        set_nonblocking(fd.as_fd()).map_err(|e| configure("O_NONBLOCK", e))?;
+        Ok(Tap {
+            fd,
+            name,
+            vnet_hdr_len,
+        })
+    }
+
+    /// The interface's name (in the namespace it was created in).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one frame into `buf`; `Ok(None)` when none is waiting. A frame
+    /// longer than `buf` is cut short by the kernel, so size `buf` for the
+    /// MTU plus the 14-byte Ethernet header.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut hdr = [0u8; MAX_VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_mut_ptr().cast(),
+                iov_len: self.vnet_hdr_len,
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+        ];
+        loop {
+            // SAFETY: both iovecs point into live, exclusively borrowed
+            // buffers of at least the lengths given.
+            let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+            match Outcome::of(n)? {
+                Outcome::Done(n) => return Ok(Some(n.saturating_sub(self.vnet_hdr_len))),
+                Outcome::Interrupted => continue,
+                Outcome::WouldBlock => return Ok(None),
+            }
+        }
+    }
+
+    /// Writes one frame; `Ok(false)` when the device cannot take it now.
+    pub fn send(&self, frame: &[u8]) -> io::Result<bool> {
+        let hdr = [0u8; MAX_VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr().cast_mut().cast(),
+                iov_len: self.vnet_hdr_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr().cast_mut().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        loop {
+            // SAFETY: both iovecs point into live buffers of at least the
+            // lengths given; writev only reads through them.
+            let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+            match Outcome::of(n)? {
+                Outcome::Done(_) => return Ok(true),
+                Outcome::Interrupted => continue,
+                Outcome::WouldBlock => return Ok(false),
+            }
+        }
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// How a non-blocking read or write on the tap ended.
+enum Outcome {
+    Done(usize),
+    WouldBlock,
+    Interrupted,
+}
+
+impl Outcome {
+    /// Classifies a syscall's return value, reading errno when it failed.
+    fn of(n: isize) -> io::Result<Outcome> {
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(Outcome::Done(n));
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => Ok(Outcome::WouldBlock),
+            io::ErrorKind::Interrupted => Ok(Outcome::Interrupted),
+            _ => Err(err),
+        }
+    }
+}
+
+/// TUNGETIFF: the name and flags `fd` is attached with.
+fn tun_iff(fd: BorrowedFd<'_>) -> io::Result<IfReq> {
+    let mut req = IfReq::zeroed();
+    // SAFETY: TUNGETIFF takes a `struct ifreq *`; on an fd that is not a
+    // tun/tap it fails without touching memory.
+    unsafe { req.ioctl(fd, libc::TUNGETIFF) }?;
+    Ok(req)
+}
+
+/// Whether frames on tap `fd` carry a 4-byte packet-information header
+/// (it was attached without IFF_NO_PI). TUNGETIFF alone cannot say: it also
+/// reports IFF_NOFILTER, the same bit, whenever no socket filter is
+/// attached. So with no filter attached, one that accepts everything is
+/// attached for a moment, and the bit then means IFF_NO_PI alone.
+fn has_packet_info(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: `sock_fprog` is a length and a pointer; zero and NULL are valid.
+    let mut current: libc::sock_fprog = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETFILTER writes one `struct sock_fprog` and returns its length.
+    let filter_len = unsafe {
+        libc::ioctl(
+            raw,
+            libc::TUNGETFILTER,
+            &mut current as *mut libc::sock_fprog,
+        )
+    };
+    if filter_len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if filter_len > 0 {
+        return Ok(tun_iff(fd)?.flags() & libc::IFF_NO_PI == 0);
+    }
+    let mut accept_all = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: u32::MAX,
+    }];
+    let mut prog = libc::sock_fprog {
+        len: 1,
+        filter: accept_all.as_mut_ptr(),
+    };
+    // SAFETY: TUNATTACHFILTER reads one `struct sock_fprog`, whose program
+    // (`accept_all`) outlives the call; the kernel keeps its own copy.
+    if unsafe {
+        libc::ioctl(
+            raw,
+            libc::TUNATTACHFILTER,
+            &mut prog as *mut libc::sock_fprog,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = tun_iff(fd).map(|req| req.flags());
+    // SAFETY: TUNDETACHFILTER ignores its argument.
+    unsafe { libc::ioctl(raw, libc::TUNDETACHFILTER, 0) };
+    Ok(flags? & libc::IFF_NO_PI == 0)
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument and only reads the fd's flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL takes an int of file status flags.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The error for a failed `open("/dev/net/tun")`.
+fn open_error(source: io::Error) -> TapError {
+    match source.raw_os_error() {
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => TapError::NoTunDevice(source),
+        Some(libc::EACCES | libc::EPERM) => TapError::TunPermission(source),
+        _ => TapError::OpenTun(source),
+    }
+}
+
+/// The error for a failed TUNSETIFF on tap `name`.
+fn set_iff_error(name: &str, source: io::Error) -> TapError {
+    let name = name.to_owned();
+    match source.raw_os_error() {
+        Some(libc::EBUSY) => TapError::Busy { name, source },
+        Some(libc::EPERM | libc::EACCES) => TapError::NotPermitted { name, source },
+        Some(libc::EINVAL) => TapError::NotATapInterface { name, source },
+        _ => TapError::SetIff { name, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Moves this test's thread into a fresh network namespace, so the taps
+    /// it makes never show up on the host. Returns false (and says why) when
+    /// the test cannot run here.
+    fn private_netns() -> bool {
+        if !is_root() || !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("skipped: needs root and /dev/net/tun");
+            return false;
+        }
+        // SAFETY: unshare(CLONE_NEWNET) only changes this thread's namespace;
+        // libtest runs each test on its own thread.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            io::Error::last_os_error()
+        );
+        true
+    }
+
+    /// A /dev/net/tun fd attached with `flags` to a new interface `name`.
+    fn raw_tun(name: &str, flags: libc::c_int) -> OwnedFd {
+        // SAFETY: a NUL-terminated literal path.
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        assert!(
+            raw >= 0,
+            "open /dev/net/tun: {}",
+            io::Error::last_os_error()
+        );
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if flags != 0 {
+            let mut req = IfReq::new(name);
+            req.set_flags(flags);
+            // SAFETY: TUNSETIFF takes a `struct ifreq *`.
+            unsafe { req.ioctl(fd.as_fd(), libc::TUNSETIFF) }.expect("TUNSETIFF");
+        }
+        fd
+    }
+
+    fn link_up(name: &str) {
+        // SAFETY: socket has no pointer arguments.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh fd we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut req = IfReq::new(name);
+        // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS take a `struct ifreq *`.
+        unsafe {
+            req.ioctl(sock.as_fd(), libc::SIOCGIFFLAGS)
+                .expect("SIOCGIFFLAGS");
+            req.set_flags(req.flags() | libc::IFF_UP);
+            req.ioctl(sock.as_fd(), libc::SIOCSIFFLAGS)
+                .expect("SIOCSIFFLAGS");
+        }
+    }
+
+    #[test]
+    fn permission_denied_on_tun_says_how_to_fix_it() {
+        let err = open_error(io::Error::from_raw_os_error(libc::EACCES));
+        assert!(matches!(err, TapError::TunPermission(_)));
+        assert!(err.to_string().contains("chmod 0666 /dev/net/tun"), "{err}");
+    }
+
+    #[test]
+    fn missing_tun_says_to_load_the_module() {
+        let err = open_error(io::Error::from_raw_os_error(libc::ENOENT));
+        assert!(err.to_string().contains("modprobe tun"), "{err}");
+    }
+
+    #[test]
+    fn tunsetiff_errors_name_the_tap_and_the_cause() {
+        let busy = set_iff_error("tap7", io::Error::from_raw_os_error(libc::EBUSY));
+        assert!(matches!(busy, TapError::Busy { .. }) && busy.to_string().contains("tap7"));
+        let eperm = set_iff_error("tap7", io::Error::from_raw_os_error(libc::EPERM));
+        assert!(
+            eperm
+                .to_string()
+                .contains("ip tuntap add dev tap7 mode tap"),
+            "{eperm}"
+        );
+    }
+
+    #[test]
+    fn invalid_name_is_refused_before_touching_the_kernel() {
+        let err = Tap::open("much-too-long-for-linux").unwrap_err();
+        assert!(matches!(err, TapError::InvalidName { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_pipe_is_not_a_tap() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds are fresh and ours.
+        let (r, _w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let err = Tap::from_fd(r).unwrap_err();
+        assert!(matches!(err, TapError::NotATap { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_unattached_tun_fd_is_refused() {
+        if !private_netns() {
+            return;
+        }
+        let err = Tap::from_fd(raw_tun("", 0)).unwrap_err();
+        assert!(matches!(err, TapError::NotAttached { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_tun_device_is_refused() {
+        if !private_netns() {
+            return;
+        }
+        let err = Tap::from_fd(raw_tun("tun9", libc::IFF_TUN | libc::IFF_NO_PI)).unwrap_err();
+        assert!(
+            matches!(err, TapError::IsTun { ref name, .. } if name == "tun9"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tap_with_packet_info_is_refused() {
+        if !private_netns() {
+            return;
+        }
+        let err = Tap::from_fd(raw_tun("tap9", libc::IFF_TAP)).unwrap_err();
+        assert!(matches!(err, TapError::PacketInfo { .. }), "{err}");
+    }
+
+    #[test]
+    fn adopted_tap_learns_its_name_and_turns_nonblocking() {
+        if !private_netns() {
+            return;
+        }
+        let fd = raw_tun("adopt0", libc::IFF_TAP | libc::IFF_NO_PI);
+        let tap = Tap::from_fd(fd).expect("adopt");
+        assert_eq!(tap.name(), "adopt0");
+        // The link is down: nothing to read, and reading must not block.
+        assert_eq!(tap.recv(&mut [0; 2048]).unwrap(), None);
+        // SAFETY: F_GETFL only reads the fd's flags.
+        let flags = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0);
+    }
+
+    #[test]
+    fn adopted_tap_with_vnet_header_deals_in_plain_frames() {
+        if !private_netns() {
+            return;
+        }
+        let fd = raw_tun(
+            "vnet0",
+            libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+        );
+        let tap = Tap::from_fd(fd).expect("adopt");
+        assert_eq!(tap.vnet_hdr_len, 10);
+        link_up("vnet0");
+        // Once up, the kernel solicits routers and reports multicast
+        // listeners: frames to 33:33:xx, which must come without the header.
+        let mut buf = [0u8; 2048];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let len = loop {
+            if let Some(len) = tap.recv(&mut buf).expect("recv") {
+                break len;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no frame from the kernel in 3 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(len > 14, "frame of {len} bytes");
+        assert_eq!(&buf[..2], &[0x33, 0x33], "frame starts {:02x?}", &buf[..14]);
+        assert_eq!(&buf[12..14], &[0x86, 0xdd]);
+        assert!(tap.send(&buf[..len]).expect("send"));
+    }
+
+    #[test]
+    fn open_creates_and_a_second_open_is_busy() {
+        if !private_netns() {
+            return;
+        }
+        let tap = Tap::open("slw%d").expect("open");
+        assert_eq!(tap.name(), "slw0");
+        let err = Tap::open("slw0").unwrap_err();
+        assert!(matches!(err, TapError::Busy { .. }), "{err}");
+        assert!(err.to_string().contains("slw0"), "{err}");
+    }
+
+    #[test]
+    fn an_existing_non_tap_interface_is_refused() {
+        if !private_netns() {
+            return;
+        }
+        let err = Tap::open("lo").unwrap_err();
+        assert!(matches!(err, TapError::NotATapInterface { .. }), "{err}");
+    }
+}
