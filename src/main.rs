@@ -44,6 +44,7 @@ impl AsRawFd for TapLink {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     match cli.command {
         Command::Run { net, command } => exit_with(run(&net, &command)),
         Command::Attach { link, net } => {
@@ -55,6 +56,22 @@ fn main() -> ExitCode {
                 ))),
             };
             exit_with(tap.and_then(|tap| attach(&net, tap)))
+        }
+    }
+}
+
+/// Every flow holds a host socket: lift the soft descriptor limit to the hard
+/// one so the per-sandbox flow caps, not a default of 1024, are what bounds it.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a valid, exclusive rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
