@@ -77,6 +77,8 @@ pub struct Caps {
     pub max_datagram_flows: usize,
     /// Frames queued for the guest before the stack stops reading host sockets.
     pub max_queued_frames: usize,
+    /// Connections into the guest from the public gateway.
+    pub max_inbound: usize,
 }
 
 impl Default for Caps {
@@ -87,6 +89,7 @@ impl Default for Caps {
             max_buffer_bytes: 256 << 20,
             max_datagram_flows: 512,
             max_queued_frames: 1024,
+            max_inbound: 256,
         }
     }
 }

@@ -17,11 +17,14 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::stack::{smol_instant, ConnectError, DatagramKind, FlowId, HostRequest, Stack};
+use crate::policy::EgressPolicy;
+use crate::stack::{
+    smol_instant, ConnectError, DatagramKind, FlowId, HostRequest, InboundError, Stack, Stats,
+};
 use crate::wire::Unreachable;
 
 /// Where the guest's frames come from and go to: a tap, a socket, a channel.
@@ -47,12 +50,127 @@ const ROUNDS_PER_POLL: usize = 16;
 
 enum HostTcp {
     Connecting(JoinHandle<()>),
+    /// A gateway connection into the guest, waiting for the guest to accept.
+    Inbound {
+        reply: oneshot::Sender<Result<UnixStream, GuestConnectError>>,
+        ours: UnixStream,
+        theirs: UnixStream,
+    },
     Open(OpenTcp),
 }
 
 struct OpenTcp {
-    stream: TcpStream,
+    stream: HostStream,
     read_done: bool,
+}
+
+/// The host side of a TCP flow: a real socket for egress, one end of a
+/// socket pair for a connection the gateway opened into the guest.
+enum HostStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl HostStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            HostStream::Tcp(s) => s.poll_read_ready(cx),
+            HostStream::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            HostStream::Tcp(s) => s.poll_write_ready(cx),
+            HostStream::Unix(s) => s.poll_write_ready(cx),
+        }
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.try_read(buf),
+            HostStream::Unix(s) => s.try_read(buf),
+        }
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.try_write(buf),
+            HostStream::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    fn sock(&self) -> SockRef<'_> {
+        match self {
+            HostStream::Tcp(s) => SockRef::from(s),
+            HostStream::Unix(s) => SockRef::from(s),
+        }
+    }
+}
+
+/// Why a connection into the guest failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GuestConnectError {
+    #[error("the sandbox's incoming-connection cap is reached")]
+    OverCap,
+    #[error("nothing listens on that port in the sandbox (the guest answered RST)")]
+    Refused,
+    #[error("the sandbox did not answer")]
+    TimedOut,
+    #[error("the sandbox's network is gone")]
+    Gone,
+}
+
+/// What the rest of the process may ask of a running sandbox network.
+pub enum Command {
+    ConnectGuest {
+        port: u16,
+        v6: bool,
+        reply: oneshot::Sender<Result<UnixStream, GuestConnectError>>,
+    },
+    SetPolicy(EgressPolicy),
+    Stats(oneshot::Sender<Snapshot>),
+}
+
+/// A sandbox network's counters at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub stats: Stats,
+    pub tcp_flows: usize,
+    pub datagram_flows: usize,
+}
+
+/// A cheap, cloneable way in to a running `Driver` from other tasks.
+#[derive(Clone)]
+pub struct DriverHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl DriverHandle {
+    /// Open a TCP connection from the gateway to the guest's `port`; the
+    /// stream carries the bytes both ways.
+    pub async fn connect_guest(
+        &self,
+        port: u16,
+        v6: bool,
+    ) -> Result<UnixStream, GuestConnectError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::ConnectGuest { port, v6, reply })
+            .map_err(|_| GuestConnectError::Gone)?;
+        answer.await.unwrap_or(Err(GuestConnectError::Gone))
+    }
+
+    /// Replace the egress policy; live flows it denies are reset.
+    pub fn set_policy(&self, policy: EgressPolicy) -> bool {
+        self.tx.send(Command::SetPolicy(policy)).is_ok()
+    }
+
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Command::Stats(reply)).ok()?;
+        answer.await.ok()
+    }
 }
 
 struct HostDatagram {
@@ -69,6 +187,8 @@ pub struct Driver<L: Link> {
     datagrams: HashMap<FlowId, HostDatagram>,
     connect_tx: mpsc::UnboundedSender<ConnectResult>,
     connect_rx: mpsc::UnboundedReceiver<ConnectResult>,
+    commands_tx: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<tokio::time::Instant>,
     rx_buf: Vec<u8>,
@@ -79,6 +199,7 @@ impl<L: Link> Driver<L> {
     /// Must be called inside a tokio runtime. The link must be non-blocking.
     pub fn new(stack: Stack, link: L) -> io::Result<Self> {
         let (connect_tx, connect_rx) = mpsc::unbounded_channel();
+        let (commands_tx, commands) = mpsc::unbounded_channel();
         Ok(Self {
             stack,
             // SAFETY: `Link` implementors promise a stable, owned descriptor.
@@ -88,11 +209,19 @@ impl<L: Link> Driver<L> {
             datagrams: HashMap::new(),
             connect_tx,
             connect_rx,
+            commands_tx,
+            commands,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
             rx_buf: vec![0; FRAME_BUF],
             icmp_warned: false,
         })
+    }
+
+    pub fn handle(&self) -> DriverHandle {
+        DriverHandle {
+            tx: self.commands_tx.clone(),
+        }
     }
 
     pub fn stack(&self) -> &Stack {
@@ -128,6 +257,10 @@ impl<L: Link> Driver<L> {
             while let Poll::Ready(Some((flow, result))) = self.connect_rx.poll_recv(cx) {
                 progress = true;
                 self.on_connected(flow, result);
+            }
+            while let Poll::Ready(Some(command)) = self.commands.poll_recv(cx) {
+                progress = true;
+                self.on_command(now, command);
             }
             progress |= self.pump_tcp(cx);
             progress |= self.pump_datagrams(cx, now);
@@ -212,6 +345,43 @@ impl<L: Link> Driver<L> {
         false
     }
 
+    fn on_command(&mut self, now: smoltcp::time::Instant, command: Command) {
+        match command {
+            Command::ConnectGuest { port, v6, reply } => {
+                match self.stack.connect_to_guest(now, port, v6) {
+                    Ok(flow) => match UnixStream::pair() {
+                        Ok((ours, theirs)) => {
+                            self.tcp.insert(
+                                flow,
+                                HostTcp::Inbound {
+                                    reply,
+                                    ours,
+                                    theirs,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot make a socket pair");
+                            self.stack.tcp_host_reset(flow);
+                            let _ = reply.send(Err(GuestConnectError::Gone));
+                        }
+                    },
+                    Err(InboundError::OverCap) | Err(InboundError::NoPort) => {
+                        let _ = reply.send(Err(GuestConnectError::OverCap));
+                    }
+                }
+            }
+            Command::SetPolicy(policy) => self.stack.set_policy(policy),
+            Command::Stats(reply) => {
+                let _ = reply.send(Snapshot {
+                    stats: self.stack.stats().clone(),
+                    tcp_flows: self.stack.tcp_flow_count(),
+                    datagram_flows: self.stack.datagram_flow_count(),
+                });
+            }
+        }
+    }
+
     fn on_connected(&mut self, flow: FlowId, result: Result<TcpStream, ConnectError>) {
         if !matches!(self.tcp.get(&flow), Some(HostTcp::Connecting(_))) {
             return; // the guest gave up meanwhile
@@ -222,7 +392,7 @@ impl<L: Link> Driver<L> {
                 self.tcp.insert(
                     flow,
                     HostTcp::Open(OpenTcp {
-                        stream,
+                        stream: HostStream::Tcp(stream),
                         read_done: false,
                     }),
                 );
@@ -290,16 +460,46 @@ impl<L: Link> Driver<L> {
                 }
                 HostRequest::TcpShutdown { flow } => {
                     if let Some(HostTcp::Open(open)) = self.tcp.get(&flow) {
-                        let _ = SockRef::from(&open.stream).shutdown(Shutdown::Write);
+                        let _ = open.stream.sock().shutdown(Shutdown::Write);
+                    }
+                }
+                HostRequest::InboundReady { flow } => {
+                    if let Some(HostTcp::Inbound {
+                        reply,
+                        ours,
+                        theirs,
+                    }) = self.tcp.remove(&flow)
+                    {
+                        if reply.send(Ok(theirs)).is_err() {
+                            // Whoever asked gave up meanwhile.
+                            self.stack.tcp_host_reset(flow);
+                        }
+                        self.tcp.insert(
+                            flow,
+                            HostTcp::Open(OpenTcp {
+                                stream: HostStream::Unix(ours),
+                                read_done: false,
+                            }),
+                        );
+                    }
+                }
+                HostRequest::InboundFailed { flow, error } => {
+                    if let Some(HostTcp::Inbound { reply, .. }) = self.tcp.remove(&flow) {
+                        let _ = reply.send(Err(match error {
+                            ConnectError::Refused => GuestConnectError::Refused,
+                            _ => GuestConnectError::TimedOut,
+                        }));
                     }
                 }
                 HostRequest::TcpClose { flow, reset } => match self.tcp.remove(&flow) {
                     Some(HostTcp::Connecting(task)) => task.abort(),
                     Some(HostTcp::Open(open)) if reset => {
-                        let _ = SockRef::from(&open.stream).set_linger(Some(Duration::ZERO));
+                        let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
                     }
-                    Some(HostTcp::Open(_)) => {}
-                    None => {}
+                    Some(HostTcp::Inbound { reply, .. }) => {
+                        let _ = reply.send(Err(GuestConnectError::Refused));
+                    }
+                    Some(HostTcp::Open(_)) | None => {}
                 },
                 HostRequest::DatagramOpen { flow, kind, dst } => match open_datagram(kind, dst) {
                     Ok(socket) => {

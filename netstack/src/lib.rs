@@ -12,4 +12,4 @@ pub mod wire;
 
 pub use config::{AddressPlan, Caps, StackConfig};
 pub use policy::{EgressPolicy, PolicyError, PolicySpec, Verdict};
-pub use stack::{ConnectError, DatagramKind, FlowId, HostRequest, Stack, Stats};
+pub use stack::{ConnectError, DatagramKind, FlowId, HostRequest, InboundError, Stack, Stats};

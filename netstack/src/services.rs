@@ -93,14 +93,20 @@ pub fn dhcp_reply(
     reply
         .emit(&mut DhcpPacket::new_unchecked(&mut body[..]))
         .ok()?;
-    // The client has no address yet: broadcast at IP level, unicast at L2.
+    // A client with no address yet gets an IP broadcast (unicast at L2); a
+    // renewing client (ciaddr set) listens on its address (RFC 2131 §4.1).
+    let to = if request.client_ip.is_unspecified() {
+        Ipv4Addr::BROADCAST
+    } else {
+        request.client_ip
+    };
     let builder = FrameBuilder {
         gateway_mac,
         guest_mac: request.client_hardware_address,
     };
     builder.udp(
         SocketAddr::new(IpAddr::V4(plan.gateway_v4), DHCP_SERVER_PORT),
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::BROADCAST), DHCP_CLIENT_PORT),
+        SocketAddr::new(IpAddr::V4(to), DHCP_CLIENT_PORT),
         &body,
     )
 }

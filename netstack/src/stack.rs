@@ -15,7 +15,7 @@ use std::time::Duration;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 
 use crate::config::StackConfig;
 use crate::device::{OneFrame, TxQueue};
@@ -71,6 +71,24 @@ pub enum HostRequest {
     DatagramClose {
         flow: FlowId,
     },
+    /// A connection opened with `connect_to_guest` was accepted by the guest.
+    InboundReady {
+        flow: FlowId,
+    },
+    /// A connection opened with `connect_to_guest` failed; the flow is gone.
+    InboundFailed {
+        flow: FlowId,
+        error: ConnectError,
+    },
+}
+
+/// Why `connect_to_guest` could not even start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    #[error("the sandbox's incoming-connection cap is reached")]
+    OverCap,
+    #[error("no local port is free for a connection to the guest")]
+    NoPort,
 }
 
 /// Why a host connect failed.
@@ -98,6 +116,8 @@ pub struct Stats {
 enum TcpPhase {
     /// Host connect in progress; the guest's SYN-ACK is paused.
     Connecting,
+    /// Our SYN to the guest is out (a connection from the public gateway).
+    GuestConnecting,
     Open,
 }
 
@@ -106,9 +126,15 @@ struct TcpFlow {
     handle: SocketHandle,
     phase: TcpPhase,
     rule: Rule,
+    inbound: bool,
     /// The guest's SYN (whole IP packet), quoted if the connect ends in ICMP.
     syn: Vec<u8>,
+    /// The guest's FIN arrived (its bytes may still wait in the buffer).
+    guest_fin_seen: bool,
+    /// ... and all its bytes were taken, so the host was told.
     guest_fin_reported: bool,
+    /// We reset the flow: what the guest still had buffered goes too.
+    aborted: bool,
     host_eof: bool,
     started: Instant,
     to_host: u64,
@@ -147,6 +173,8 @@ pub struct Stack {
     requests: std::collections::VecDeque<HostRequest>,
     next_flow: u64,
     half_open: usize,
+    inbound: usize,
+    next_ephemeral: u16,
     buffer_bytes: usize,
     next_sweep: Option<Instant>,
     now: Instant,
@@ -159,6 +187,10 @@ pub fn smol_instant(since_start: Duration) -> Instant {
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Local ports the gateway uses for connections into the guest.
+const EPHEMERAL: std::ops::Range<u16> = 32768..61000;
+/// How long the guest may take to accept a connection from the gateway.
+const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Stack {
     pub fn new(cfg: StackConfig, policy: EgressPolicy, now: Instant) -> Self {
@@ -202,6 +234,8 @@ impl Stack {
             requests: Default::default(),
             next_flow: 1,
             half_open: 0,
+            inbound: 0,
+            next_ephemeral: EPHEMERAL.start,
             buffer_bytes: 0,
             next_sweep: None,
             now,
@@ -275,6 +309,16 @@ impl Stack {
                 seq,
                 data,
             } => self.on_echo(now, parsed.ip, src, dst, ident, seq, data),
+            GuestPacket::Arp { sender, target } => {
+                // With any_ip smoltcp answers every ARP request; the guest's
+                // own address (a probe or an announcement) must stay the guest's.
+                let guest = self.cfg.plan.guest_v4;
+                if target == guest || sender == target {
+                    self.stats.frames_dropped += 1;
+                } else {
+                    self.ingest(now, frame);
+                }
+            }
             GuestPacket::RouterSolicit { .. } => {
                 let ra = services::router_advert(&self.cfg, self.gateway_mac);
                 self.emit(ra);
@@ -378,8 +422,11 @@ impl Stack {
                 handle,
                 phase: TcpPhase::Connecting,
                 rule: verdict.rule,
+                inbound: false,
                 syn: ip.to_vec(),
+                guest_fin_seen: false,
                 guest_fin_reported: false,
+                aborted: false,
                 host_eof: false,
                 started: now,
                 to_host: 0,
@@ -408,7 +455,7 @@ impl Stack {
             let reply = services::dhcp_reply(&self.cfg, self.gateway_mac, payload);
             return self.emit(reply);
         }
-        if is_multicast_or_broadcast(dst.ip()) {
+        if self.is_broadcast_or_multicast(dst.ip()) {
             // No ICMP errors for these (RFC 1122); the policy never relays them.
             self.stats.frames_dropped += 1;
             return;
@@ -460,7 +507,7 @@ impl Stack {
             let reply = self.builder().echo_reply(dst, src, ident, seq, data);
             return self.emit(reply);
         }
-        if is_multicast_or_broadcast(dst) {
+        if self.is_broadcast_or_multicast(dst) {
             self.stats.frames_dropped += 1;
             return;
         }
@@ -557,6 +604,81 @@ impl Stack {
             .push_back(HostRequest::DatagramSend { flow, payload });
     }
 
+    // ----- inbound (gateway → guest) -----------------------------------------
+
+    /// Open a TCP connection from the gateway's address to the guest's `port`
+    /// (IPv4, or IPv6 when `v6`). The answer comes later as
+    /// `HostRequest::InboundReady` or `InboundFailed`; bytes then move with
+    /// the same calls as for outbound flows.
+    pub fn connect_to_guest(
+        &mut self,
+        now: Instant,
+        port: u16,
+        v6: bool,
+    ) -> Result<FlowId, InboundError> {
+        self.now = now;
+        let caps = &self.cfg.caps;
+        let need = 2 * self.cfg.tcp_buffer;
+        if self.inbound >= caps.max_inbound
+            || self.tcp.len() >= caps.max_tcp_flows
+            || self.buffer_bytes + need > caps.max_buffer_bytes
+        {
+            self.stats.caps_hit += 1;
+            return Err(InboundError::OverCap);
+        }
+        let plan = &self.cfg.plan;
+        let (local_ip, guest_ip): (IpAddr, IpAddr) = if v6 {
+            (plan.gateway_v6.into(), plan.guest_v6.into())
+        } else {
+            (plan.gateway_v4.into(), plan.guest_v4.into())
+        };
+        let guest = SocketAddr::new(guest_ip, port);
+        let span = EPHEMERAL.end - EPHEMERAL.start;
+        let first = self.next_ephemeral - EPHEMERAL.start;
+        let local = (0..span)
+            .map(|i| SocketAddr::new(local_ip, EPHEMERAL.start + (first + i) % span))
+            .find(|l| !self.tcp_by_key.contains_key(&(guest, *l)))
+            .ok_or(InboundError::NoPort)?;
+        self.next_ephemeral = EPHEMERAL.start + (local.port() - EPHEMERAL.start + 1) % span;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        socket.set_timeout(Some(GUEST_CONNECT_TIMEOUT.into()));
+        let remote = (IpAddress::from(guest.ip()), guest.port());
+        let from = (IpAddress::from(local.ip()), local.port());
+        if socket.connect(self.iface.context(), remote, from).is_err() {
+            return Err(InboundError::NoPort);
+        }
+        let handle = self.sockets.add(socket);
+        let flow = self.alloc_flow();
+        self.tcp.insert(
+            flow,
+            TcpFlow {
+                key: (guest, local),
+                handle,
+                phase: TcpPhase::GuestConnecting,
+                rule: Rule::Default,
+                inbound: true,
+                syn: Vec::new(),
+                guest_fin_seen: false,
+                guest_fin_reported: false,
+                aborted: false,
+                host_eof: false,
+                started: now,
+                to_host: 0,
+                to_guest: 0,
+            },
+        );
+        self.tcp_by_key.insert((guest, local), flow);
+        self.inbound += 1;
+        self.buffer_bytes += need;
+        tracing::info!(target: "slipway::flow", flow = %flow, proto = "tcp", %local, %guest, "inbound connection");
+        Ok(flow)
+    }
+
     // ----- host side --------------------------------------------------------
 
     /// The host connect for `flow` succeeded: let the guest's SYN-ACK go.
@@ -581,9 +703,7 @@ impl Stack {
         let (src, dst) = f.key;
         tracing::info!(target: "slipway::flow", proto = "tcp", %src, %dst, error = ?err, "host connect failed");
         match err {
-            ConnectError::Refused => {
-                self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
-            }
+            ConnectError::Refused => self.tcp_host_reset(flow),
             ConnectError::Unreachable | ConnectError::TimedOut => {
                 // The guest matches the error to its socket by the quoted SYN's sequence number.
                 let err = self.builder().unreachable(
@@ -594,11 +714,7 @@ impl Stack {
                 let handle = f.handle;
                 self.emit(err);
                 // No RST after the ICMP: the guest's socket is already gone.
-                let s = self.sockets.get_mut::<tcp::Socket>(handle);
-                *s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(Vec::new()),
-                    tcp::SocketBuffer::new(Vec::new()),
-                );
+                *self.sockets.get_mut::<tcp::Socket>(handle) = closed_socket();
             }
         }
     }
@@ -680,7 +796,21 @@ impl Stack {
 
     /// The host reset the connection: RST to the guest.
     pub fn tcp_host_reset(&mut self, flow: FlowId) {
-        if let Some((s, _)) = self.open_socket(flow) {
+        let Some(f) = self.tcp.get_mut(&flow) else {
+            return;
+        };
+        f.aborted = true;
+        let (src, dst) = f.key;
+        let syn = std::mem::take(&mut f.syn);
+        let handle = f.handle;
+        let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        if s.state() == tcp::State::SynReceived && !syn.is_empty() {
+            // Our SYN-ACK never left: answer the SYN with an RST ourselves,
+            // which needs no neighbour entry for the guest.
+            *s = closed_socket();
+            let rst = self.builder().rst_for_syn(&syn, src, dst);
+            self.emit(rst);
+        } else {
             s.abort();
         }
     }
@@ -695,7 +825,8 @@ impl Stack {
         let Some(f) = self.datagram.get_mut(&flow) else {
             return;
         };
-        if self.tx.len() >= self.cfg.caps.max_queued_frames {
+        // IPv6 header + UDP header is the most any reply adds to the payload.
+        if self.tx.len() >= self.cfg.caps.max_queued_frames || payload.len() + 48 > self.cfg.mtu {
             self.stats.frames_dropped += 1;
             return;
         }
@@ -822,15 +953,29 @@ impl Stack {
             let s = self.sockets.get::<tcp::Socket>(f.handle);
             use tcp::State::*;
             let state = s.state();
-            if !f.guest_fin_reported
-                && matches!(state, CloseWait | LastAck | Closing | TimeWait)
-                && s.recv_queue() == 0
-            {
+            if f.phase == TcpPhase::GuestConnecting && !matches!(state, SynSent | Closed) {
+                f.phase = TcpPhase::Open;
+                // Accepted: the connect timeout must not end an idle connection later.
+                self.sockets
+                    .get_mut::<tcp::Socket>(f.handle)
+                    .set_timeout(None);
+                self.requests
+                    .push_back(HostRequest::InboundReady { flow: id });
+            }
+            let s = self.sockets.get::<tcp::Socket>(f.handle);
+            if matches!(state, CloseWait | LastAck | Closing | TimeWait) {
+                f.guest_fin_seen = true;
+            }
+            let drained = s.recv_queue() == 0;
+            if f.guest_fin_seen && !f.guest_fin_reported && drained {
                 f.guest_fin_reported = true;
                 self.requests
                     .push_back(HostRequest::TcpShutdown { flow: id });
             }
-            if matches!(state, Closed | TimeWait) {
+            // A closed flow lives on until the host took the guest's last
+            // bytes, unless it ended in a reset (which discards them).
+            let reset = f.aborted || !f.guest_fin_seen;
+            if matches!(state, Closed | TimeWait) && (drained || reset) {
                 finished.push(id);
             }
         }
@@ -843,6 +988,21 @@ impl Stack {
             self.buffer_bytes -= 2 * self.cfg.tcp_buffer;
             if f.phase == TcpPhase::Connecting {
                 self.half_open -= 1;
+            }
+            if f.inbound {
+                self.inbound -= 1;
+            }
+            if f.phase == TcpPhase::GuestConnecting {
+                // Closed before it ever opened: an RST from the guest, or no answer.
+                let error = if now - f.started >= GUEST_CONNECT_TIMEOUT.into() {
+                    ConnectError::TimedOut
+                } else {
+                    ConnectError::Refused
+                };
+                tracing::info!(target: "slipway::flow", flow = %id, guest = %f.key.0, ?error, "inbound connection failed");
+                self.requests
+                    .push_back(HostRequest::InboundFailed { flow: id, error });
+                continue;
             }
             let clean = f.guest_fin_reported && f.host_eof;
             tracing::info!(
@@ -917,10 +1077,27 @@ impl Stack {
     }
 }
 
-fn is_multicast_or_broadcast(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
-        IpAddr::V6(a) => a.is_multicast(),
+/// A socket in state Closed with no peer: it sends nothing, and the next
+/// `settle_tcp` frees the flow.
+fn closed_socket() -> tcp::Socket<'static> {
+    tcp::Socket::new(
+        tcp::SocketBuffer::new(Vec::new()),
+        tcp::SocketBuffer::new(Vec::new()),
+    )
+}
+
+impl Stack {
+    /// Multicast, limited broadcast, or the guest subnet's directed broadcast.
+    fn is_broadcast_or_multicast(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => {
+                let plan = &self.cfg.plan;
+                let host_bits = u32::MAX.checked_shr(u32::from(plan.prefix_v4)).unwrap_or(0);
+                let directed = u32::from(plan.guest_v4) | host_bits;
+                a.is_multicast() || a.is_broadcast() || (host_bits != 0 && u32::from(a) == directed)
+            }
+            IpAddr::V6(a) => a.is_multicast(),
+        }
     }
 }
 

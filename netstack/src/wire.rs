@@ -9,10 +9,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4DstUnreachable,
-    Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
-    IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr, TcpControl,
-    TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
+    IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr,
+    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 pub const ETH_HEADER: usize = 14;
@@ -50,6 +50,11 @@ pub enum GuestPacket<'a> {
     RouterSolicit {
         src: IpAddr,
     },
+    /// An ARP request or reply, for smoltcp unless it concerns the guest's own address.
+    Arp {
+        sender: std::net::Ipv4Addr,
+        target: std::net::Ipv4Addr,
+    },
     Drop(&'static str),
 }
 
@@ -84,13 +89,27 @@ pub fn classify(frame: &[u8]) -> Parsed<'_> {
     let (packet, ip) = match eth.ethertype() {
         EthernetProtocol::Ipv4 => classify_v4(&frame[ETH_HEADER..]),
         EthernetProtocol::Ipv6 => classify_v6(&frame[ETH_HEADER..]),
-        EthernetProtocol::Arp => (GuestPacket::Smoltcp, &[][..]),
+        EthernetProtocol::Arp => (classify_arp(&frame[ETH_HEADER..]), &[][..]),
         _ => (GuestPacket::Drop("unsupported ethertype"), &[][..]),
     };
     Parsed {
         src_mac,
         packet,
         ip,
+    }
+}
+
+fn classify_arp(bytes: &[u8]) -> GuestPacket<'_> {
+    match ArpPacket::new_checked(bytes).and_then(|p| ArpRepr::parse(&p)) {
+        Ok(ArpRepr::EthernetIpv4 {
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        }) => GuestPacket::Arp {
+            sender: source_protocol_addr,
+            target: target_protocol_addr,
+        },
+        _ => GuestPacket::Drop("malformed ARP"),
     }
 }
 

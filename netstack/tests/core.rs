@@ -86,6 +86,18 @@ fn has_connect(p: &Pair) -> bool {
         .any(|r| matches!(r, HostRequest::TcpConnect { .. }))
 }
 
+/// Whether a guest frame is an IPv4 TCP SYN.
+fn is_syn_v4(frame: &[u8]) -> bool {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+        return false;
+    };
+    ip.next_header() == IpProtocol::Tcp
+        && TcpPacket::new_checked(ip.payload()).is_ok_and(|t| t.syn() && !t.ack())
+}
+
 /// The one RST the stack answered `syn` (sequence `seq`) with: from `dst`, acking the SYN.
 #[track_caller]
 fn assert_rst_for_syn(out: &[Vec<u8>], src: SocketAddr, dst: SocketAddr, seq: i32) {
@@ -109,6 +121,11 @@ fn tcp_handshake_waits_for_host_connect() {
     let synacks = p.sent.iter().filter_map(|f| tcp_of(f)).filter(|t| t.syn);
     assert_eq!(synacks.count(), 0, "SYN-ACK before the host connected");
     assert_eq!(p.guest_state(h), tcp::State::SynSent);
+    let guest_syns = p.guest_sent.iter().filter(|f| is_syn_v4(f));
+    assert!(
+        guest_syns.count() >= 2,
+        "the guest never retransmitted its SYN"
+    );
     assert!(!has_connect(&p), "a retransmitted SYN opened a second flow");
     assert_eq!(p.stack.tcp_flow_count(), 1);
     assert_eq!(p.stack.half_open_count(), 1);
@@ -118,6 +135,7 @@ fn tcp_handshake_waits_for_host_connect() {
     p.run_until("the guest to establish", |p| {
         p.guest_state(h) == tcp::State::Established
     });
+    p.settle();
     let synack = p.sent.iter().filter_map(|f| tcp_of(f)).find(|t| t.syn);
     let synack = synack.expect("a SYN-ACK after tcp_connected");
     assert_eq!(synack.src, peer());
@@ -162,6 +180,7 @@ fn denied_tcp_gets_rst_at_once() {
     p.run_until("the guest to see the RST", |p| {
         p.guest_state(h) == tcp::State::Closed
     });
+    assert_eq!(p.guest_sent.iter().filter(|f| is_syn_v4(f)).count(), 1);
     assert!(p.requests.is_empty());
 }
 
@@ -207,6 +226,19 @@ fn host_refused_becomes_rst() {
     assert_eq!(p.stack.tcp_flow_count(), 0);
     assert_eq!(p.stack.half_open_count(), 0);
     assert_eq!(p.stack.buffer_bytes(), 0);
+}
+
+/// A guest whose MAC smoltcp's neighbour cache lacks (it never ARPed, or its
+/// entry aged out) must still learn at once that the host refused.
+#[test]
+fn host_refused_rst_does_not_wait_for_arp() {
+    let mut p = Pair::allow_all();
+    let src = sock(GUEST_V4, 40_000);
+    assert!(p.inject(&tcp_syn(src, peer(), 10)).is_empty());
+    let (flow, _) = p.expect_connect();
+    p.stack.tcp_connect_failed(flow, ConnectError::Refused);
+    let out = p.poll_stack();
+    assert_rst_for_syn(&out, src, peer(), 10);
 }
 
 #[test]
@@ -313,7 +345,6 @@ fn host_eof_first_then_guest_close_ends_clean() {
 /// After the host's EOF the guest may still send; its bytes must reach the
 /// host even when its FIN arrives before the driver read them.
 #[test]
-#[ignore = "bug: settle_tcp drops a flow in TimeWait/Closed with guest bytes the host has not taken"]
 fn guest_bytes_after_host_eof_survive_the_guest_fin() {
     let mut p = Pair::allow_all();
     let (h, flow) = p.open_tcp(peer(), BUF);
@@ -327,9 +358,35 @@ fn guest_bytes_after_host_eof_survive_the_guest_fin() {
     p.run_until("the guest to finish closing", |p| {
         p.guest_state(h) == tcp::State::Closed
     });
+    assert_eq!(tcp_closes(&p), [], "the flow ended with guest bytes unread");
     let mut got = Vec::new();
     host_read(&mut p, flow, &mut got);
     assert_eq!(got, b"last words", "guest bytes lost");
+    p.poll_stack();
+    assert!(p.requests.contains(&HostRequest::TcpShutdown { flow }));
+    assert_eq!(tcp_closes(&p), [(flow, false)]);
+}
+
+/// The same loss the other way round: the guest half-closed with bytes the
+/// driver has not taken yet, then the host's EOF completes the close.
+#[test]
+fn guest_bytes_before_its_fin_survive_the_host_eof() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    p.guest(h).send_slice(b"upload").unwrap();
+    p.guest(h).close();
+    p.run_until("the stack to ack the guest's FIN", |p| {
+        p.guest_state(h) == tcp::State::FinWait2
+    });
+    p.stack.tcp_host_eof(flow);
+    p.run_until("the guest to see the host's FIN", |p| {
+        p.guest_state(h) == tcp::State::TimeWait
+    });
+    p.settle();
+    assert_eq!(tcp_closes(&p), [], "the flow ended with guest bytes unread");
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert_eq!(got, b"upload", "guest bytes lost");
     p.poll_stack();
     assert!(p.requests.contains(&HostRequest::TcpShutdown { flow }));
     assert_eq!(tcp_closes(&p), [(flow, false)]);
@@ -512,6 +569,80 @@ fn denied_udp_gets_admin_prohibited() {
     assert_eq!(p.stack.stats().datagram_denied, 2);
 }
 
+/// RFC 1122 3.2.2: no ICMP error about a datagram sent to a broadcast address.
+#[test]
+fn subnet_broadcast_udp_is_dropped_quietly() {
+    let mut p = Pair::allow_all();
+    let bcast = Ipv4Addr::new(10, 0, 2, 255);
+    for dst in [Ipv4Addr::BROADCAST, bcast] {
+        let frame = udp_frame_to(
+            EthernetAddress::BROADCAST,
+            sock(GUEST_V4, 137),
+            sock(dst, 137),
+            b"who is there",
+        );
+        let out = p.inject(&frame);
+        assert!(out.is_empty(), "{dst} answered: {:?}", icmps(&out));
+    }
+    assert!(p.requests.is_empty());
+}
+
+#[test]
+fn host_datagrams_stop_at_the_queued_frames_cap() {
+    let cfg = StackConfig {
+        caps: Caps {
+            max_queued_frames: 4,
+            ..Caps::default()
+        },
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, EgressPolicy::allow_all());
+    p.inject(&udp_frame(sock(GUEST_V4, 40_000), sock(PEER_V4, 7), b"go"));
+    let (flow, _, _) = take_datagram_open(&mut p).expect("DatagramOpen");
+    for i in 0..10u8 {
+        p.stack.datagram_from_host(p.now, flow, &[i]);
+    }
+    assert!(!p.stack.wants_host_datagrams());
+    assert_eq!(p.stack.queued_frames(), 4);
+    assert_eq!(p.stack.stats().frames_dropped, 6);
+    let firsts: Vec<_> = p
+        .flush()
+        .iter()
+        .map(|f| udp_of(f).unwrap().payload)
+        .collect();
+    assert_eq!(firsts, [[0], [1], [2], [3]]);
+    assert!(p.stack.wants_host_datagrams());
+}
+
+#[test]
+fn host_loopback_alias_reaches_host_loopback() {
+    let alias = Ipv4Addr::new(10, 0, 2, 254);
+    let cfg = StackConfig {
+        host_loopback_aliases: vec![alias.into()],
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, EgressPolicy::allow_all());
+    let h = p.guest_connect(sock(alias, 8080), BUF);
+    let (flow, dst) = p.expect_connect();
+    assert_eq!(dst, sock(Ipv4Addr::LOCALHOST, 8080));
+    p.stack.tcp_connected(flow);
+    p.run_until("the guest to establish", |p| {
+        p.guest_state(h) == tcp::State::Established
+    });
+
+    let guest = sock(GUEST_V4, 40_000);
+    p.inject(&udp_frame(guest, sock(alias, 9000), b"hi"));
+    let (flow, _, dst) = take_datagram_open(&mut p).expect("DatagramOpen");
+    assert_eq!(dst, sock(Ipv4Addr::LOCALHOST, 9000));
+    p.stack.datagram_from_host(p.now, flow, b"back");
+    let udp = udp_of(&p.flush()[0]).unwrap();
+    assert_eq!((udp.src, udp.dst), (sock(alias, 9000), guest));
+
+    // Other internal addresses stay shut.
+    let out = p.inject(&tcp_syn(guest, sock(Ipv4Addr::new(10, 0, 2, 253), 8080), 3));
+    assert_eq!(rsts(&out).len(), 1);
+}
+
 #[test]
 fn ping_to_gateway_answered_locally() {
     let mut p = Pair::allow_all();
@@ -685,7 +816,13 @@ fn dhcp_answer(p: &mut Pair, repr: &DhcpRepr) -> (DhcpMessageType, Ipv4Addr, Vec
     let udp = udp_of(&out[0]).expect("DHCP answer is UDP");
     assert_eq!(udp.dst_mac, GUEST_MAC);
     assert_eq!(udp.src, sock(GATEWAY_V4, 67));
-    assert_eq!(udp.dst, sock(Ipv4Addr::BROADCAST, 68));
+    // A client with an address (a renewal) is answered there; others by broadcast.
+    let to = if repr.client_ip.is_unspecified() {
+        Ipv4Addr::BROADCAST
+    } else {
+        repr.client_ip
+    };
+    assert_eq!(udp.dst, sock(to, 68));
     let pkt = DhcpPacket::new_checked(&udp.payload[..]).unwrap();
     let reply = DhcpRepr::parse(&pkt).unwrap();
     assert_eq!(reply.transaction_id, repr.transaction_id);
@@ -747,6 +884,27 @@ fn dhcp_discover_gets_offer_and_request_gets_ack() {
     );
 }
 
+/// RFC 2131 4.1: with ciaddr set (a renewal), the ACK is unicast to ciaddr;
+/// a client renewing over a UDP socket bound to its address never sees a broadcast.
+#[test]
+fn dhcp_renewal_ack_is_unicast_to_ciaddr() {
+    let mut p = Pair::allow_all();
+    let renew = DhcpRepr {
+        client_ip: GUEST_V4,
+        ..dhcp_message(DhcpMessageType::Request)
+    };
+    let renew_frame = udp_frame(sock(GUEST_V4, 68), sock(GATEWAY_V4, 67), &{
+        let mut body = vec![0; renew.buffer_len()];
+        renew
+            .emit(&mut DhcpPacket::new_checked(&mut body[..]).unwrap())
+            .unwrap();
+        body
+    });
+    let out = p.inject(&renew_frame);
+    let udp = udp_of(&out[0]).expect("a DHCP answer");
+    assert_eq!(udp.dst, sock(GUEST_V4, 68));
+}
+
 fn arp_of(frame: &[u8]) -> Option<(EthernetAddress, ArpRepr)> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
     if eth.ethertype() != EthernetProtocol::Arp {
@@ -777,7 +935,6 @@ fn arp_for_gateway_is_answered() {
 
 /// RFC 5227: a host that hears another MAC claim its address treats it as a conflict.
 #[test]
-#[ignore = "bug: set_any_ip(true) makes the gateway answer ARP for the guest's own address"]
 fn arp_announcement_of_the_guest_address_is_not_claimed() {
     let mut p = Pair::allow_all();
     let out = p.inject(&arp_request(GUEST_V4, GUEST_V4));
@@ -786,6 +943,61 @@ fn arp_announcement_of_the_guest_address_is_not_claimed() {
         claims.is_empty(),
         "the gateway claimed {GUEST_V4}: {claims:?}"
     );
+}
+
+fn neighbor_solicit(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let o = target.octets();
+    let tail = u16::from_be_bytes([o[14], o[15]]);
+    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(o[13]), tail);
+    let lladdr = (!src.is_unspecified()).then(|| GUEST_MAC.into());
+    let repr = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: target,
+        lladdr,
+    });
+    let mac = EthernetAddress([0x33, 0x33, 0xff, o[13], o[14], o[15]]);
+    let len = repr.buffer_len();
+    ip_frame(
+        mac,
+        src.into(),
+        dst.into(),
+        IpProtocol::Icmpv6,
+        255,
+        len,
+        |b| {
+            let pkt = &mut Icmpv6Packet::new_unchecked(b);
+            repr.emit(&src, &dst, pkt, &Default::default())
+        },
+    )
+}
+
+#[test]
+fn neighbor_solicit_for_gateway_answered_but_guest_dad_is_not() {
+    let mut p = Pair::allow_all();
+    for (src, target) in [(GUEST_V6, GATEWAY_V6), (GUEST_V6_LL, GATEWAY_V6_LL)] {
+        let out = p.inject(&neighbor_solicit(src, target));
+        assert_eq!(out.len(), 1, "NS for {target}");
+        let ip = ip_of(&out[0]).unwrap();
+        assert_eq!(
+            (ip.src, ip.dst, ip.dst_mac),
+            (target.into(), src.into(), GUEST_MAC)
+        );
+        let pkt = Icmpv6Packet::new_checked(&ip.payload[..]).unwrap();
+        let repr = Icmpv6Repr::parse(&target, &src, &pkt, &Default::default()).unwrap();
+        let Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+            target_addr,
+            lladdr,
+            ..
+        }) = repr
+        else {
+            panic!("not a neighbour advert: {repr:?}");
+        };
+        assert_eq!((target_addr, lladdr), (target, Some(GATEWAY_MAC.into())));
+    }
+    // Duplicate address detection for the guest's own addresses must pass.
+    for own in [GUEST_V6, GUEST_V6_LL] {
+        let out = p.inject(&neighbor_solicit(Ipv6Addr::UNSPECIFIED, own));
+        assert!(out.is_empty(), "the gateway defended {own}");
+    }
 }
 
 #[test]
@@ -1083,6 +1295,7 @@ fn garbage_frames_never_panic() {
         max_buffer_bytes: 6 * 2 * 4096,
         max_datagram_flows: 8,
         max_queued_frames: 64,
+        max_inbound: 4,
     };
     let cfg = StackConfig {
         tcp_buffer: 4096,
@@ -1192,4 +1405,79 @@ fn garbage_frames_never_panic() {
     );
     assert!(stats.tcp_denied > 0 && stats.datagram_denied > 0);
     assert!(stats.caps_hit > 0 && stats.frames_dropped > 0);
+}
+
+#[test]
+fn gateway_connects_into_the_guest_and_bytes_flow() {
+    let mut p = Pair::allow_all();
+    let mut listener = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; BUF]),
+        tcp::SocketBuffer::new(vec![0; BUF]),
+    );
+    listener.listen(8080).unwrap();
+    let h = p.sockets.add(listener);
+    let now = p.now;
+    let flow = p.stack.connect_to_guest(now, 8080, false).unwrap();
+    p.run_until("the inbound connection to open", |p| {
+        p.take_request(|r| match r {
+            HostRequest::InboundReady { flow: f } => Some(*f),
+            _ => None,
+        })
+        .is_some()
+    });
+    assert_eq!(p.guest_state(h), tcp::State::Established);
+    assert_eq!(
+        p.guest(h).remote_endpoint().map(|e| e.addr),
+        Some(GATEWAY_V4.into()),
+        "the guest sees the gateway as the peer"
+    );
+    let n = p.stack.tcp_send_with(flow, |buf| {
+        buf[..5].copy_from_slice(b"GET /");
+        (5, 5)
+    });
+    assert_eq!(n, Some(5));
+    p.run_until("the guest to receive", |p| p.guest(h).recv_queue() == 5);
+    p.guest(h).send_slice(b"200 OK").unwrap();
+    p.run_until("the reply to arrive", |p| {
+        p.stack.tcp_recv_pending(flow) == 6
+    });
+    let got = p
+        .stack
+        .tcp_recv_with(flow, |b| (b.len(), b.to_vec()))
+        .unwrap();
+    assert_eq!(got, b"200 OK");
+}
+
+#[test]
+fn gateway_connect_to_a_closed_guest_port_is_refused() {
+    let mut p = Pair::allow_all();
+    let now = p.now;
+    let flow = p.stack.connect_to_guest(now, 9, false).unwrap();
+    p.run_until("the refusal", |p| {
+        p.take_request(|r| match r {
+            HostRequest::InboundFailed { flow: f, error } if *f == flow => Some(*error),
+            _ => None,
+        })
+        .is_some_and(|e| e == ConnectError::Refused)
+    });
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+}
+
+#[test]
+fn gateway_connections_stop_at_the_inbound_cap() {
+    let cfg = StackConfig {
+        caps: Caps {
+            max_inbound: 2,
+            ..Caps::default()
+        },
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, EgressPolicy::allow_all());
+    let now = p.now;
+    assert!(p.stack.connect_to_guest(now, 80, false).is_ok());
+    assert!(p.stack.connect_to_guest(now, 80, false).is_ok());
+    assert_eq!(
+        p.stack.connect_to_guest(now, 80, false),
+        Err(netstack::InboundError::OverCap)
+    );
 }

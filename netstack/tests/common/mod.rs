@@ -144,6 +144,8 @@ pub struct Pair {
     pub requests: VecDeque<HostRequest>,
     /// Every frame the stack sent, oldest first, until the test clears it.
     pub sent: Vec<Vec<u8>>,
+    /// Every frame the guest interface sent, oldest first.
+    pub guest_sent: Vec<Vec<u8>>,
     next_port: u16,
 }
 
@@ -180,6 +182,7 @@ impl Pair {
             now,
             requests: VecDeque::new(),
             sent: Vec::new(),
+            guest_sent: Vec::new(),
             next_port: 40_000,
         }
     }
@@ -229,6 +232,7 @@ impl Pair {
         let mut moved = false;
         while let Some(frame) = self.link.from_guest.pop_front() {
             self.stack.handle_frame(self.now, &frame);
+            self.guest_sent.push(frame);
             moved = true;
         }
         self.stack.poll(self.now);
@@ -339,6 +343,8 @@ impl Pair {
         self.run_until("the guest socket to establish", |p| {
             p.guest_state(h) == tcp::State::Established
         });
+        // Let the guest's final ACK of the handshake reach the stack.
+        self.settle();
         (h, flow)
     }
 }
