@@ -1,0 +1,439 @@
+//! The sans-IO core of one sandbox's network: guest frames and host events go
+//! in with an explicit `now`; frames for the guest, requests for the host and
+//! the next deadline come out. No sockets, no clock, no runtime in here.
+//!
+//! TCP is terminated by smoltcp. A guest SYN is decided before smoltcp sees
+//! it; an allowed one gets a listening socket for that exact endpoint whose
+//! SYN-ACK stays paused until the host connect succeeded. UDP and ICMP echo
+//! are relayed per flow without smoltcp.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
+
+use crate::config::StackConfig;
+use crate::device::{OneFrame, TxQueue};
+use crate::policy::{EgressPolicy, Rule, Verdict};
+use crate::services;
+use crate::wire::{self, FrameBuilder, GuestPacket, Unreachable};
+
+mod datagram_flow;
+mod tcp_flow;
+
+use datagram_flow::{DatagramFlow, DatagramKey};
+use tcp_flow::{TcpFlow, EPHEMERAL};
+
+/// Identifies one relayed flow between the core and its driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub u64);
+
+impl fmt::Display for FlowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// How a datagram flow is carried on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DatagramKind {
+    Udp,
+    /// ICMP echo, through an unprivileged ICMP socket: payloads are whole
+    /// echo messages (8-byte header + data); the kernel picks the identifier.
+    IcmpEcho,
+}
+
+/// What the core needs the host to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostRequest {
+    /// Connect to `dst`; answer with `tcp_connected` or `tcp_connect_failed`.
+    TcpConnect {
+        flow: FlowId,
+        dst: SocketAddr,
+    },
+    /// The guest finished sending and all its data was taken: half-close the host side.
+    TcpShutdown {
+        flow: FlowId,
+    },
+    /// Forget the flow's host socket; `reset` asks for an RST (SO_LINGER 0).
+    TcpClose {
+        flow: FlowId,
+        reset: bool,
+    },
+    DatagramOpen {
+        flow: FlowId,
+        kind: DatagramKind,
+        dst: SocketAddr,
+    },
+    DatagramSend {
+        flow: FlowId,
+        payload: Vec<u8>,
+    },
+    DatagramClose {
+        flow: FlowId,
+    },
+    /// A connection opened with `connect_to_guest` was accepted by the guest.
+    InboundReady {
+        flow: FlowId,
+    },
+    /// A connection opened with `connect_to_guest` failed; the flow is gone.
+    InboundFailed {
+        flow: FlowId,
+        error: ConnectError,
+    },
+}
+
+/// Why `connect_to_guest` could not even start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    #[error("the sandbox's incoming-connection cap is reached")]
+    OverCap,
+    #[error("no local port is free for a connection to the guest")]
+    NoPort,
+}
+
+/// Why a host connect failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    Refused,
+    Unreachable,
+    TimedOut,
+}
+
+/// Counters a sandbox exposes.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub tcp_allowed: u64,
+    pub tcp_denied: u64,
+    pub datagram_allowed: u64,
+    pub datagram_denied: u64,
+    pub caps_hit: u64,
+    pub frames_dropped: u64,
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
+}
+
+/// One sandbox's network core.
+pub struct Stack {
+    cfg: StackConfig,
+    policy: EgressPolicy,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    tx: TxQueue,
+    gateway_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
+    tcp: HashMap<FlowId, TcpFlow>,
+    tcp_by_key: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    datagram: HashMap<FlowId, DatagramFlow>,
+    datagram_by_key: HashMap<DatagramKey, FlowId>,
+    requests: std::collections::VecDeque<HostRequest>,
+    next_flow: u64,
+    half_open: usize,
+    inbound: usize,
+    next_ephemeral: u16,
+    buffer_bytes: usize,
+    next_sweep: Option<Instant>,
+    now: Instant,
+    stats: Stats,
+}
+
+/// smoltcp's clock from the caller's; the core never reads a clock itself.
+pub fn smol_instant(since_start: Duration) -> Instant {
+    Instant::from_micros(since_start.as_micros() as i64)
+}
+
+impl Stack {
+    pub fn new(cfg: StackConfig, policy: EgressPolicy, now: Instant) -> Self {
+        let gateway_mac = EthernetAddress(cfg.plan.gateway_mac);
+        let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ethernet(gateway_mac));
+        iface_cfg.random_seed = cfg.random_seed;
+        let mut tx = TxQueue::default();
+        let mut dev = OneFrame {
+            rx: None,
+            tx: &mut tx,
+            mtu: cfg.mtu,
+        };
+        let mut iface = Interface::new(iface_cfg, &mut dev, now);
+        let plan = &cfg.plan;
+        iface.update_ip_addrs(|addrs| {
+            let v4 = [plan.gateway_v4, plan.dns_v4];
+            let v6 = [plan.gateway_v6, plan.dns_v6, plan.gateway_v6_link_local];
+            for a in v4 {
+                let _ = addrs.push(IpCidr::new(a.into(), plan.prefix_v4));
+            }
+            for (i, a) in v6.into_iter().enumerate() {
+                let len = if i == 2 { 64 } else { plan.prefix_v6 };
+                let _ = addrs.push(IpCidr::new(a.into(), len));
+            }
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(plan.gateway_v4);
+        let _ = iface.routes_mut().add_default_ipv6_route(plan.gateway_v6);
+        // Accept segments to every address: each relayed peer is "us".
+        iface.set_any_ip(true);
+        Self {
+            policy,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            tx,
+            gateway_mac,
+            guest_mac: EthernetAddress::BROADCAST,
+            tcp: HashMap::new(),
+            tcp_by_key: HashMap::new(),
+            datagram: HashMap::new(),
+            datagram_by_key: HashMap::new(),
+            requests: Default::default(),
+            next_flow: 1,
+            half_open: 0,
+            inbound: 0,
+            next_ephemeral: EPHEMERAL.start,
+            buffer_bytes: 0,
+            next_sweep: None,
+            now,
+            stats: Stats::default(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &StackConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn tcp_flow_count(&self) -> usize {
+        self.tcp.len()
+    }
+
+    pub fn datagram_flow_count(&self) -> usize {
+        self.datagram.len()
+    }
+
+    pub fn half_open_count(&self) -> usize {
+        self.half_open
+    }
+
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffer_bytes
+    }
+
+    fn builder(&self) -> FrameBuilder {
+        FrameBuilder {
+            gateway_mac: self.gateway_mac,
+            guest_mac: self.guest_mac,
+        }
+    }
+
+    fn alloc_flow(&mut self) -> FlowId {
+        let id = FlowId(self.next_flow);
+        self.next_flow += 1;
+        id
+    }
+
+    fn emit(&mut self, frame: Option<Vec<u8>>) {
+        if let Some(f) = frame {
+            self.tx.push(f);
+        }
+    }
+
+    // ----- guest side -------------------------------------------------------
+
+    /// Take one Ethernet frame from the guest.
+    pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        self.now = now;
+        let parsed = wire::classify(frame);
+        if parsed.src_mac.is_unicast() {
+            self.guest_mac = parsed.src_mac;
+        }
+        match parsed.packet {
+            GuestPacket::Smoltcp | GuestPacket::Tcp { .. } => self.ingest(now, frame),
+            GuestPacket::TcpSyn { src, dst } => self.on_syn(now, frame, parsed.ip, src, dst),
+            GuestPacket::Udp { src, dst, payload } => {
+                self.on_udp(now, parsed.ip, src, dst, payload)
+            }
+            GuestPacket::IcmpEcho {
+                src,
+                dst,
+                ident,
+                seq,
+                data,
+            } => self.on_echo(now, parsed.ip, src, dst, ident, seq, data),
+            GuestPacket::Arp { sender, target } => {
+                // With any_ip smoltcp answers every ARP request; the guest's
+                // own address (a probe or an announcement) must stay the guest's.
+                let guest = self.cfg.plan.guest_v4;
+                if target == guest || sender == target {
+                    self.stats.frames_dropped += 1;
+                } else {
+                    self.ingest(now, frame);
+                }
+            }
+            GuestPacket::RouterSolicit { .. } => {
+                let ra = services::router_advert(&self.cfg, self.gateway_mac);
+                self.emit(ra);
+            }
+            GuestPacket::Drop(why) => {
+                self.stats.frames_dropped += 1;
+                tracing::trace!(why, len = frame.len(), "dropped guest frame");
+            }
+        }
+    }
+
+    fn ingest(&mut self, now: Instant, frame: &[u8]) {
+        let mut dev = OneFrame {
+            rx: Some(frame),
+            tx: &mut self.tx,
+            mtu: self.cfg.mtu,
+        };
+        self.iface
+            .poll_ingress_single(now, &mut dev, &mut self.sockets);
+    }
+
+    /// Where a guest-visible destination really goes, and whether the operator chose it.
+    fn redirect(&self, dst: SocketAddr) -> Option<(SocketAddr, IpAddr, bool)> {
+        if let Some(lo) = self.cfg.host_loopback_for(dst.ip()) {
+            return Some((SocketAddr::new(lo, dst.port()), dst.ip(), true));
+        }
+        if self.cfg.plan.is_dns(dst.ip()) && dst.port() == 53 {
+            let up = self.cfg.dns_upstream?;
+            return Some((up, up.ip(), true));
+        }
+        if self.cfg.plan.is_own(dst.ip()) {
+            return None;
+        }
+        Some((dst, dst.ip(), false))
+    }
+
+    // ----- policy -----------------------------------------------------------
+
+    /// Replace the policy atomically; live flows it now denies are reset.
+    pub fn set_policy(&mut self, policy: EgressPolicy) {
+        self.policy = policy;
+        let tcp_denied: Vec<FlowId> = self
+            .tcp
+            .iter()
+            .filter(|(_, f)| !self.flow_still_allowed(f.key.1))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in tcp_denied {
+            tracing::info!(target: "slipway::flow", flow = %id, "reset: the new policy denies it");
+            self.tcp_host_reset(id);
+        }
+        let dgram_denied: Vec<FlowId> = self
+            .datagram
+            .iter()
+            .filter(|(_, f)| !self.flow_still_allowed(f.key.peer))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dgram_denied {
+            self.close_datagram(id, "the new policy denies it");
+        }
+    }
+
+    fn flow_still_allowed(&self, dst: SocketAddr) -> bool {
+        match self.redirect(dst) {
+            Some((_, on, exempt)) => self.policy.decide(on, exempt).allowed,
+            None => true,
+        }
+    }
+
+    fn iface_now(&self) -> Instant {
+        self.now
+    }
+
+    // ----- driving ----------------------------------------------------------
+
+    /// Let smoltcp send what it has (segments, ACKs, window updates) and
+    /// settle flows whose state changed. Call after a batch of input.
+    pub fn poll(&mut self, now: Instant) {
+        self.now = now;
+        let mut dev = OneFrame {
+            rx: None,
+            tx: &mut self.tx,
+            mtu: self.cfg.mtu,
+        };
+        self.iface.poll_maintenance(now);
+        self.iface.poll_egress(now, &mut dev, &mut self.sockets);
+        self.settle_tcp(now);
+        if self.next_sweep.is_some_and(|t| now >= t) {
+            self.sweep_datagrams(now);
+        }
+    }
+
+    /// When the core next needs `poll`, if nothing else happens first.
+    pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
+        let smol = self.iface.poll_at(now, &self.sockets);
+        match (smol, self.next_sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next request for the host, in order.
+    pub fn poll_request(&mut self) -> Option<HostRequest> {
+        self.requests.pop_front()
+    }
+
+    /// The next frame for the guest. Hand spent buffers back with `recycle`.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.tx.pop()
+    }
+
+    /// Give back a frame the link could not take yet; it goes out first next time.
+    pub fn unsend(&mut self, frame: Vec<u8>) {
+        self.tx.unpop(frame);
+    }
+
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.tx.recycle(buf);
+    }
+
+    pub fn queued_frames(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Send an unsolicited router advertisement (at start, and now and then).
+    pub fn advertise_router(&mut self) {
+        let ra = services::router_advert(&self.cfg, self.gateway_mac);
+        self.emit(ra);
+    }
+}
+
+impl Stack {
+    /// Multicast, limited broadcast, or the guest subnet's directed broadcast.
+    fn is_broadcast_or_multicast(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => {
+                let plan = &self.cfg.plan;
+                let host_bits = u32::MAX.checked_shr(u32::from(plan.prefix_v4)).unwrap_or(0);
+                let directed = u32::from(plan.guest_v4) | host_bits;
+                a.is_multicast() || a.is_broadcast() || (host_bits != 0 && u32::from(a) == directed)
+            }
+            IpAddr::V6(a) => a.is_multicast(),
+        }
+    }
+}
+
+fn log_decision(proto: &str, src: SocketAddr, dst: SocketAddr, v: Verdict, cap: Option<&str>) {
+    let verdict = match (v.allowed, cap) {
+        (true, None) => "allow",
+        (true, Some(_)) => "refuse",
+        (false, _) => "deny",
+    };
+    tracing::info!(
+        target: "slipway::flow",
+        proto,
+        %src,
+        %dst,
+        verdict,
+        rule = %v.rule,
+        cap = cap.unwrap_or(""),
+        "new flow"
+    );
+}

@@ -1,0 +1,432 @@
+//! TCP flows: a guest SYN decided before smoltcp sees it and held (SYN-ACK
+//! paused) until the host connect succeeds; connections the gateway opens
+//! into the guest; and the calls the driver moves bytes with.
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TcpPhase {
+    /// Host connect in progress; the guest's SYN-ACK is paused.
+    Connecting,
+    /// Our SYN to the guest is out (a connection from the public gateway).
+    GuestConnecting,
+    Open,
+}
+
+pub(super) struct TcpFlow {
+    pub(super) key: (SocketAddr, SocketAddr),
+    pub(super) handle: SocketHandle,
+    pub(super) phase: TcpPhase,
+    pub(super) rule: Rule,
+    pub(super) inbound: bool,
+    /// The guest's SYN (whole IP packet), quoted if the connect ends in ICMP.
+    pub(super) syn: Vec<u8>,
+    /// The guest's FIN arrived (its bytes may still wait in the buffer).
+    pub(super) guest_fin_seen: bool,
+    /// ... and all its bytes were taken, so the host was told.
+    pub(super) guest_fin_reported: bool,
+    /// We reset the flow: what the guest still had buffered goes too.
+    pub(super) aborted: bool,
+    pub(super) host_eof: bool,
+    pub(super) started: Instant,
+    pub(super) to_host: u64,
+    pub(super) to_guest: u64,
+}
+
+/// Local ports the gateway uses for connections into the guest.
+pub(super) const EPHEMERAL: std::ops::Range<u16> = 32768..61000;
+/// How long the guest may take to accept a connection from the gateway.
+pub(super) const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A socket in state Closed with no peer: it sends nothing, and the next
+/// `settle_tcp` frees the flow.
+pub(super) fn closed_socket() -> tcp::Socket<'static> {
+    tcp::Socket::new(
+        tcp::SocketBuffer::new(Vec::new()),
+        tcp::SocketBuffer::new(Vec::new()),
+    )
+}
+
+impl Stack {
+    pub(super) fn on_syn(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        ip: &[u8],
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) {
+        if self.tcp_by_key.contains_key(&(src, dst)) {
+            // A retransmitted SYN of a flow we already hold.
+            return self.ingest(now, frame);
+        }
+        let Some((host_dst, decided_on, exempt)) = self.redirect(dst) else {
+            // The gateway's own ports: smoltcp has no socket there and answers RST.
+            return self.ingest(now, frame);
+        };
+        let verdict = self.policy.decide(decided_on, exempt);
+        if !verdict.allowed {
+            self.stats.tcp_denied += 1;
+            log_decision("tcp", src, dst, verdict, None);
+            let rst = self.builder().rst_for_syn(ip, src, dst);
+            return self.emit(rst);
+        }
+        let need = 2 * self.cfg.tcp_buffer;
+        let caps = &self.cfg.caps;
+        let over = if self.tcp.len() >= caps.max_tcp_flows {
+            Some("max_tcp_flows")
+        } else if self.half_open >= caps.max_half_open {
+            Some("max_half_open")
+        } else if self.buffer_bytes + need > caps.max_buffer_bytes {
+            Some("max_buffer_bytes")
+        } else {
+            None
+        };
+        if let Some(cap) = over {
+            self.stats.caps_hit += 1;
+            log_decision("tcp", src, dst, verdict, Some(cap));
+            let rst = self.builder().rst_for_syn(ip, src, dst);
+            return self.emit(rst);
+        }
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        socket.pause_synack(true);
+        let listen = IpListenEndpoint {
+            addr: Some(dst.ip().into()),
+            port: dst.port(),
+        };
+        if socket.listen(listen).is_err() {
+            // Port 0: nothing to connect to.
+            let rst = self.builder().rst_for_syn(ip, src, dst);
+            return self.emit(rst);
+        }
+        let handle = self.sockets.add(socket);
+        self.ingest(now, frame);
+        if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
+            // smoltcp did not take the SYN (bad options, …): nothing to relay.
+            self.sockets.remove(handle);
+            let rst = self.builder().rst_for_syn(ip, src, dst);
+            return self.emit(rst);
+        }
+        let flow = self.alloc_flow();
+        self.stats.tcp_allowed += 1;
+        log_decision("tcp", src, dst, verdict, None);
+        self.tcp.insert(
+            flow,
+            TcpFlow {
+                key: (src, dst),
+                handle,
+                phase: TcpPhase::Connecting,
+                rule: verdict.rule,
+                inbound: false,
+                syn: ip.to_vec(),
+                guest_fin_seen: false,
+                guest_fin_reported: false,
+                aborted: false,
+                host_eof: false,
+                started: now,
+                to_host: 0,
+                to_guest: 0,
+            },
+        );
+        self.tcp_by_key.insert((src, dst), flow);
+        self.half_open += 1;
+        self.buffer_bytes += need;
+        self.requests.push_back(HostRequest::TcpConnect {
+            flow,
+            dst: host_dst,
+        });
+    }
+
+    /// Open a TCP connection from the gateway's address to the guest's `port`
+    /// (IPv4, or IPv6 when `v6`). The answer comes later as
+    /// `HostRequest::InboundReady` or `InboundFailed`; bytes then move with
+    /// the same calls as for outbound flows.
+    pub fn connect_to_guest(
+        &mut self,
+        now: Instant,
+        port: u16,
+        v6: bool,
+    ) -> Result<FlowId, InboundError> {
+        self.now = now;
+        let caps = &self.cfg.caps;
+        let need = 2 * self.cfg.tcp_buffer;
+        if self.inbound >= caps.max_inbound
+            || self.tcp.len() >= caps.max_tcp_flows
+            || self.buffer_bytes + need > caps.max_buffer_bytes
+        {
+            self.stats.caps_hit += 1;
+            return Err(InboundError::OverCap);
+        }
+        let plan = &self.cfg.plan;
+        let (local_ip, guest_ip): (IpAddr, IpAddr) = if v6 {
+            (plan.gateway_v6.into(), plan.guest_v6.into())
+        } else {
+            (plan.gateway_v4.into(), plan.guest_v4.into())
+        };
+        let guest = SocketAddr::new(guest_ip, port);
+        let span = EPHEMERAL.end - EPHEMERAL.start;
+        let first = self.next_ephemeral - EPHEMERAL.start;
+        let local = (0..span)
+            .map(|i| SocketAddr::new(local_ip, EPHEMERAL.start + (first + i) % span))
+            .find(|l| !self.tcp_by_key.contains_key(&(guest, *l)))
+            .ok_or(InboundError::NoPort)?;
+        self.next_ephemeral = EPHEMERAL.start + (local.port() - EPHEMERAL.start + 1) % span;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        socket.set_timeout(Some(GUEST_CONNECT_TIMEOUT.into()));
+        let remote = (IpAddress::from(guest.ip()), guest.port());
+        let from = (IpAddress::from(local.ip()), local.port());
+        if socket.connect(self.iface.context(), remote, from).is_err() {
+            return Err(InboundError::NoPort);
+        }
+        let handle = self.sockets.add(socket);
+        let flow = self.alloc_flow();
+        self.tcp.insert(
+            flow,
+            TcpFlow {
+                key: (guest, local),
+                handle,
+                phase: TcpPhase::GuestConnecting,
+                rule: Rule::Default,
+                inbound: true,
+                syn: Vec::new(),
+                guest_fin_seen: false,
+                guest_fin_reported: false,
+                aborted: false,
+                host_eof: false,
+                started: now,
+                to_host: 0,
+                to_guest: 0,
+            },
+        );
+        self.tcp_by_key.insert((guest, local), flow);
+        self.inbound += 1;
+        self.buffer_bytes += need;
+        tracing::info!(target: "slipway::flow", flow = %flow, proto = "tcp", %local, %guest, "inbound connection");
+        Ok(flow)
+    }
+
+    /// The host connect for `flow` succeeded: let the guest's SYN-ACK go.
+    pub fn tcp_connected(&mut self, flow: FlowId) {
+        let Some(f) = self.tcp.get_mut(&flow) else {
+            return;
+        };
+        if f.phase == TcpPhase::Connecting {
+            f.phase = TcpPhase::Open;
+            self.half_open -= 1;
+            self.sockets
+                .get_mut::<tcp::Socket>(f.handle)
+                .pause_synack(false);
+        }
+    }
+
+    /// The host connect failed: the guest learns at once (RST or ICMP).
+    pub fn tcp_connect_failed(&mut self, flow: FlowId, err: ConnectError) {
+        let Some(f) = self.tcp.get(&flow) else {
+            return;
+        };
+        let (src, dst) = f.key;
+        tracing::info!(target: "slipway::flow", proto = "tcp", %src, %dst, error = ?err, "host connect failed");
+        match err {
+            ConnectError::Refused => self.tcp_host_reset(flow),
+            ConnectError::Unreachable | ConnectError::TimedOut => {
+                // The guest matches the error to its socket by the quoted SYN's sequence number.
+                let err = self.builder().unreachable(
+                    self.cfg.plan.gateway_for(dst.ip()),
+                    &f.syn,
+                    Unreachable::Host,
+                );
+                let handle = f.handle;
+                self.emit(err);
+                // No RST after the ICMP: the guest's socket is already gone.
+                *self.sockets.get_mut::<tcp::Socket>(handle) = closed_socket();
+            }
+        }
+    }
+
+    pub(super) fn open_socket(
+        &mut self,
+        flow: FlowId,
+    ) -> Option<(&mut tcp::Socket<'static>, &mut TcpFlow)> {
+        let f = self.tcp.get_mut(&flow)?;
+        Some((self.sockets.get_mut::<tcp::Socket>(f.handle), f))
+    }
+
+    /// Room for host→guest bytes in the flow's send buffer (0 until established).
+    pub fn tcp_send_capacity(&self, flow: FlowId) -> usize {
+        let Some(f) = self.tcp.get(&flow) else {
+            return 0;
+        };
+        let s = self.sockets.get::<tcp::Socket>(f.handle);
+        if s.may_send() && !f.host_eof {
+            s.send_capacity() - s.send_queue()
+        } else {
+            0
+        }
+    }
+
+    /// Append host→guest bytes straight into the flow's send buffer: `fill`
+    /// gets the free contiguous space and returns how much it wrote.
+    pub fn tcp_send_with<R>(
+        &mut self,
+        flow: FlowId,
+        fill: impl FnOnce(&mut [u8]) -> (usize, R),
+    ) -> Option<R> {
+        let (s, f) = self.open_socket(flow)?;
+        if f.host_eof {
+            return None;
+        }
+        let (n, r) = s
+            .send(|buf| {
+                let (n, r) = fill(buf);
+                (n, (n, r))
+            })
+            .ok()?;
+        f.to_guest += n as u64;
+        self.stats.bytes_to_guest += n as u64;
+        Some(r)
+    }
+
+    /// Guest→host bytes waiting in the flow's receive buffer.
+    pub fn tcp_recv_pending(&self, flow: FlowId) -> usize {
+        self.tcp.get(&flow).map_or(0, |f| {
+            self.sockets.get::<tcp::Socket>(f.handle).recv_queue()
+        })
+    }
+
+    /// Take guest→host bytes: `drain` gets the contiguous pending bytes and
+    /// returns how many it consumed (what it leaves stays, so the guest's
+    /// window stays shut until the host takes more).
+    pub fn tcp_recv_with<R>(
+        &mut self,
+        flow: FlowId,
+        drain: impl FnOnce(&[u8]) -> (usize, R),
+    ) -> Option<R> {
+        let (s, f) = self.open_socket(flow)?;
+        let (n, r) = s
+            .recv(|buf| {
+                let (n, r) = drain(buf);
+                (n, (n, r))
+            })
+            .ok()?;
+        f.to_host += n as u64;
+        self.stats.bytes_to_host += n as u64;
+        Some(r)
+    }
+
+    /// The host closed its sending side: FIN to the guest after the data.
+    pub fn tcp_host_eof(&mut self, flow: FlowId) {
+        if let Some((s, f)) = self.open_socket(flow) {
+            f.host_eof = true;
+            s.close();
+        }
+    }
+
+    /// The host reset the connection: RST to the guest.
+    pub fn tcp_host_reset(&mut self, flow: FlowId) {
+        let Some(f) = self.tcp.get_mut(&flow) else {
+            return;
+        };
+        f.aborted = true;
+        let (src, dst) = f.key;
+        let syn = std::mem::take(&mut f.syn);
+        let handle = f.handle;
+        let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        if s.state() == tcp::State::SynReceived && !syn.is_empty() {
+            // Our SYN-ACK never left: answer the SYN with an RST ourselves,
+            // which needs no neighbour entry for the guest.
+            *s = closed_socket();
+            let rst = self.builder().rst_for_syn(&syn, src, dst);
+            self.emit(rst);
+        } else {
+            s.abort();
+        }
+    }
+
+    pub(super) fn settle_tcp(&mut self, now: Instant) {
+        let mut finished = Vec::new();
+        for (&id, f) in self.tcp.iter_mut() {
+            let s = self.sockets.get::<tcp::Socket>(f.handle);
+            use tcp::State::*;
+            let state = s.state();
+            if f.phase == TcpPhase::GuestConnecting && !matches!(state, SynSent | Closed) {
+                f.phase = TcpPhase::Open;
+                // Accepted: the connect timeout must not end an idle connection later.
+                self.sockets
+                    .get_mut::<tcp::Socket>(f.handle)
+                    .set_timeout(None);
+                self.requests
+                    .push_back(HostRequest::InboundReady { flow: id });
+            }
+            let s = self.sockets.get::<tcp::Socket>(f.handle);
+            if matches!(state, CloseWait | LastAck | Closing | TimeWait) {
+                f.guest_fin_seen = true;
+            }
+            let drained = s.recv_queue() == 0;
+            if f.guest_fin_seen && !f.guest_fin_reported && drained {
+                f.guest_fin_reported = true;
+                self.requests
+                    .push_back(HostRequest::TcpShutdown { flow: id });
+            }
+            // A closed flow lives on until the host took the guest's last
+            // bytes, unless it ended in a reset (which discards them).
+            let reset = f.aborted || !f.guest_fin_seen;
+            if matches!(state, Closed | TimeWait) && (drained || reset) {
+                finished.push(id);
+            }
+        }
+        for id in finished {
+            let Some(f) = self.tcp.remove(&id) else {
+                continue;
+            };
+            self.tcp_by_key.remove(&f.key);
+            self.sockets.remove(f.handle);
+            self.buffer_bytes -= 2 * self.cfg.tcp_buffer;
+            if f.phase == TcpPhase::Connecting {
+                self.half_open -= 1;
+            }
+            if f.inbound {
+                self.inbound -= 1;
+            }
+            if f.phase == TcpPhase::GuestConnecting {
+                // Closed before it ever opened: an RST from the guest, or no answer.
+                let error = if now - f.started >= GUEST_CONNECT_TIMEOUT.into() {
+                    ConnectError::TimedOut
+                } else {
+                    ConnectError::Refused
+                };
+                tracing::info!(target: "slipway::flow", flow = %id, guest = %f.key.0, ?error, "inbound connection failed");
+                self.requests
+                    .push_back(HostRequest::InboundFailed { flow: id, error });
+                continue;
+            }
+            let clean = f.guest_fin_reported && f.host_eof;
+            tracing::info!(
+                target: "slipway::flow",
+                flow = %id,
+                proto = "tcp",
+                src = %f.key.0,
+                dst = %f.key.1,
+                rule = %f.rule,
+                to_host = f.to_host,
+                to_guest = f.to_guest,
+                secs = (now - f.started).total_millis() as f64 / 1000.0,
+                end = if clean { "closed" } else { "reset" },
+                "tcp flow ended"
+            );
+            self.requests.push_back(HostRequest::TcpClose {
+                flow: id,
+                reset: !clean,
+            });
+        }
+    }
+}
