@@ -1,9 +1,14 @@
 //! How a sandbox's frames get in and out of slipway: a Linux tap device
-//! (by name or inherited fd), and `slipway run`'s namespace, whose only
-//! link is a tap whose other end this process holds.
+//! (by name or inherited fd), QEMU's stream and dgram netdevs, and
+//! `slipway run`'s namespace, whose only link is a tap whose other end this
+//! process holds. Each transport is a `netstack::driver::Link`.
+//!
+//! Error messages say what failed and what to do; the OS error behind one
+//! is its `source()`, so print the whole chain (`msg: cause: …`).
 
 mod ifreq;
 pub mod netns;
+pub mod qemu;
 pub mod tap;
 
 pub use tap::Tap;

@@ -74,7 +74,7 @@ pub enum TapError {
     PacketInfo { fd: RawFd, name: String },
     #[error("fd {fd} ({name}) has a {len}-byte virtio-net header; at most {MAX_VNET_HDR_LEN} is supported (TUNSETVNETHDRSZ)")]
     VnetHeaderTooLong { fd: RawFd, name: String, len: usize },
-    #[error("cannot configure the fd of tap {name} ({what})")]
+    #[error("cannot prepare the fd of tap {name} ({what})")]
     Configure {
         name: String,
         what: &'static str,
@@ -150,22 +150,14 @@ impl Tap {
         if flags & libc::IFF_TAP == 0 {
             return Err(TapError::IsTun { fd: raw, name });
         }
-        match has_packet_info(fd.as_fd()) {
-            Ok(false) => {}
-            Ok(true) => return Err(TapError::PacketInfo { fd: raw, name }),
-            Err(source) => {
-                return Err(TapError::Configure {
-                    name,
-                    what: "checking for IFF_NO_PI",
-                    source,
-                })
-            }
-        }
         let configure = |what, source| TapError::Configure {
             name: name.clone(),
             what,
             source,
         };
+        if has_packet_info(fd.as_fd()).map_err(|e| configure("checking for IFF_NO_PI", e))? {
+            return Err(TapError::PacketInfo { fd: raw, name });
+        }
         let mut vnet_hdr_len = 0;
         if flags & libc::IFF_VNET_HDR != 0 {
             let mut len: libc::c_int = 0;
@@ -184,7 +176,7 @@ impl Tap {
                 });
             }
             // With no offloads the kernel hands over only whole, checksummed
-            // frames, so the header we strip is always empty of meaning.
+            // frames, so the header we strip never says anything we need.
             // SAFETY: TUNSETOFFLOAD takes its argument by value.
             let rc = unsafe { libc::ioctl(raw, libc::TUNSETOFFLOAD, 0 as libc::c_uint) };
             if rc < 0 {
@@ -301,27 +293,23 @@ fn tun_iff(fd: BorrowedFd<'_>) -> io::Result<IfReq> {
 }
 
 /// Whether frames on tap `fd` carry a 4-byte packet-information header
-/// (it was attached without IFF_NO_PI). TUNGETIFF alone cannot say: it also
-/// reports IFF_NOFILTER, the same bit, whenever no socket filter is
-/// attached. So with no filter attached, one that accepts everything is
-/// attached for a moment, and the bit then means IFF_NO_PI alone.
+/// (it was attached without IFF_NO_PI).
+///
+/// TUNGETIFF alone cannot say: it also reports IFF_NOFILTER, the same bit,
+/// whenever no socket filter is attached. So when no filter was ever set,
+/// one that accepts everything is attached for a moment, the bit read, and
+/// the filter state put back as it was. When the owner has set a filter
+/// that is still attached, the bit already means IFF_NO_PI alone; when it
+/// was set and detached again, this cannot tell and answers no.
 fn has_packet_info(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: `sock_fprog` is a length and a pointer; zero and NULL are valid.
-    let mut current: libc::sock_fprog = unsafe { std::mem::zeroed() };
-    // SAFETY: TUNGETFILTER writes one `struct sock_fprog` and returns its length.
-    let filter_len = unsafe {
-        libc::ioctl(
-            raw,
-            libc::TUNGETFILTER,
-            &mut current as *mut libc::sock_fprog,
-        )
-    };
-    if filter_len < 0 {
-        return Err(io::Error::last_os_error());
+    if tun_iff(fd)?.flags() & libc::IFF_NO_PI == 0 {
+        // A filter is attached, so the bit is IFF_NO_PI's, and it is off.
+        return Ok(true);
     }
-    if filter_len > 0 {
-        return Ok(tun_iff(fd)?.flags() & libc::IFF_NO_PI == 0);
+    let mut current = empty_fprog();
+    tun_filter_ioctl(fd, libc::TUNGETFILTER, &mut current)?;
+    if current.len > 0 {
+        return Ok(false);
     }
     let mut accept_all = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
@@ -329,26 +317,42 @@ fn has_packet_info(fd: BorrowedFd<'_>) -> io::Result<bool> {
         jf: 0,
         k: u32::MAX,
     }];
-    let mut prog = libc::sock_fprog {
+    let mut probe = libc::sock_fprog {
         len: 1,
         filter: accept_all.as_mut_ptr(),
     };
-    // SAFETY: TUNATTACHFILTER reads one `struct sock_fprog`, whose program
-    // (`accept_all`) outlives the call; the kernel keeps its own copy.
-    if unsafe {
-        libc::ioctl(
-            raw,
-            libc::TUNATTACHFILTER,
-            &mut prog as *mut libc::sock_fprog,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
+    tun_filter_ioctl(fd, libc::TUNATTACHFILTER, &mut probe)?;
     let flags = tun_iff(fd).map(|req| req.flags());
     // SAFETY: TUNDETACHFILTER ignores its argument.
-    unsafe { libc::ioctl(raw, libc::TUNDETACHFILTER, 0) };
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNDETACHFILTER, 0) };
+    // Detaching leaves the probe's length on record (TUNGETFILTER would show
+    // it); recording an empty program, which the kernel then refuses to
+    // attach, clears it.
+    let _ = tun_filter_ioctl(fd, libc::TUNATTACHFILTER, &mut empty_fprog());
     Ok(flags? & libc::IFF_NO_PI == 0)
+}
+
+fn empty_fprog() -> libc::sock_fprog {
+    libc::sock_fprog {
+        len: 0,
+        filter: std::ptr::null_mut(),
+    }
+}
+
+/// TUNGETFILTER or TUNATTACHFILTER, whose argument is a `struct sock_fprog`.
+fn tun_filter_ioctl(
+    fd: BorrowedFd<'_>,
+    request: libc::Ioctl,
+    prog: &mut libc::sock_fprog,
+) -> io::Result<()> {
+    debug_assert!(request == libc::TUNGETFILTER || request == libc::TUNATTACHFILTER);
+    // SAFETY: both requests take one `struct sock_fprog *`; its `filter`
+    // pointer is NULL or points at a program alive for the call (the kernel
+    // copies it when attaching).
+    if unsafe { libc::ioctl(fd.as_raw_fd(), request, prog as *mut libc::sock_fprog) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -524,6 +528,80 @@ mod tests {
         assert!(matches!(err, TapError::PacketInfo { .. }), "{err}");
     }
 
+    /// Attaches a one-instruction accept-all socket filter to tap `fd`.
+    fn attach_filter(fd: BorrowedFd<'_>) {
+        let mut accept_all = [libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        }];
+        let mut prog = libc::sock_fprog {
+            len: 1,
+            filter: accept_all.as_mut_ptr(),
+        };
+        // SAFETY: TUNATTACHFILTER reads one `struct sock_fprog` whose program
+        // outlives the call.
+        let rc = unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNATTACHFILTER,
+                &mut prog as *mut libc::sock_fprog,
+            )
+        };
+        assert_eq!(rc, 0, "TUNATTACHFILTER: {}", io::Error::last_os_error());
+    }
+
+    fn filter_len(fd: BorrowedFd<'_>) -> u16 {
+        // SAFETY: all-zero is a valid `sock_fprog`.
+        let mut prog: libc::sock_fprog = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETFILTER writes one `struct sock_fprog`.
+        let rc = unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNGETFILTER,
+                &mut prog as *mut libc::sock_fprog,
+            )
+        };
+        assert_eq!(rc, 0, "TUNGETFILTER: {}", io::Error::last_os_error());
+        prog.len
+    }
+
+    #[test]
+    fn packet_info_is_told_apart_with_or_without_a_filter() {
+        if !private_netns() {
+            return;
+        }
+        let plain = raw_tun("nofilter0", libc::IFF_TAP | libc::IFF_NO_PI);
+        assert!(!has_packet_info(plain.as_fd()).unwrap());
+        assert_eq!(
+            filter_len(plain.as_fd()),
+            0,
+            "the probe filter was left behind"
+        );
+
+        let filtered = raw_tun("filter0", libc::IFF_TAP | libc::IFF_NO_PI);
+        attach_filter(filtered.as_fd());
+        assert!(!has_packet_info(filtered.as_fd()).unwrap());
+        assert_eq!(
+            filter_len(filtered.as_fd()),
+            1,
+            "the owner's filter was removed"
+        );
+
+        let with_pi = raw_tun("pi0", libc::IFF_TAP);
+        assert!(has_packet_info(with_pi.as_fd()).unwrap());
+        assert_eq!(
+            filter_len(with_pi.as_fd()),
+            0,
+            "the probe filter was left behind"
+        );
+
+        let filtered_pi = raw_tun("pi1", libc::IFF_TAP);
+        attach_filter(filtered_pi.as_fd());
+        assert!(has_packet_info(filtered_pi.as_fd()).unwrap());
+    }
+
     #[test]
     fn adopted_tap_learns_its_name_and_turns_nonblocking() {
         if !private_netns() {
@@ -590,5 +668,20 @@ mod tests {
         }
         let err = Tap::open("lo").unwrap_err();
         assert!(matches!(err, TapError::NotATapInterface { .. }), "{err}");
+    }
+}
+
+// SAFETY: the Tap owns its descriptor for as long as it lives.
+unsafe impl netstack::driver::Link for Tap {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Tap::recv(self, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        if Tap::send(self, frame)? {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
     }
 }
