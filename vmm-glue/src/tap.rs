@@ -389,6 +389,21 @@ fn set_iff_error(name: &str, source: io::Error) -> TapError {
     }
 }
 
+// SAFETY: the Tap owns its descriptor for as long as it lives.
+unsafe impl netstack::driver::Link for Tap {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Tap::recv(self, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        if Tap::send(self, frame)? {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,20 +683,5 @@ mod tests {
         }
         let err = Tap::open("lo").unwrap_err();
         assert!(matches!(err, TapError::NotATapInterface { .. }), "{err}");
-    }
-}
-
-// SAFETY: the Tap owns its descriptor for as long as it lives.
-unsafe impl netstack::driver::Link for Tap {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Tap::recv(self, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
-    }
-
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        if Tap::send(self, frame)? {
-            Ok(())
-        } else {
-            Err(io::ErrorKind::WouldBlock.into())
-        }
     }
 }
