@@ -179,6 +179,13 @@ struct HostDatagram {
 
 type ConnectResult = (FlowId, Result<TcpStream, ConnectError>);
 
+/// A sandbox's stack between two links: see `Driver::serve` and `Driver::resume`.
+pub struct Parked {
+    pub stack: Stack,
+    commands_tx: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
+}
+
 pub struct Driver<L: Link> {
     stack: Stack,
     link: AsyncFd<L>,
@@ -198,13 +205,15 @@ pub struct Driver<L: Link> {
 impl<L: Link> Driver<L> {
     /// Must be called inside a tokio runtime. The link must be non-blocking.
     pub fn new(stack: Stack, link: L) -> io::Result<Self> {
+        // Continue the stack's own clock, which may have run under an earlier link.
+        let started = std::time::Instant::now() - stack.elapsed();
         let (connect_tx, connect_rx) = mpsc::unbounded_channel();
         let (commands_tx, commands) = mpsc::unbounded_channel();
         Ok(Self {
             stack,
             // SAFETY: `Link` implementors promise a stable, owned descriptor.
             link: unsafe { AsyncFd::register(link) }.map_err(io::Error::from)?,
-            started: std::time::Instant::now(),
+            started,
             tcp: HashMap::new(),
             datagrams: HashMap::new(),
             connect_tx,
@@ -233,7 +242,21 @@ impl<L: Link> Driver<L> {
     }
 
     /// Serve the sandbox until `shutdown` completes or the link fails.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<Stack> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<Stack> {
+        match self.serve(shutdown).await {
+            (parked, None) => Ok(parked.stack),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// Serve until `shutdown` completes or the link fails (the error). Either
+    /// way the sandbox's stack and its command channel come back, parked, so
+    /// that a new link (the VMM reconnected, the VM was restored) can
+    /// `resume` them; the host sockets of this link's flows are closed.
+    pub async fn serve(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> (Parked, Option<io::Error>) {
         self.stack.advertise_router();
         let mut shutdown = std::pin::pin!(shutdown);
         let result = poll_fn(|cx| {
@@ -243,7 +266,37 @@ impl<L: Link> Driver<L> {
             self.poll_drive(cx)
         })
         .await;
-        result.map(|()| self.stack)
+        for host in self.tcp.values() {
+            match host {
+                HostTcp::Open(open) => {
+                    let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                }
+                HostTcp::Connecting(task) => task.abort(),
+                HostTcp::Inbound { .. } => {}
+            }
+        }
+        let parked = Parked {
+            stack: self.stack,
+            commands_tx: self.commands_tx,
+            commands: self.commands,
+        };
+        (parked, result.err())
+    }
+
+    /// Serve a parked sandbox over a new link. Its flows are reset (their
+    /// host sockets went with the old link); addresses, the DHCP lease, the
+    /// policy and every `DriverHandle` stay valid.
+    pub fn resume(parked: Parked, link: L) -> io::Result<Self> {
+        let Parked {
+            mut stack,
+            commands_tx,
+            commands,
+        } = parked;
+        stack.reset_flows();
+        let mut driver = Self::new(stack, link)?;
+        driver.commands_tx = commands_tx;
+        driver.commands = commands;
+        Ok(driver)
     }
 
     fn now(&self) -> smoltcp::time::Instant {

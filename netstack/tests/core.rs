@@ -1481,3 +1481,19 @@ fn gateway_connections_stop_at_the_inbound_cap() {
         Err(netstack::InboundError::OverCap)
     );
 }
+
+#[test]
+fn reset_flows_resets_tcp_and_forgets_datagrams() {
+    let mut p = Pair::allow_all();
+    let (h, _flow) = p.open_tcp(peer(), BUF);
+    p.inject(&udp_frame(sock(GUEST_V4, 5000), sock(PEER_V4, 7), b"x"));
+    assert_eq!(p.stack.tcp_flow_count(), 1);
+    assert_eq!(p.stack.datagram_flow_count(), 1);
+    p.stack.reset_flows();
+    assert_eq!(p.stack.tcp_flow_count(), 0);
+    assert_eq!(p.stack.datagram_flow_count(), 0);
+    assert!(p.stack.poll_request().is_none(), "requests for the old link's sockets");
+    p.run_until("the guest to see the reset", |p| {
+        p.guest_state(h) == tcp::State::Closed
+    });
+}

@@ -84,6 +84,12 @@ impl Stack {
         data: &[u8],
     ) {
         if self.cfg.plan.is_own(dst) {
+            // A request over the link MTU would come back over it too; drop it
+            // as a link of that MTU would have.
+            if ip.len() > self.cfg.mtu {
+                self.stats.frames_dropped += 1;
+                return;
+            }
             let reply = self.builder().echo_reply(dst, src, ident, seq, data);
             return self.emit(reply);
         }

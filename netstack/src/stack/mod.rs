@@ -312,6 +312,29 @@ impl Stack {
 
     // ----- policy -----------------------------------------------------------
 
+    /// The time of the last input, as the caller's clock gave it.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_micros(self.now.total_micros().max(0) as u64)
+    }
+
+    /// Reset every flow: the link to the guest was replaced, so its
+    /// connections are void. TCP flows get an RST (a guest restored from a
+    /// snapshot learns at once); datagram flows are forgotten.
+    pub fn reset_flows(&mut self) {
+        let tcp: Vec<FlowId> = self.tcp.keys().copied().collect();
+        for id in tcp {
+            self.tcp_host_reset(id);
+        }
+        let datagrams: Vec<FlowId> = self.datagram.keys().copied().collect();
+        for id in datagrams {
+            self.close_datagram(id, "link replaced");
+        }
+        let now = self.now;
+        self.poll(now);
+        // What the old link's host sockets were asked to do is moot now.
+        self.requests.clear();
+    }
+
     /// Replace the policy atomically; live flows it now denies are reset.
     pub fn set_policy(&mut self, policy: EgressPolicy) {
         self.policy = policy;
