@@ -313,3 +313,21 @@ fn invalid_policy_entries_exit_2_naming_the_entry() {
     assert_eq!(no_cmd.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&no_cmd.stderr).contains("CMD"));
 }
+
+#[test]
+fn connect_timeout_is_configurable() {
+    require_world!();
+    let w = World::new();
+    // Nobody answers ARP for .99 on the world's link: the host connect hangs
+    // until slipway gives up and tells the guest "host unreachable".
+    let run = w.run(
+        &["--connect-timeout", "1"],
+        &probe("tcp", "203.0.113.99", 80),
+    );
+    run.ok();
+    let r = results(&run.stdout());
+    assert_eq!(r.len(), 1, "{}", run.stderr());
+    let (name, ms) = &r[0];
+    assert_eq!(name, "EHOSTUNREACH", "{}", run.stderr());
+    assert!((900..2500).contains(ms), "gave up after {ms} ms, not ~1000");
+}

@@ -19,7 +19,6 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::policy::EgressPolicy;
 use crate::stack::{
@@ -49,7 +48,11 @@ const FRAMES_PER_ROUND: usize = 64;
 const ROUNDS_PER_POLL: usize = 16;
 
 enum HostTcp {
-    Connecting(JoinHandle<()>),
+    /// A non-blocking host connect in flight, given up at `deadline`.
+    Connecting {
+        stream: TcpStream,
+        deadline: tokio::time::Instant,
+    },
     /// A gateway connection into the guest, waiting for the guest to accept.
     Inbound {
         reply: oneshot::Sender<Result<UnixStream, GuestConnectError>>,
@@ -177,8 +180,6 @@ struct HostDatagram {
     socket: AsyncFd<Socket>,
 }
 
-type ConnectResult = (FlowId, Result<TcpStream, ConnectError>);
-
 /// A sandbox's stack between two links: see `Driver::serve` and `Driver::resume`.
 pub struct Parked {
     pub stack: Stack,
@@ -192,8 +193,6 @@ pub struct Driver<L: Link> {
     started: std::time::Instant,
     tcp: HashMap<FlowId, HostTcp>,
     datagrams: HashMap<FlowId, HostDatagram>,
-    connect_tx: mpsc::UnboundedSender<ConnectResult>,
-    connect_rx: mpsc::UnboundedReceiver<ConnectResult>,
     commands_tx: mpsc::UnboundedSender<Command>,
     commands: mpsc::UnboundedReceiver<Command>,
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -207,7 +206,6 @@ impl<L: Link> Driver<L> {
     pub fn new(stack: Stack, link: L) -> io::Result<Self> {
         // Continue the stack's own clock, which may have run under an earlier link.
         let started = std::time::Instant::now() - stack.elapsed();
-        let (connect_tx, connect_rx) = mpsc::unbounded_channel();
         let (commands_tx, commands) = mpsc::unbounded_channel();
         Ok(Self {
             stack,
@@ -216,8 +214,6 @@ impl<L: Link> Driver<L> {
             started,
             tcp: HashMap::new(),
             datagrams: HashMap::new(),
-            connect_tx,
-            connect_rx,
             commands_tx,
             commands,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
@@ -271,8 +267,7 @@ impl<L: Link> Driver<L> {
                 HostTcp::Open(open) => {
                     let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
                 }
-                HostTcp::Connecting(task) => task.abort(),
-                HostTcp::Inbound { .. } => {}
+                HostTcp::Connecting { .. } | HostTcp::Inbound { .. } => {}
             }
         }
         let parked = Parked {
@@ -307,10 +302,7 @@ impl<L: Link> Driver<L> {
         for _ in 0..ROUNDS_PER_POLL {
             let now = self.now();
             let mut progress = self.read_link(cx, now)?;
-            while let Poll::Ready(Some((flow, result))) = self.connect_rx.poll_recv(cx) {
-                progress = true;
-                self.on_connected(flow, result);
-            }
+            progress |= self.finish_connects(cx);
             while let Poll::Ready(Some(command)) = self.commands.poll_recv(cx) {
                 progress = true;
                 self.on_command(now, command);
@@ -378,15 +370,22 @@ impl<L: Link> Driver<L> {
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>, now: smoltcp::time::Instant) -> bool {
-        let Some(at) = self.stack.poll_at(now) else {
+        let stack_at = match self.stack.poll_at(now) {
+            Some(at) if at <= now => return true,
+            Some(at) => {
+                let since_start = Duration::from_micros(at.total_micros().max(0) as u64);
+                Some(tokio::time::Instant::from_std(self.started + since_start))
+            }
+            None => None,
+        };
+        let Some(deadline) = [stack_at, self.next_connect_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
             self.timer_at = None;
             return false;
         };
-        let wait = Duration::from_micros((at - now).total_micros());
-        if at <= now {
-            return true;
-        }
-        let deadline = tokio::time::Instant::now() + wait;
         if self.timer_at != Some(deadline) {
             self.timer.as_mut().reset(deadline);
             self.timer_at = Some(deadline);
@@ -435,10 +434,45 @@ impl<L: Link> Driver<L> {
         }
     }
 
-    fn on_connected(&mut self, flow: FlowId, result: Result<TcpStream, ConnectError>) {
-        if !matches!(self.tcp.get(&flow), Some(HostTcp::Connecting(_))) {
-            return; // the guest gave up meanwhile
+    /// Settle host connects that finished (or ran out of time) since the last round.
+    fn finish_connects(&mut self, cx: &mut Context<'_>) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut done = Vec::new();
+        for (&flow, host) in &self.tcp {
+            let HostTcp::Connecting { stream, deadline } = host else {
+                continue;
+            };
+            match stream.poll_write_ready(cx) {
+                Poll::Ready(_) => done.push((flow, connect_outcome(stream))),
+                Poll::Pending if now >= *deadline => {
+                    done.push((flow, Some(Err(ConnectError::TimedOut))))
+                }
+                Poll::Pending => {}
+            }
         }
+        let progress = !done.is_empty();
+        for (flow, outcome) in done {
+            let Some(outcome) = outcome else { continue };
+            let Some(HostTcp::Connecting { stream, .. }) = self.tcp.remove(&flow) else {
+                continue;
+            };
+            self.on_connected(flow, outcome.map(|()| stream));
+        }
+        progress
+    }
+
+    /// The earliest connect deadline, for the timer.
+    fn next_connect_deadline(&self) -> Option<tokio::time::Instant> {
+        self.tcp
+            .values()
+            .filter_map(|h| match h {
+                HostTcp::Connecting { deadline, .. } => Some(*deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn on_connected(&mut self, flow: FlowId, result: Result<TcpStream, ConnectError>) {
         match result {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
@@ -502,15 +536,22 @@ impl<L: Link> Driver<L> {
         while let Some(req) = self.stack.poll_request() {
             progress = true;
             match req {
-                HostRequest::TcpConnect { flow, dst } => {
-                    let tx = self.connect_tx.clone();
-                    let limit = self.stack.config().connect_timeout;
-                    let task = tokio::spawn(async move {
-                        let result = connect(dst, limit).await;
-                        let _ = tx.send((flow, result));
-                    });
-                    self.tcp.insert(flow, HostTcp::Connecting(task));
-                }
+                HostRequest::TcpConnect { flow, dst } => match start_connect(dst) {
+                    Ok(stream) => {
+                        // Loopback and other fast peers are done before connect()
+                        // returns: answer the guest in this same round.
+                        match connect_outcome(&stream) {
+                            Some(outcome) => self.on_connected(flow, outcome.map(|()| stream)),
+                            None => {
+                                let limit = self.stack.config().connect_timeout;
+                                let deadline = tokio::time::Instant::now() + limit;
+                                self.tcp
+                                    .insert(flow, HostTcp::Connecting { stream, deadline });
+                            }
+                        }
+                    }
+                    Err(e) => self.stack.tcp_connect_failed(flow, connect_error(&e)),
+                },
                 HostRequest::TcpShutdown { flow } => {
                     if let Some(HostTcp::Open(open)) = self.tcp.get(&flow) {
                         let _ = open.stream.sock().shutdown(Shutdown::Write);
@@ -545,7 +586,7 @@ impl<L: Link> Driver<L> {
                     }
                 }
                 HostRequest::TcpClose { flow, reset } => match self.tcp.remove(&flow) {
-                    Some(HostTcp::Connecting(task)) => task.abort(),
+                    Some(HostTcp::Connecting { .. }) => {}
                     Some(HostTcp::Open(open)) if reset => {
                         let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
                     }
@@ -673,12 +714,38 @@ fn guest_to_host(
     progress
 }
 
-async fn connect(dst: SocketAddr, limit: Duration) -> Result<TcpStream, ConnectError> {
-    match tokio::time::timeout(limit, TcpStream::connect(dst)).await {
-        Err(_) => Err(ConnectError::TimedOut),
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused),
-        Ok(Err(_)) => Err(ConnectError::Unreachable),
+/// Start a non-blocking connect; it finishes (or fails) later, see `connect_outcome`.
+fn start_connect(dst: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    TcpStream::from_std(socket.into())
+}
+
+/// Whether a connect in flight has finished: `None` while it has not.
+fn connect_outcome(stream: &TcpStream) -> Option<Result<(), ConnectError>> {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => Some(Err(connect_error(&e))),
+        Ok(None) => match stream.peer_addr() {
+            Ok(_) => Some(Ok(())),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+            Err(e) => Some(Err(connect_error(&e))),
+        },
+    }
+}
+
+fn connect_error(e: &io::Error) -> ConnectError {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+        io::ErrorKind::TimedOut => ConnectError::TimedOut,
+        _ => ConnectError::Unreachable,
     }
 }
 

@@ -1492,7 +1492,10 @@ fn reset_flows_resets_tcp_and_forgets_datagrams() {
     p.stack.reset_flows();
     assert_eq!(p.stack.tcp_flow_count(), 0);
     assert_eq!(p.stack.datagram_flow_count(), 0);
-    assert!(p.stack.poll_request().is_none(), "requests for the old link's sockets");
+    assert!(
+        p.stack.poll_request().is_none(),
+        "requests for the old link's sockets"
+    );
     p.run_until("the guest to see the reset", |p| {
         p.guest_state(h) == tcp::State::Closed
     });
