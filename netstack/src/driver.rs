@@ -187,6 +187,26 @@ pub struct Parked {
     commands: mpsc::UnboundedReceiver<Command>,
 }
 
+impl Parked {
+    /// A sandbox network with no link yet (the VMM has not connected): its
+    /// `DriverHandle` works already, and `Driver::resume` serves it once a
+    /// link exists.
+    pub fn new(stack: Stack) -> Self {
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        Self {
+            stack,
+            commands_tx,
+            commands,
+        }
+    }
+
+    pub fn handle(&self) -> DriverHandle {
+        DriverHandle {
+            tx: self.commands_tx.clone(),
+        }
+    }
+}
+
 pub struct Driver<L: Link> {
     stack: Stack,
     link: AsyncFd<L>,

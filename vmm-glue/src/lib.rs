@@ -6,6 +6,7 @@
 //! Error messages say what failed and what to do; the OS error behind one
 //! is its `source()`, so print the whole chain (`msg: cause: …`).
 
+pub mod embed;
 mod ifreq;
 pub mod netns;
 pub mod qemu;

@@ -1,0 +1,118 @@
+//! `slipway attach`'s transports, and how a sandbox outlives its VMM: when a
+//! stream connection ends (the VMM exited, rebooted or was restored from a
+//! snapshot), the stack is parked with its address, lease, policy and
+//! handles, its flows are reset, and the next connection is served by it.
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use netstack::driver::{Driver, Link, Parked};
+use vmm_glue::qemu::{DgramLink, StreamEndpoint, StreamLink};
+use vmm_glue::Tap;
+
+/// Where a sandbox's frames come from.
+pub enum Transport {
+    Tap(Tap),
+    QemuStream(StreamEndpoint),
+    QemuDgram(DgramLink),
+}
+
+impl Transport {
+    pub fn describe(&self) -> String {
+        match self {
+            Transport::Tap(t) => format!("tap {}", t.name()),
+            Transport::QemuStream(StreamEndpoint::Listen { path, .. }) => {
+                format!("qemu stream, listening on {}", path.display())
+            }
+            Transport::QemuStream(StreamEndpoint::Connect(path)) => {
+                format!("qemu stream, connecting to {}", path.display())
+            }
+            Transport::QemuDgram(_) => "qemu dgram".to_string(),
+        }
+    }
+}
+
+/// Serve `parked` over `transport` until `shutdown`, or until a link that
+/// cannot come back (a tap, a dgram socket) fails.
+pub async fn serve<F: Future<Output = ()>>(
+    mut parked: Parked,
+    transport: Transport,
+    mut shutdown: Pin<&mut F>,
+) -> Result<(), String> {
+    match transport {
+        Transport::Tap(tap) => serve_once(parked, tap, shutdown, "the tap").await,
+        Transport::QemuDgram(link) => serve_once(parked, link, shutdown, "the dgram socket").await,
+        Transport::QemuStream(endpoint) => loop {
+            let link = tokio::select! {
+                link = next_stream(&endpoint) => link.map_err(|e| format!("cannot take the VMM's stream: {e}"))?,
+                _ = shutdown.as_mut() => return Ok(()),
+            };
+            tracing::info!("the VMM connected");
+            let driver = Driver::resume(parked, link)
+                .map_err(|e| format!("cannot serve the VMM's stream: {e}"))?;
+            let (back, ended) = driver.serve(shutdown.as_mut()).await;
+            parked = back;
+            match ended {
+                None => return Ok(()),
+                Some(e) => tracing::warn!(
+                    error = %e,
+                    "the VMM's stream ended; its flows are reset and the sandbox waits for it to come back"
+                ),
+            }
+        },
+    }
+}
+
+async fn serve_once<L: Link, F: Future<Output = ()>>(
+    parked: Parked,
+    link: L,
+    shutdown: Pin<&mut F>,
+    what: &str,
+) -> Result<(), String> {
+    let driver = Driver::resume(parked, link).map_err(|e| format!("cannot serve {what}: {e}"))?;
+    match driver.serve(shutdown).await {
+        (_, None) => Ok(()),
+        (_, Some(e)) => Err(format!("{what} failed: {e}")),
+    }
+}
+
+/// The next stream from the VMM: accepted, or connected (retrying while QEMU starts).
+async fn next_stream(endpoint: &StreamEndpoint) -> io::Result<StreamLink> {
+    match endpoint {
+        StreamEndpoint::Listen { listener, .. } => {
+            let listener = listener.try_clone()?;
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            let (sock, _) = listener.accept().await?;
+            StreamLink::new(sock.into_std()?)
+        }
+        StreamEndpoint::Connect(path) => loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(sock) => return StreamLink::new(sock),
+                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        },
+    }
+}
+
+/// Parse `--qemu-stream PATH` / `--qemu-dgram PATH` into a transport.
+pub fn qemu_stream(path: PathBuf, connect: bool) -> Result<Transport, String> {
+    if connect {
+        return Ok(Transport::QemuStream(StreamEndpoint::Connect(path)));
+    }
+    StreamEndpoint::listen(&path)
+        .map(Transport::QemuStream)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+pub fn qemu_dgram(path: PathBuf, peer: Option<PathBuf>) -> Result<Transport, String> {
+    DgramLink::bind(&path, peer)
+        .map(Transport::QemuDgram)
+        .map_err(|e| format!("cannot bind {}: {e}", path.display()))
+}
