@@ -210,6 +210,11 @@ fn classify_tcp(payload: &[u8], src: IpAddr, dst: IpAddr) -> GuestPacket<'_> {
     if !cfg!(fuzzing) && !tcp.verify_checksum(&src.into(), &dst.into()) {
         return GuestPacket::Drop("bad TCP checksum");
     }
+    // Port 0 is no endpoint (smoltcp refuses such segments too); an RST back
+    // would itself come from or go to port 0.
+    if tcp.src_port() == 0 || tcp.dst_port() == 0 {
+        return GuestPacket::Drop("TCP port 0");
+    }
     let src = SocketAddr::new(src, tcp.src_port());
     let dst = SocketAddr::new(dst, tcp.dst_port());
     if tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin() {
@@ -227,6 +232,11 @@ fn classify_udp(payload: &[u8], src: IpAddr, dst: IpAddr) -> GuestPacket<'_> {
     let Ok(repr) = UdpRepr::parse(&udp, &s, &d, &rx_checksums()) else {
         return GuestPacket::Drop("invalid UDP datagram");
     };
+    // Source port 0 means "no replies" (RFC 768): a relayed reply would go to
+    // port 0, which no UDP stack accepts.
+    if repr.src_port == 0 {
+        return GuestPacket::Drop("UDP from port 0");
+    }
     GuestPacket::Udp {
         src: SocketAddr::new(src, repr.src_port),
         dst: SocketAddr::new(dst, repr.dst_port),
