@@ -33,3 +33,6 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         None => false,
     }
 }
+// Needs vmm-glue, which the netstack replay test (tests/fuzz_regressions.rs) cannot link.
+#[cfg(fuzzing)]
+pub mod qemu_stream;
