@@ -331,3 +331,50 @@ fn connect_timeout_is_configurable() {
     assert_eq!(name, "EHOSTUNREACH", "{}", run.stderr());
     assert!((900..2500).contains(ms), "gave up after {ms} ms, not ~1000");
 }
+
+#[test]
+fn run_works_for_an_ordinary_user() {
+    require_world!();
+    let Some((uid, gid)) = common::ordinary_user() else {
+        if std::env::var("SLIPWAY_E2E").as_deref() == Ok("required") {
+            panic!("cannot create an ordinary user with useradd");
+        }
+        eprintln!("skipped: cannot create an ordinary user with useradd");
+        return;
+    };
+    // As most distributions ship it (this machine's is 0600).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(0o666)).unwrap();
+    let w = World::new();
+    let script = [
+        "id -u".to_string(),
+        "curl -sS --max-time 10 http://192.0.2.1/hello".into(),
+        probe("udp", "198.51.100.1", 7),
+        probe("tcp", "10.1.2.3", 80),
+    ]
+    .join("\n");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &w.name, "setpriv"])
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .args([
+            "--clear-groups",
+            common::slipway(),
+            "run",
+            "--dns-upstream",
+            "192.0.2.53",
+        ])
+        .args(["--", "sh", "-c", &script])
+        .env("SLIPWAY_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let mut lines = stdout.lines();
+    // Root inside its own user namespace, an ordinary user outside.
+    assert_eq!(lines.next(), Some("0"), "{stdout}");
+    assert!(stdout.contains("hello from world"), "{stdout}");
+    let names: Vec<String> = results(&stdout).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["reply", "ECONNREFUSED"], "{stdout}\n{stderr}");
+}

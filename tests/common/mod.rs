@@ -257,3 +257,29 @@ pub fn sha256_file(path: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+/// An ordinary (non-root) user for rootless tests, created with useradd when
+/// missing: its uid and gid.
+pub fn ordinary_user() -> Option<(u32, u32)> {
+    const USER: &str = "slipway-rootless";
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, USER]).output().ok()?;
+        String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        let made = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                USER,
+            ])
+            .status()
+            .ok()?;
+        if !made.success() {
+            return None;
+        }
+    }
+    Some((id("-u")?, id("-g")?))
+}
