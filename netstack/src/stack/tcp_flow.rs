@@ -33,6 +33,10 @@ pub(super) struct TcpFlow {
     pub(super) to_guest: u64,
 }
 
+/// A pure ACK waits this long for data to ride on (a request's reply
+/// usually comes sooner); a second full segment is acked at once anyway.
+const ACK_DELAY: Option<smoltcp::time::Duration> = Some(smoltcp::time::Duration::from_millis(1));
+
 /// Local ports the gateway uses for connections into the guest.
 pub(super) const EPHEMERAL: std::ops::Range<u16> = 32768..61000;
 /// How long the guest may take to accept a connection from the gateway.
@@ -93,7 +97,7 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
         );
         socket.set_nagle_enabled(false);
-        socket.set_ack_delay(None);
+        socket.set_ack_delay(ACK_DELAY);
         socket.pause_synack(true);
         let listen = IpListenEndpoint {
             addr: Some(dst.ip().into()),
@@ -181,7 +185,7 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
         );
         socket.set_nagle_enabled(false);
-        socket.set_ack_delay(None);
+        socket.set_ack_delay(ACK_DELAY);
         socket.set_timeout(Some(GUEST_CONNECT_TIMEOUT.into()));
         let remote = (IpAddress::from(guest.ip()), guest.port());
         let from = (IpAddress::from(local.ip()), local.port());
