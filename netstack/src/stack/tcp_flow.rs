@@ -51,7 +51,52 @@ pub(super) fn closed_socket() -> tcp::Socket<'static> {
     )
 }
 
+impl TcpFlow {
+    fn new(
+        key: (SocketAddr, SocketAddr),
+        handle: SocketHandle,
+        phase: TcpPhase,
+        rule: Rule,
+        now: Instant,
+    ) -> Self {
+        Self {
+            key,
+            handle,
+            phase,
+            rule,
+            inbound: false,
+            syn: Vec::new(),
+            guest_fin_seen: false,
+            guest_fin_reported: false,
+            aborted: false,
+            host_eof: false,
+            started: now,
+            to_host: 0,
+            to_guest: 0,
+        }
+    }
+}
+
 impl Stack {
+    /// A smoltcp socket for one relayed flow: the configured buffers, no
+    /// Nagle (the ends do their own), a short ACK delay.
+    fn flow_socket(&self) -> tcp::Socket<'static> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(ACK_DELAY);
+        socket
+    }
+
+    /// Account a new flow: it holds its buffers until `settle_tcp` frees it.
+    fn insert_flow(&mut self, flow: FlowId, entry: TcpFlow) {
+        self.tcp_by_key.insert(entry.key, flow);
+        self.tcp.insert(flow, entry);
+        self.buffer_bytes += 2 * self.cfg.tcp_buffer;
+    }
+
     pub(super) fn on_syn(
         &mut self,
         now: Instant,
@@ -92,12 +137,7 @@ impl Stack {
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
-        );
-        socket.set_nagle_enabled(false);
-        socket.set_ack_delay(ACK_DELAY);
+        let mut socket = self.flow_socket();
         socket.pause_synack(true);
         let listen = IpListenEndpoint {
             addr: Some(dst.ip().into()),
@@ -119,27 +159,10 @@ impl Stack {
         let flow = self.alloc_flow();
         self.stats.tcp_allowed += 1;
         log_decision("tcp", src, dst, verdict, None);
-        self.tcp.insert(
-            flow,
-            TcpFlow {
-                key: (src, dst),
-                handle,
-                phase: TcpPhase::Connecting,
-                rule: verdict.rule,
-                inbound: false,
-                syn: ip.to_vec(),
-                guest_fin_seen: false,
-                guest_fin_reported: false,
-                aborted: false,
-                host_eof: false,
-                started: now,
-                to_host: 0,
-                to_guest: 0,
-            },
-        );
-        self.tcp_by_key.insert((src, dst), flow);
+        let mut entry = TcpFlow::new((src, dst), handle, TcpPhase::Connecting, verdict.rule, now);
+        entry.syn = ip.to_vec();
+        self.insert_flow(flow, entry);
         self.half_open += 1;
-        self.buffer_bytes += need;
         self.requests.push_back(HostRequest::TcpConnect {
             flow,
             dst: host_dst,
@@ -180,12 +203,7 @@ impl Stack {
             .find(|l| !self.tcp_by_key.contains_key(&(guest, *l)))
             .ok_or(InboundError::NoPort)?;
         self.next_ephemeral = EPHEMERAL.start + (local.port() - EPHEMERAL.start + 1) % span;
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
-        );
-        socket.set_nagle_enabled(false);
-        socket.set_ack_delay(ACK_DELAY);
+        let mut socket = self.flow_socket();
         socket.set_timeout(Some(GUEST_CONNECT_TIMEOUT.into()));
         let remote = (IpAddress::from(guest.ip()), guest.port());
         let from = (IpAddress::from(local.ip()), local.port());
@@ -194,27 +212,16 @@ impl Stack {
         }
         let handle = self.sockets.add(socket);
         let flow = self.alloc_flow();
-        self.tcp.insert(
-            flow,
-            TcpFlow {
-                key: (guest, local),
-                handle,
-                phase: TcpPhase::GuestConnecting,
-                rule: Rule::Default,
-                inbound: true,
-                syn: Vec::new(),
-                guest_fin_seen: false,
-                guest_fin_reported: false,
-                aborted: false,
-                host_eof: false,
-                started: now,
-                to_host: 0,
-                to_guest: 0,
-            },
+        let mut entry = TcpFlow::new(
+            (guest, local),
+            handle,
+            TcpPhase::GuestConnecting,
+            Rule::Default,
+            now,
         );
-        self.tcp_by_key.insert((guest, local), flow);
+        entry.inbound = true;
+        self.insert_flow(flow, entry);
         self.inbound += 1;
-        self.buffer_bytes += need;
         tracing::info!(target: "slipway::flow", flow = %flow, proto = "tcp", %local, %guest, "inbound connection");
         Ok(flow)
     }
