@@ -1,0 +1,81 @@
+//! Idle HTTP/1.1 connections into one sandbox, kept for the next request to
+//! the same port: a new connection costs a TCP handshake inside the stack and
+//! an accept in the guest, which for small requests is most of the work.
+//!
+//! Bounded: a few idle connections per port, each forgotten after a short
+//! idle time. An idle connection holds no slot under the sandbox's cap (it
+//! serves no one); the stack's own inbound cap leaves room for them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hyper::client::conn::http1::SendRequest;
+use tokio::time::Instant;
+
+use crate::target::GuestPort;
+use crate::Body;
+
+/// Idle connections kept per guest port.
+pub const MAX_IDLE_PER_PORT: usize = 16;
+/// Idle connections kept per sandbox, all ports together.
+pub const MAX_IDLE: usize = 64;
+/// How long an idle connection is kept: shorter than the common servers'
+/// keep-alive timeouts (Node.js: 5 s), so the guest rarely closes one just as
+/// a request goes out on it.
+pub const IDLE_FOR: Duration = Duration::from_secs(4);
+/// How long a pooled connection may take to be ready for the next request.
+const READY_WAIT: Duration = Duration::from_millis(20);
+
+/// A kept connection and since when it is idle.
+type Kept = (SendRequest<Body>, Instant);
+
+#[derive(Default)]
+pub(crate) struct GuestPool {
+    idle: Mutex<HashMap<GuestPort, Vec<Kept>>>,
+}
+
+impl GuestPool {
+    /// A ready connection to `port`, if one is idle.
+    pub async fn take(&self, port: GuestPort) -> Option<SendRequest<Body>> {
+        loop {
+            let (mut sender, since) = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                idle.get_mut(&port)?.pop()?
+            };
+            if since.elapsed() > IDLE_FOR || sender.is_closed() {
+                continue;
+            }
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Keep a connection whose last response was read to the end.
+    pub fn give_back(&self, port: GuestPort, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for list in idle.values_mut() {
+            list.retain(|(s, since)| !s.is_closed() && now - *since <= IDLE_FOR);
+        }
+        idle.retain(|_, list| !list.is_empty());
+        let total: usize = idle.values().map(Vec::len).sum();
+        let list = idle.entry(port).or_default();
+        if total < MAX_IDLE && list.len() < MAX_IDLE_PER_PORT {
+            list.push((sender, now));
+        }
+    }
+
+    /// Idle connections held now.
+    pub fn len(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.values().map(Vec::len).sum()
+    }
+}

@@ -1,0 +1,250 @@
+//! The gateway's own answers when a request cannot reach the guest: a status
+//! code, a machine-readable reason, and a message that tells the cases apart.
+//! JSON for API clients, a small HTML page for browsers (`Accept: text/html`).
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::target::{BadTarget, GuestPort, SandboxId};
+use crate::Body;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    BadTarget(BadTarget),
+    UnknownSandbox(SandboxId),
+    TokenMissing(SandboxId),
+    TokenInvalid(SandboxId),
+    OverCap(SandboxId),
+    PortNotOpen(SandboxId, GuestPort),
+    GuestTimedOut(SandboxId, GuestPort),
+    /// The guest's server closed or sent something that is not HTTP.
+    GuestBroke(SandboxId, GuestPort),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::BadTarget(_) => StatusCode::BAD_REQUEST,
+            Refusal::TokenMissing(_) | Refusal::TokenInvalid(_) => StatusCode::FORBIDDEN,
+            Refusal::OverCap(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::GuestTimedOut(..) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::UnknownSandbox(_) | Refusal::PortNotOpen(..) | Refusal::GuestBroke(..) => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// A stable name for programs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::BadTarget(_) => "invalid_host",
+            Refusal::UnknownSandbox(_) => "sandbox_not_found",
+            Refusal::TokenMissing(_) => "missing_traffic_access_token",
+            Refusal::TokenInvalid(_) => "invalid_traffic_access_token",
+            Refusal::OverCap(_) => "too_many_connections",
+            Refusal::PortNotOpen(..) => "port_not_open",
+            Refusal::GuestTimedOut(..) => "sandbox_timed_out",
+            Refusal::GuestBroke(..) => "bad_upstream_response",
+        }
+    }
+
+    /// A sentence for people.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::BadTarget(e) => e.to_string(),
+            Refusal::UnknownSandbox(id) => format!("The sandbox {id} was not found."),
+            Refusal::TokenMissing(id) => format!(
+                "The sandbox {id} does not allow public traffic: \
+                 the e2b-traffic-access-token header is missing."
+            ),
+            Refusal::TokenInvalid(id) => format!(
+                "The sandbox {id} does not allow public traffic: \
+                 the e2b-traffic-access-token header is invalid."
+            ),
+            Refusal::OverCap(id) => {
+                format!("The sandbox {id} has too many incoming connections; try again later.")
+            }
+            Refusal::PortNotOpen(id, port) => {
+                format!("The sandbox {id} is running but nothing listens on port {port}.")
+            }
+            Refusal::GuestTimedOut(id, port) => {
+                format!("The sandbox {id} did not answer on port {port} in time.")
+            }
+            Refusal::GuestBroke(id, port) => format!(
+                "The server on port {port} in sandbox {id} closed the connection \
+                 or did not answer with HTTP."
+            ),
+        }
+    }
+
+    fn ids(&self) -> (Option<&SandboxId>, Option<GuestPort>) {
+        match self {
+            Refusal::BadTarget(_) => (None, None),
+            Refusal::UnknownSandbox(id)
+            | Refusal::TokenMissing(id)
+            | Refusal::TokenInvalid(id)
+            | Refusal::OverCap(id) => (Some(id), None),
+            Refusal::PortNotOpen(id, p)
+            | Refusal::GuestTimedOut(id, p)
+            | Refusal::GuestBroke(id, p) => (Some(id), Some(*p)),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = format!(
+            "{{\"code\":{},\"error\":\"{}\",\"message\":{}",
+            self.status().as_u16(),
+            self.reason(),
+            json_string(&self.message())
+        );
+        let (id, port) = self.ids();
+        if let Some(id) = id {
+            s.push_str(&format!(",\"sandboxId\":\"{id}\""));
+        }
+        if let Some(port) = port {
+            s.push_str(&format!(",\"port\":{port}"));
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    pub fn to_html(&self) -> String {
+        let status = self.status();
+        let title = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error")
+        );
+        format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\
+             <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;color:#222}}\
+             code{{color:#666}}</style></head>\n<body><h1>{title}</h1>\n<p>{}</p>\n\
+             <p><code>{}</code></p></body></html>\n",
+            html_text(&self.message()),
+            self.reason()
+        )
+    }
+
+    /// The response, in the form the client asked for.
+    pub fn into_response(self, wants_html: bool) -> Response<Body> {
+        let (body, kind) = if wants_html {
+            (self.to_html(), "text/html; charset=utf-8")
+        } else {
+            (self.to_json(), "application/json")
+        };
+        let mut resp = Response::new(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+}
+
+/// Browsers say `Accept: text/html`; API clients and tools do not.
+pub fn wants_html(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/html"))
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn html_text(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> SandboxId {
+        SandboxId::parse("abc").unwrap()
+    }
+
+    #[test]
+    fn the_status_table() {
+        let port = GuestPort::new(80).unwrap();
+        let rows = [
+            (Refusal::BadTarget(BadTarget::NoHost), 400),
+            (Refusal::TokenMissing(id()), 403),
+            (Refusal::TokenInvalid(id()), 403),
+            (Refusal::OverCap(id()), 429),
+            (Refusal::UnknownSandbox(id()), 502),
+            (Refusal::PortNotOpen(id(), port), 502),
+            (Refusal::GuestTimedOut(id(), port), 504),
+        ];
+        for (r, code) in rows {
+            assert_eq!(r.status().as_u16(), code, "{r:?}");
+        }
+        // The two 502s and the two 403s tell themselves apart.
+        assert_ne!(
+            Refusal::UnknownSandbox(id()).message(),
+            Refusal::PortNotOpen(id(), port).message()
+        );
+        assert!(Refusal::TokenMissing(id()).message().contains("missing"));
+        assert!(Refusal::TokenInvalid(id()).message().contains("invalid"));
+    }
+
+    #[test]
+    fn json_carries_reason_sandbox_and_port() {
+        let j = Refusal::PortNotOpen(id(), GuestPort::new(3000).unwrap()).to_json();
+        assert!(
+            j.starts_with("{\"code\":502,\"error\":\"port_not_open\""),
+            "{j}"
+        );
+        assert!(
+            j.contains("\"sandboxId\":\"abc\"") && j.contains("\"port\":3000"),
+            "{j}"
+        );
+    }
+
+    #[test]
+    fn hostile_input_is_escaped_in_json_and_html() {
+        let r = Refusal::BadTarget(BadTarget::MalformedHost("<script>\"x\\".into()));
+        let j = r.to_json();
+        assert!(j.contains(r#"\"<script>\\\"x\\\\\""#), "{j}");
+        let h = r.to_html();
+        assert!(
+            !h.contains("<script>") && h.contains("&lt;script&gt;"),
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn browsers_get_html() {
+        let mut h = http::HeaderMap::new();
+        assert!(!wants_html(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        assert!(!wants_html(&h));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/html,application/xhtml+xml;q=0.9"),
+        );
+        assert!(wants_html(&h));
+    }
+}

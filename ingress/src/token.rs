@@ -1,0 +1,142 @@
+//! Traffic access tokens for sandboxes with `allow_public_traffic = false`.
+//!
+//! Only the SHA-256 digest of a token is kept; a presented token is hashed
+//! and the two fixed-length digests are compared in constant time, so neither
+//! the token's length nor the position of the first differing byte leaks.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The header a client presents the token in. It never reaches the guest.
+pub const TOKEN_HEADER: &str = "e2b-traffic-access-token";
+
+/// Random bytes in a token: 160 bits.
+const TOKEN_BYTES: usize = 20;
+
+/// A freshly made token, shown once to whoever creates or rotates it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(String);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw a random access token: {0}")]
+pub struct NoRandomness(getrandom::Error);
+
+impl AccessToken {
+    pub fn generate() -> Result<Self, NoRandomness> {
+        let mut raw = [0u8; TOKEN_BYTES];
+        getrandom::fill(&mut raw).map_err(NoRandomness)?;
+        Ok(Self(raw.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn digest(&self) -> TokenDigest {
+        TokenDigest::of(self.0.as_bytes())
+    }
+}
+
+/// Tokens stay out of logs and panics.
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessToken(…)")
+    }
+}
+
+/// SHA-256 of a token.
+#[derive(Clone, Copy)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    pub fn of(token: &[u8]) -> Self {
+        Self(Sha256::digest(token).into())
+    }
+
+    /// Whether `presented` is the token this digest was made from.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let other = Self::of(presented);
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenDigest(…)")
+    }
+}
+
+/// What a request's token header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCheck {
+    Granted,
+    Missing,
+    Invalid,
+}
+
+/// Check the request's token headers against the sandbox's digest. More than
+/// one token header is invalid, whatever they hold.
+pub fn check(expected: &TokenDigest, headers: &http::HeaderMap) -> TokenCheck {
+    let mut all = headers.get_all(TOKEN_HEADER).iter();
+    let Some(first) = all.next() else {
+        return TokenCheck::Missing;
+    };
+    let matches = expected.matches(first.as_bytes());
+    if all.next().is_some() || !matches {
+        TokenCheck::Invalid
+    } else {
+        TokenCheck::Granted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue};
+
+    fn with(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(TOKEN_HEADER, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn tokens_are_random_and_at_least_128_bits() {
+        let a = AccessToken::generate().unwrap();
+        let b = AccessToken::generate().unwrap();
+        assert_ne!(a, b);
+        assert!(a.as_str().len() * 4 >= 128);
+        assert!(a.as_str().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert!(!format!("{a:?}").contains(a.as_str()));
+    }
+
+    #[test]
+    fn missing_wrong_and_right_tokens() {
+        let t = AccessToken::generate().unwrap();
+        let d = t.digest();
+        assert_eq!(check(&d, &HeaderMap::new()), TokenCheck::Missing);
+        assert_eq!(check(&d, &with(&["nope"])), TokenCheck::Invalid);
+        assert_eq!(check(&d, &with(&[""])), TokenCheck::Invalid);
+        let almost = format!("{}x", t.as_str());
+        assert_eq!(check(&d, &with(&[&almost])), TokenCheck::Invalid);
+        assert_eq!(check(&d, &with(&[t.as_str()])), TokenCheck::Granted);
+    }
+
+    #[test]
+    fn a_second_token_header_makes_it_invalid() {
+        let t = AccessToken::generate().unwrap();
+        let d = t.digest();
+        assert_eq!(
+            check(&d, &with(&[t.as_str(), "other"])),
+            TokenCheck::Invalid
+        );
+        assert_eq!(
+            check(&d, &with(&["other", t.as_str()])),
+            TokenCheck::Invalid
+        );
+    }
+}
