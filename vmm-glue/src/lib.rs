@@ -11,5 +11,6 @@ mod ifreq;
 pub mod netns;
 pub mod qemu;
 pub mod tap;
+pub mod vhost_user;
 
 pub use tap::Tap;
