@@ -3,9 +3,10 @@
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use netstack::{EgressPolicy, PolicySpec, StackConfig};
 
 #[derive(Parser, Debug)]
@@ -29,6 +30,8 @@ pub enum Command {
     Run {
         #[command(flatten)]
         net: NetOpts,
+        #[command(flatten)]
+        ingress: IngressOpts,
         /// The command and its arguments (after `--`).
         #[arg(
             required = true,
@@ -38,13 +41,33 @@ pub enum Command {
         )]
         command: Vec<OsString>,
     },
-    /// Serve an existing tap device (the kind a VMM such as Firecracker uses).
+    /// Serve one VMM's link: a tap device (the kind Firecracker uses), QEMU's
+    /// `-netdev stream` or `-netdev dgram` socket, or a vhost-user-net socket.
+    ///
+    /// The sandbox outlives its VMM: when a stream or vhost-user connection
+    /// ends, its flows are reset and the next connection gets the same
+    /// address, lease and policy.
     Attach {
         #[command(flatten)]
         link: AttachLink,
+        /// With --qemu-stream: connect to QEMU's listening socket (`server=on`)
+        /// instead of listening for QEMU (`server=off`).
+        #[arg(long, requires = "qemu_stream")]
+        connect: bool,
+        /// With --qemu-dgram: QEMU's own socket path (its `local.path`); learned
+        /// from the first datagram when not given.
+        #[arg(long, value_name = "PATH", requires = "qemu_dgram")]
+        peer: Option<std::path::PathBuf>,
         #[command(flatten)]
         net: NetOpts,
+        #[command(flatten)]
+        ingress: IngressOpts,
     },
+    /// Serve many sandboxes in one process: a control API on a unix socket,
+    /// the public URL gateway, Prometheus metrics.
+    Serve(crate::serve::ServeArgs),
+    /// Drive a running `slipway serve` through its control API.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +79,16 @@ pub struct AttachLink {
     /// Use the tap device open on inherited file descriptor N.
     #[arg(long = "tap-fd", value_name = "N")]
     pub tap_fd: Option<i32>,
+    /// Serve QEMU's `-netdev stream` on the unix socket PATH (4-byte length per frame).
+    #[arg(long = "qemu-stream", value_name = "PATH")]
+    pub qemu_stream: Option<std::path::PathBuf>,
+    /// Serve QEMU's `-netdev dgram` on the unix datagram socket PATH (its `remote.path`).
+    #[arg(long = "qemu-dgram", value_name = "PATH")]
+    pub qemu_dgram: Option<std::path::PathBuf>,
+    /// Be a vhost-user-net backend on the unix socket PATH (QEMU `-netdev
+    /// vhost-user`, cloud-hypervisor `--net vhost_user=true`).
+    #[arg(long = "vhost-user", value_name = "PATH")]
+    pub vhost_user: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -110,6 +143,134 @@ pub struct NetOpts {
     /// [default: `warn` for run, `info` for attach; env SLIPWAY_LOG]
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Public URL gateway")]
+pub struct IngressOpts {
+    /// Serve the public URL gateway on ADDR (e.g. 127.0.0.1:8443):
+    /// http(s)://<port>-<sandboxId>.<domain> reaches the guest's port.
+    #[arg(long, value_name = "ADDR")]
+    pub ingress: Option<SocketAddr>,
+    /// This sandbox's id in public URLs (a-z, 0-9, inner '-') [default: random, printed].
+    #[arg(long = "sandbox-id", value_name = "ID")]
+    pub sandbox_id: Option<String>,
+    /// The domain public URLs live under.
+    #[arg(long, value_name = "DOMAIN", default_value = "localhost")]
+    pub domain: String,
+    /// allowPublicTraffic: with false, requests need the header e2b-traffic-access-token
+    /// (the token is printed; SIGUSR1 rotates it).
+    #[arg(long = "public-traffic", value_name = "BOOL", default_value_t = true,
+          action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub public_traffic: bool,
+    /// maskRequestHost: the Host the guest sees, ${PORT} standing for the port (e.g. localhost:${PORT}).
+    #[arg(long = "mask-request-host", value_name = "HOST")]
+    pub mask_request_host: Option<String>,
+    /// TLS certificate chain (PEM) for the gateway, e.g. a wildcard for *.DOMAIN [default: plain HTTP].
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) that goes with --tls-cert.
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Raw TCP forward from HOSTPORT on the gateway's address (127.0.0.1 without --ingress) to
+    /// GUESTPORT; `:proxy-v2` first sends a PROXY protocol v2 header. Repeatable.
+    #[arg(long = "forward", value_name = "tcp:HOSTPORT:GUESTPORT[:proxy-v2]")]
+    pub forward: Vec<String>,
+    /// Cap: requests in flight, upgrades and forwards into the guest at once (more get 429).
+    #[arg(long = "max-inbound", value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_inbound: u32,
+    /// Cap: public client connections at once (the gateway and all forwards).
+    #[arg(long = "ingress-max-connections", value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(
+        long = "ingress-header-timeout",
+        value_name = "SECS",
+        default_value_t = 10.0
+    )]
+    pub header_timeout: f64,
+    /// Seconds without a byte either way after which a public connection is closed.
+    #[arg(
+        long = "ingress-idle-timeout",
+        value_name = "SECS",
+        default_value_t = 300.0
+    )]
+    pub idle_timeout: f64,
+}
+
+/// The gateway, validated: what the binary needs to start it.
+pub struct IngressPlan {
+    pub addr: Option<SocketAddr>,
+    pub sandbox: ingress::SandboxId,
+    pub gateway: ingress::GatewayConfig,
+    pub route: ingress::RouteSpec,
+    pub forwards: Vec<ingress::ForwardSpec>,
+}
+
+impl IngressOpts {
+    /// `None` when neither --ingress nor --forward is given.
+    pub fn plan(&self) -> Result<Option<IngressPlan>, UsageError> {
+        if self.ingress.is_none() && self.forward.is_empty() {
+            return Ok(None);
+        }
+        let sandbox = match &self.sandbox_id {
+            Some(s) => ingress::SandboxId::parse(s).map_err(|e| UsageError(e.to_string()))?,
+            None => random_sandbox_id(),
+        };
+        let domain = ingress::Domain::parse(&self.domain).map_err(|e| UsageError(e.to_string()))?;
+        let mask_request_host = match &self.mask_request_host {
+            Some(m) => Some(ingress::HostMask::parse(m).map_err(|e| UsageError(e.to_string()))?),
+            None => None,
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                ingress::tls::server_config(cert, key).map_err(|e| UsageError(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        let forwards = self
+            .forward
+            .iter()
+            .map(|f| ingress::ForwardSpec::parse(f).map_err(|e| UsageError(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let limits = ingress::Limits {
+            max_connections: self.max_connections as usize,
+            header_read_timeout: seconds("--ingress-header-timeout", self.header_timeout)?,
+            idle_timeout: seconds("--ingress-idle-timeout", self.idle_timeout)?,
+            ..ingress::Limits::default()
+        };
+        Ok(Some(IngressPlan {
+            addr: self.ingress,
+            sandbox,
+            gateway: ingress::GatewayConfig {
+                domain,
+                tls,
+                limits,
+            },
+            route: ingress::RouteSpec {
+                allow_public_traffic: self.public_traffic,
+                mask_request_host,
+                max_connections: self.max_inbound as usize,
+            },
+            forwards,
+        }))
+    }
+}
+
+/// Twelve characters of a-z0-9: short enough to type, ~62 bits.
+fn random_sandbox_id() -> ingress::SandboxId {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut seed = random_seed();
+    let id: String = (0..12)
+        .map(|_| {
+            let c = ALPHABET[(seed % ALPHABET.len() as u64) as usize] as char;
+            seed /= ALPHABET.len() as u64;
+            c
+        })
+        .collect();
+    ingress::SandboxId::parse(&id).expect("the alphabet is valid")
 }
 
 /// A user error: printed as one line, exit code 2.

@@ -1,62 +1,62 @@
 //! The `slipway` binary: `run` puts a command behind a userspace stack in a
-//! fresh namespace; `attach` serves an existing tap for a VMM.
+//! fresh namespace; `attach` serves one VMM's link (tap, QEMU stream or
+//! dgram, vhost-user); `serve` runs many sandboxes behind a control API.
 
 mod cli;
+mod ctl;
+mod gateway;
+mod serve;
+mod transport;
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 
 use clap::Parser;
-use netstack::driver::{Driver, Link};
+use netstack::driver::{Driver, Parked};
 use netstack::stack::smol_instant;
 use netstack::{EgressPolicy, Stack, StackConfig};
 use vmm_glue::netns::{self, GuestNetConfig};
 use vmm_glue::Tap;
 
-use cli::{Cli, Command, NetOpts, UsageError};
+use cli::{Cli, Command, IngressOpts, NetOpts, UsageError};
 
-/// The tap as the driver's link.
-struct TapLink(Tap);
-
-// SAFETY: the Tap owns its descriptor for as long as it lives.
-unsafe impl Link for TapLink {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0
-            .recv(buf)?
-            .ok_or_else(|| io::ErrorKind::WouldBlock.into())
-    }
-
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        if self.0.send(frame)? {
-            Ok(())
-        } else {
-            Err(io::ErrorKind::WouldBlock.into())
+/// An error and its causes, one line: `what failed: why: the OS error`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
         }
+        cause = c.source();
     }
-}
-
-impl AsRawFd for TapLink {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
+    line
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_fd_limit();
     match cli.command {
-        Command::Run { net, command } => exit_with(run(&net, &command)),
-        Command::Attach { link, net } => {
-            let tap = match (link.tap, link.tap_fd) {
-                (Some(name), _) => Tap::open(&name).map_err(|e| Failure::Other(e.to_string())),
-                (None, Some(fd)) => adopt_fd(fd),
-                (None, None) => Err(Failure::Usage(UsageError(
-                    "give --tap NAME or --tap-fd N".into(),
-                ))),
-            };
-            exit_with(tap.and_then(|tap| attach(&net, tap)))
+        Command::Run {
+            net,
+            ingress,
+            command,
+        } => exit_with(run(&net, &ingress, &command)),
+        Command::Attach {
+            link,
+            connect,
+            peer,
+            net,
+            ingress,
+        } => {
+            let transport = open_transport(link, connect, peer);
+            exit_with(transport.and_then(|t| attach(&net, &ingress, t)))
         }
+        Command::Serve(args) => serve::main(args),
+        Command::Ctl(args) => ctl::main(args),
     }
 }
 
@@ -117,8 +117,23 @@ fn init_logging(net: &NetOpts, default: &str) {
         .init();
 }
 
-fn build(net: &NetOpts) -> Result<(StackConfig, EgressPolicy), Failure> {
-    Ok((net.stack_config()?, net.policy()?))
+fn build(net: &NetOpts, ingress: &IngressOpts) -> Result<(StackConfig, EgressPolicy), Failure> {
+    let mut cfg = net.stack_config()?;
+    // The gateway keeps a few idle connections into the guest besides the
+    // ones that serve requests (which its own cap counts).
+    cfg.caps.max_inbound = ingress.max_inbound as usize + ingress::pool::MAX_IDLE;
+    Ok((cfg, net.policy()?))
+}
+
+/// The gateway's plan and its bound listeners, before the sandbox starts.
+fn prepare_ingress(
+    ingress: &IngressOpts,
+) -> Result<Option<(cli::IngressPlan, gateway::Listeners)>, Failure> {
+    let Some(plan) = ingress.plan()? else {
+        return Ok(None);
+    };
+    let listeners = gateway::bind(&plan).map_err(Failure::Other)?;
+    Ok(Some((plan, listeners)))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -128,8 +143,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::Other(format!("cannot start the runtime: {e}")))
 }
 
-fn run(net: &NetOpts, command: &[std::ffi::OsString]) -> Result<u8, Failure> {
-    let (cfg, policy) = build(net)?;
+fn run(
+    net: &NetOpts,
+    ingress: &IngressOpts,
+    command: &[std::ffi::OsString],
+) -> Result<u8, Failure> {
+    let (cfg, policy) = build(net, ingress)?;
+    let ingress = prepare_ingress(ingress)?;
     init_logging(net, "warn");
     let plan = &cfg.plan;
     let guest = GuestNetConfig {
@@ -145,12 +165,15 @@ fn run(net: &NetOpts, command: &[std::ffi::OsString]) -> Result<u8, Failure> {
     };
     // Fork before any thread exists: the runtime comes after.
     let netns::Sandboxed { pid, tap, gate } =
-        netns::spawn(&guest, command).map_err(|e| Failure::Other(e.to_string()))?;
+        netns::spawn(&guest, command).map_err(|e| Failure::Other(chain(&e)))?;
     let rt = runtime()?;
     let code = rt.block_on(async move {
         let stack = Stack::new(cfg, policy, smol_instant(std::time::Duration::ZERO));
-        let driver = Driver::new(stack, TapLink(tap))
+        let driver = Driver::new(stack, tap)
             .map_err(|e| Failure::Other(format!("cannot serve the tap: {e}")))?;
+        if let Some((plan, listeners)) = ingress {
+            gateway::start(plan, listeners, driver.handle()).map_err(Failure::Other)?;
+        }
         let child = tokio::task::spawn_blocking(move || netns::wait(pid));
         forward_signals(pid);
         if let Err(e) = gate.release() {
@@ -207,18 +230,53 @@ fn adopt_fd(fd: i32) -> Result<Tap, Failure> {
     }
     // SAFETY: the descriptor is open and was handed to us to own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Tap::from_fd(owned).map_err(|e| Failure::Other(e.to_string()))
+    Tap::from_fd(owned).map_err(|e| Failure::Other(chain(&e)))
 }
 
-fn attach(net: &NetOpts, tap: Tap) -> Result<u8, Failure> {
-    let (cfg, policy) = build(net)?;
+/// The link `attach` serves, from its flags.
+fn open_transport(
+    link: cli::AttachLink,
+    connect: bool,
+    peer: Option<std::path::PathBuf>,
+) -> Result<transport::Transport, Failure> {
+    use transport::Transport;
+    if let Some(name) = link.tap {
+        return Tap::open(&name)
+            .map(Transport::Tap)
+            .map_err(|e| Failure::Other(chain(&e)));
+    }
+    if let Some(fd) = link.tap_fd {
+        return adopt_fd(fd).map(Transport::Tap);
+    }
+    if let Some(path) = link.qemu_stream {
+        return transport::qemu_stream(path, connect).map_err(Failure::Other);
+    }
+    if let Some(path) = link.qemu_dgram {
+        return transport::qemu_dgram(path, peer).map_err(Failure::Other);
+    }
+    if let Some(path) = link.vhost_user {
+        return transport::vhost_user(path).map_err(Failure::Other);
+    }
+    Err(Failure::Usage(UsageError(
+        "give one of --tap, --tap-fd, --qemu-stream, --qemu-dgram, --vhost-user".into(),
+    )))
+}
+
+fn attach(net: &NetOpts, ingress: &IngressOpts, link: transport::Transport) -> Result<u8, Failure> {
+    let (cfg, policy) = build(net, ingress)?;
+    let ingress = prepare_ingress(ingress)?;
     init_logging(net, "info");
-    tracing::info!(tap = tap.name(), "serving");
+    tracing::info!(link = %link.describe(), "serving");
     let rt = runtime()?;
     rt.block_on(async move {
-        let stack = Stack::new(cfg, policy, smol_instant(std::time::Duration::ZERO));
-        let driver = Driver::new(stack, TapLink(tap))
-            .map_err(|e| Failure::Other(format!("cannot serve the tap: {e}")))?;
+        let parked = Parked::new(Stack::new(
+            cfg,
+            policy,
+            smol_instant(std::time::Duration::ZERO),
+        ));
+        if let Some((plan, listeners)) = ingress {
+            gateway::start(plan, listeners, parked.handle()).map_err(Failure::Other)?;
+        }
         let stop = async {
             use tokio::signal::unix::{signal, SignalKind};
             let (Ok(mut term), Ok(mut int)) = (
@@ -232,10 +290,9 @@ fn attach(net: &NetOpts, tap: Tap) -> Result<u8, Failure> {
                 _ = int.recv() => {}
             }
         };
-        driver
-            .run(stop)
+        transport::serve(parked, link, std::pin::pin!(stop))
             .await
-            .map_err(|e| Failure::Other(format!("the tap failed: {e}")))?;
+            .map_err(Failure::Other)?;
         Ok(0)
     })
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use netstack::driver::{Driver, Link, Parked};
 use vmm_glue::qemu::{DgramLink, StreamEndpoint, StreamLink};
+use vmm_glue::vhost_user::VhostUserNet;
 use vmm_glue::Tap;
 
 /// Where a sandbox's frames come from.
@@ -18,6 +19,7 @@ pub enum Transport {
     Tap(Tap),
     QemuStream(StreamEndpoint),
     QemuDgram(DgramLink),
+    VhostUser(VhostUserNet),
 }
 
 impl Transport {
@@ -31,6 +33,9 @@ impl Transport {
                 format!("qemu stream, connecting to {}", path.display())
             }
             Transport::QemuDgram(_) => "qemu dgram".to_string(),
+            Transport::VhostUser(net) => {
+                format!("vhost-user, listening on {}", net.path().display())
+            }
         }
     }
 }
@@ -45,6 +50,23 @@ pub async fn serve<F: Future<Output = ()>>(
     match transport {
         Transport::Tap(tap) => serve_once(parked, tap, shutdown, "the tap").await,
         Transport::QemuDgram(link) => serve_once(parked, link, shutdown, "the dgram socket").await,
+        Transport::VhostUser(net) => loop {
+            // A fresh descriptor on the backend's socket pair for each resume.
+            let link = net
+                .link()
+                .map_err(|e| format!("cannot link to the vhost-user backend: {e}"))?;
+            let driver = Driver::resume(parked, link)
+                .map_err(|e| format!("cannot serve the vhost-user backend: {e}"))?;
+            let (back, ended) = driver.serve(shutdown.as_mut()).await;
+            parked = back;
+            match ended {
+                None => return Ok(()),
+                Some(e) if e.kind() == io::ErrorKind::ConnectionReset => tracing::warn!(
+                    "the VMM left the vhost-user socket; its flows are reset and the sandbox waits for the next one"
+                ),
+                Some(e) => return Err(format!("the vhost-user backend failed: {e}")),
+            }
+        },
         Transport::QemuStream(endpoint) => loop {
             let link = tokio::select! {
                 link = next_stream(&endpoint) => link.map_err(|e| format!("cannot take the VMM's stream: {e}"))?,
@@ -92,7 +114,12 @@ async fn next_stream(endpoint: &StreamEndpoint) -> io::Result<StreamLink> {
         StreamEndpoint::Connect(path) => loop {
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(sock) => return StreamLink::new(sock),
-                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e),
@@ -115,4 +142,14 @@ pub fn qemu_dgram(path: PathBuf, peer: Option<PathBuf>) -> Result<Transport, Str
     DgramLink::bind(&path, peer)
         .map(Transport::QemuDgram)
         .map_err(|e| format!("cannot bind {}: {e}", path.display()))
+}
+
+/// Listen for VMMs on PATH as a vhost-user-net backend.
+pub fn vhost_user(path: PathBuf) -> Result<Transport, String> {
+    VhostUserNet::listen(&path)
+        .map(Transport::VhostUser)
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })
 }

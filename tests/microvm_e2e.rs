@@ -191,3 +191,101 @@ fn microvm_over_tap_served_by_slipway_attach() {
         slipway.log()
     );
 }
+
+/// The checks every slipway-backed boot shares: the lease, the byte-exact
+/// fetch, the allowed connect, and the denied one refused at once.
+fn assert_served(label: &str, run: &VmRun, want_sha: &str, slipway: &Attached) {
+    let report = || format!("{}\n--- slipway ---\n{}", run.report(), slipway.log());
+    assert!(
+        matches!(run.guest_exit(), Some(0)),
+        "guest script failed: {}",
+        report()
+    );
+    assert_eq!(
+        run.field("dhcp", "ip"),
+        Some("10.0.2.15/24"),
+        "{}",
+        report()
+    );
+    assert_eq!(run.field("fetch", "exit"), Some("0"), "{}", report());
+    assert_eq!(run.mark("sha256"), Some(want_sha), "{}", report());
+    assert_eq!(run.field("allowed", "exit"), Some("0"), "{}", report());
+    assert_ne!(run.field("deny", "exit"), Some("0"), "{}", report());
+    let deny_ms: u64 = run
+        .field("deny", "ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no deny timing: {}", report()));
+    assert!(
+        deny_ms < 1000,
+        "denied connect took {deny_ms} ms: {}",
+        report()
+    );
+    report_transfer(label, run);
+}
+
+fn fetch_and_deny_script() -> String {
+    format!(
+        "{}
+         timed deny nc -w 5 198.51.100.1 7 </dev/null
+         timed allowed nc -w 5 192.0.2.1 7 </dev/null",
+        fetch_and_hash("http://192.0.2.1/blob")
+    )
+}
+
+const ATTACH_POLICY: [&str; 4] = [
+    "--deny-out",
+    "198.51.100.0/24",
+    "--dns-upstream",
+    "192.0.2.53",
+];
+
+#[test]
+fn microvm_over_qemu_stream_survives_a_second_vmm() {
+    require_microvm!();
+    let world = World::with_blob(BLOB_MIB);
+    let want = common::sha256_file(&world.blob());
+    let sock = world.dir.join("stream.sock");
+    let sock = sock.to_str().unwrap();
+    let mut args = vec!["--qemu-stream", sock];
+    args.extend(ATTACH_POLICY);
+    let slipway = Attached::start(&world.name, &args);
+    let netdev = format!("stream,id=n0,server=off,addr.type=unix,addr.path={sock}");
+    // Two VMMs one after the other on the same sandbox: the second gets the
+    // same lease from the stack that outlived the first.
+    for boot in ["first", "second"] {
+        let run = MicroVm::new(
+            &["-netdev".into(), netdev.clone()],
+            &fetch_and_deny_script(),
+        )
+        .netns(&world.name)
+        .timeout(RUN_LIMIT)
+        .run();
+        assert_served(&format!("qemu stream ({boot} VMM)"), &run, &want, &slipway);
+    }
+    assert!(
+        slipway.log().contains("the VMM's stream ended"),
+        "slipway did not notice the first VMM leave: {}",
+        slipway.log()
+    );
+}
+
+#[test]
+fn microvm_over_qemu_dgram() {
+    require_microvm!();
+    let world = World::with_blob(BLOB_MIB);
+    let want = common::sha256_file(&world.blob());
+    let ours = world.dir.join("slipway-dgram.sock");
+    let theirs = world.dir.join("qemu-dgram.sock");
+    let (ours, theirs) = (ours.to_str().unwrap(), theirs.to_str().unwrap());
+    let mut args = vec!["--qemu-dgram", ours, "--peer", theirs];
+    args.extend(ATTACH_POLICY);
+    let slipway = Attached::start(&world.name, &args);
+    let netdev = format!(
+        "dgram,id=n0,local.type=unix,local.path={theirs},remote.type=unix,remote.path={ours}"
+    );
+    let run = MicroVm::new(&["-netdev".into(), netdev], &fetch_and_deny_script())
+        .netns(&world.name)
+        .timeout(RUN_LIMIT)
+        .run();
+    assert_served("qemu dgram", &run, &want, &slipway);
+}

@@ -38,7 +38,10 @@ pub fn stream(data: &[u8]) {
         loop {
             match link.recv(&mut buf) {
                 Ok(n) => {
-                    assert!(got < expected.len(), "a frame beyond the well-framed prefix");
+                    assert!(
+                        got < expected.len(),
+                        "a frame beyond the well-framed prefix"
+                    );
                     assert_eq!(&buf[..n], expected[got], "frame {got} differs");
                     got += 1;
                 }
@@ -50,5 +53,9 @@ pub fn stream(data: &[u8]) {
             }
         }
     }
-    assert_eq!(got, expected.len(), "well-framed frames were not all delivered");
+    assert_eq!(
+        got,
+        expected.len(),
+        "well-framed frames were not all delivered"
+    );
 }

@@ -1,0 +1,276 @@
+//! `slipway ctl`: drive a running `slipway serve` through its control API
+//! from a shell. Prints the API's JSON; an error is one line on stderr
+//! (`slipway: <message>`) and exit status 2 for a refused request (4xx), 1
+//! when the server or the socket failed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{ArgAction, Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The control socket [env: SLIPWAY_CONTROL_SOCKET; default: as `slipway serve`'s].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Bearer token for the API [env: SLIPWAY_CONTROL_TOKEN].
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Create a sandbox (POST /sandboxes) and print it, with its trafficAccessToken.
+    Create {
+        /// The sandbox's id [default: the server picks one].
+        id: Option<String>,
+        #[command(flatten)]
+        transport: TransportArgs,
+        #[command(flatten)]
+        egress: EgressArgs,
+        /// allowPublicTraffic: with false, public URLs need the e2b-traffic-access-token header.
+        #[arg(long = "public-traffic", value_name = "BOOL", default_value_t = true,
+              action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        public_traffic: bool,
+        /// maskRequestHost: the Host the guest sees, ${PORT} standing for the port.
+        #[arg(long = "mask-request-host", value_name = "HOST")]
+        mask_request_host: Option<String>,
+    },
+    /// List the sandboxes (GET /sandboxes).
+    List,
+    /// Show one sandbox with its counters (GET /sandboxes/ID).
+    Get { id: String },
+    /// Replace a sandbox's egress rules whole (PUT /sandboxes/ID/network); flows they deny are reset.
+    SetNetwork {
+        id: String,
+        #[command(flatten)]
+        egress: EgressArgs,
+    },
+    /// Give a private sandbox a new traffic access token (POST /sandboxes/ID/token).
+    RotateToken { id: String },
+    /// Tear a sandbox down (DELETE /sandboxes/ID): flows reset, everything freed.
+    Delete { id: String },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct TransportArgs {
+    /// A tap by name (created if missing), in slipway serve's namespace.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+    /// A tap open on this process's descriptor N; slipway serve takes a copy (pidfd_getfd).
+    #[arg(long = "tap-fd", value_name = "N")]
+    tap_fd: Option<i32>,
+    /// QEMU -netdev stream: slipway listens on PATH (QEMU: server=off).
+    #[arg(long = "qemu-stream", value_name = "PATH")]
+    qemu_stream: Option<PathBuf>,
+    /// QEMU -netdev dgram: slipway binds PATH (QEMU's remote).
+    #[arg(long = "qemu-dgram", value_name = "PATH")]
+    qemu_dgram: Option<PathBuf>,
+    /// A vhost-user-net backend on PATH (QEMU -netdev vhost-user, cloud-hypervisor).
+    #[arg(long = "vhost-user", value_name = "PATH")]
+    vhost_user: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EgressArgs {
+    /// allowOut: ADDR, CIDR or ALL_TRAFFIC; repeatable or comma-separated.
+    #[arg(long = "allow-out", value_name = "CIDR", value_delimiter = ',')]
+    allow_out: Vec<String>,
+    /// denyOut: ADDR, CIDR or ALL_TRAFFIC; repeatable or comma-separated.
+    #[arg(long = "deny-out", value_name = "CIDR", value_delimiter = ',')]
+    deny_out: Vec<String>,
+    /// allowInternetAccess = false.
+    #[arg(long = "no-internet")]
+    no_internet: bool,
+}
+
+fn path_str(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl CtlCommand {
+    /// The request this command makes.
+    fn request(&self) -> (Method, String, Option<serde_json::Value>) {
+        use serde_json::json;
+        match self {
+            CtlCommand::Create {
+                id,
+                transport,
+                egress,
+                public_traffic,
+                mask_request_host,
+            } => {
+                let t = if let Some(name) = &transport.tap {
+                    json!({"tap": name})
+                } else if let Some(fd) = transport.tap_fd {
+                    json!({"tapFd": fd})
+                } else if let Some(p) = &transport.qemu_stream {
+                    json!({"qemuStream": path_str(p)})
+                } else if let Some(p) = &transport.qemu_dgram {
+                    json!({"qemuDgram": path_str(p)})
+                } else if let Some(p) = &transport.vhost_user {
+                    json!({"vhostUser": path_str(p)})
+                } else {
+                    serde_json::Value::Null
+                };
+                let mut body = json!({
+                    "transport": t,
+                    "allowInternetAccess": !egress.no_internet,
+                    "network": {
+                        "allowOut": egress.allow_out,
+                        "denyOut": egress.deny_out,
+                        "allowPublicTraffic": public_traffic,
+                        "maskRequestHost": mask_request_host,
+                    },
+                });
+                if let Some(id) = id {
+                    body["sandboxID"] = id.clone().into();
+                }
+                (Method::POST, "/sandboxes".into(), Some(body))
+            }
+            CtlCommand::List => (Method::GET, "/sandboxes".into(), None),
+            CtlCommand::Get { id } => (Method::GET, format!("/sandboxes/{}", escape(id)), None),
+            CtlCommand::SetNetwork { id, egress } => (
+                Method::PUT,
+                format!("/sandboxes/{}/network", escape(id)),
+                Some(json!({
+                    "allowInternetAccess": !egress.no_internet,
+                    "allowOut": egress.allow_out,
+                    "denyOut": egress.deny_out,
+                })),
+            ),
+            CtlCommand::RotateToken { id } => (
+                Method::POST,
+                format!("/sandboxes/{}/token", escape(id)),
+                None,
+            ),
+            CtlCommand::Delete { id } => {
+                (Method::DELETE, format!("/sandboxes/{}", escape(id)), None)
+            }
+        }
+    }
+}
+
+/// Ids go into the path as given; anything outside a-z0-9- is escaped so the
+/// server can refuse it by name instead of seeing another path.
+fn escape(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+pub fn main(args: CtlArgs) -> ExitCode {
+    let socket = args
+        .socket
+        .clone()
+        .or_else(|| std::env::var_os("SLIPWAY_CONTROL_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| crate::serve::config::FileConfig::default().control.socket);
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("SLIPWAY_CONTROL_TOKEN").ok());
+    let (method, path, body) = args.command.request();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("slipway: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let sent = rt.block_on(call(&socket, token.as_deref(), method, &path, body));
+    match sent {
+        Err(e) => {
+            eprintln!("slipway: {e}");
+            ExitCode::from(1)
+        }
+        Ok((status, body)) if status.is_success() => {
+            if !body.is_empty() {
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                    Err(_) => print!("{}", String::from_utf8_lossy(&body)),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("message")?.as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+            eprintln!("slipway: {message} ({status})");
+            ExitCode::from(if status.is_client_error() { 2 } else { 1 })
+        }
+    }
+}
+
+async fn call(
+    socket: &std::path::Path,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(StatusCode, Bytes), String> {
+    let shown = socket.display();
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        format!("cannot reach slipway serve at {shown}: {e} (is it running? --socket or SLIPWAY_CONTROL_SOCKET)")
+    })?;
+    allow_server_to_take_fds(&stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("cannot talk to slipway serve at {shown}: {e}"))?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "slipway");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+        }
+        None => Bytes::new(),
+    };
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("slipway serve at {shown} did not answer: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("slipway serve at {shown} broke off its answer: {e}"))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// For `--tap-fd`: under Yama's ptrace_scope 1 only an ancestor may take our
+/// descriptors, so name the server (its pid from SO_PEERCRED) as allowed.
+fn allow_server_to_take_fds(stream: &tokio::net::UnixStream) {
+    if let Some(pid) = stream.peer_cred().ok().and_then(|c| c.pid()) {
+        // SAFETY: prctl(PR_SET_PTRACER) takes a pid by value and touches no memory of ours.
+        unsafe { libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0) };
+    }
+}

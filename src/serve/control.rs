@@ -1,0 +1,204 @@
+//! The control API: HTTP/1.1 and JSON on a unix socket, one route table.
+//! With `control.token` set every request needs `Authorization: Bearer …`.
+//! The caller's pid (SO_PEERCRED) goes with each request, for `tapFd`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use ingress::SandboxId;
+use tokio::net::UnixListener;
+
+use super::api::{self, ApiError};
+use super::Shared;
+
+/// Largest request body taken.
+const MAX_BODY: usize = 1 << 20;
+
+type Reply = Response<Full<Bytes>>;
+
+/// Accept and serve control connections until the task is dropped.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let caller = stream.peer_cred().ok().and_then(|c| c.pid());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, caller, req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(shared: &Shared, caller: Option<i32>, req: Request<Incoming>) -> Reply {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let reply = match route(shared, caller, req).await {
+        Ok(reply) => reply,
+        Err(e) => error(&e),
+    };
+    tracing::debug!(target: "slipway::control", %method, %path, status = reply.status().as_u16(), "request");
+    reply
+}
+
+async fn route(
+    shared: &Shared,
+    caller: Option<i32>,
+    req: Request<Incoming>,
+) -> Result<Reply, ApiError> {
+    authorize(shared, &req)?;
+    let segments: Vec<String> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    let registry = &shared.registry;
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["health"]) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "sandboxes": registry.len()}),
+        )),
+        (&Method::GET, ["sandboxes"]) => Ok(json(StatusCode::OK, &registry.list())),
+        (&Method::POST, ["sandboxes"]) => {
+            let body = body(req).await?;
+            let settings = shared.settings();
+            let create = api::parse_create(&body, &settings.sandbox.allow_internal)?;
+            let view = registry.create(create, caller, &settings.sandbox)?;
+            Ok(json(StatusCode::CREATED, &view))
+        }
+        (&Method::GET, ["sandboxes", id]) => {
+            let view = registry.describe(&sandbox_id(id)?).await?;
+            Ok(json(StatusCode::OK, &view))
+        }
+        (&Method::DELETE, ["sandboxes", id]) => {
+            registry.delete(&sandbox_id(id)?).await?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        (&Method::PUT, ["sandboxes", id, "network"]) => {
+            let id = sandbox_id(id)?;
+            registry.get(&id)?;
+            let body = body(req).await?;
+            let settings = shared.settings();
+            let update = api::parse_network_update(&body, &settings.sandbox.allow_internal)?;
+            registry.set_network(&id, update)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        (&Method::POST, ["sandboxes", id, "token"]) => {
+            let id = sandbox_id(id)?;
+            let token = registry.rotate_token(&id)?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"sandboxID": id.as_str(), "trafficAccessToken": token}),
+            ))
+        }
+        (
+            _,
+            ["health"] | ["sandboxes"] | ["sandboxes", _] | ["sandboxes", _, "network" | "token"],
+        ) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {}", req.uri().path()),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {method} {}", req.uri().path()),
+        )),
+    }
+}
+
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(expected) = shared.settings().control.token else {
+        return Ok(());
+    };
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if expected.matches(token.trim().as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is wrong",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this API needs a bearer token (Authorization: Bearer …)",
+        )),
+    }
+}
+
+fn sandbox_id(raw: &str) -> Result<SandboxId, ApiError> {
+    SandboxId::parse(raw).map_err(|_| {
+        ApiError::bad(
+            "sandboxID",
+            format!("invalid sandboxID {raw:?}: give 1 to 57 of a-z, 0-9 and inner '-'"),
+        )
+    })
+}
+
+async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {MAX_BODY} bytes"),
+        )),
+        Err(e) => Err(ApiError::bad(
+            "body",
+            format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Reply {
+    let mut text = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    text.push(b'\n');
+    let mut reply = Response::new(Full::new(Bytes::from(text)));
+    *reply.status_mut() = status;
+    reply
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    reply
+}
+
+fn empty(status: StatusCode) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::new()));
+    *reply.status_mut() = status;
+    reply
+}
+
+fn error(e: &ApiError) -> Reply {
+    let mut reply = json(e.status, &e.body());
+    if e.status == StatusCode::UNAUTHORIZED {
+        reply
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    reply
+}

@@ -1,0 +1,225 @@
+//! Prometheus metrics on their own listener, in the text exposition format:
+//! per sandbox the flows by verdict, bytes each way, frames dropped, caps
+//! hit and whether its link runs; for the process the sandboxes, resident
+//! memory, open descriptors and gateway connections into guests.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::Shared;
+
+/// How long one sandbox's driver may take to give its counters to a scrape.
+const SCRAPE_WAIT: Duration = Duration::from_millis(250);
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    let reply = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                        let mut r = Response::new(Full::new(Bytes::from(render(&shared).await)));
+                        r.headers_mut().insert(
+                            CONTENT_TYPE,
+                            HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        r
+                    } else {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                        r
+                    };
+                    Ok::<_, Infallible>(reply)
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// One family: its HELP and TYPE lines, then its samples.
+struct Family {
+    text: String,
+}
+
+impl Family {
+    fn new(name: &str, kind: &str, help: &str) -> Self {
+        Self {
+            text: format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"),
+        }
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.text, "{name} {value}");
+        } else {
+            let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+pub async fn render(shared: &Shared) -> String {
+    let sandboxes = shared.registry.all();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, s) in sandboxes.iter().enumerate() {
+        let s = s.clone();
+        set.spawn(async move { (i, s.snapshot(SCRAPE_WAIT).await) });
+    }
+    let mut snapshots = vec![None; sandboxes.len()];
+    while let Some(Ok((i, snap))) = set.join_next().await {
+        snapshots[i] = snap;
+    }
+
+    let mut up = Family::new(
+        "slipway_sandbox_up",
+        "gauge",
+        "1 while the sandbox's link is served.",
+    );
+    let mut flows = Family::new(
+        "slipway_flows_total",
+        "counter",
+        "New flows decided, by protocol and verdict.",
+    );
+    let mut open = Family::new(
+        "slipway_open_flows",
+        "gauge",
+        "Flows open now, by protocol.",
+    );
+    let mut bytes = Family::new(
+        "slipway_bytes_total",
+        "counter",
+        "TCP payload bytes relayed, by direction.",
+    );
+    let mut dropped = Family::new(
+        "slipway_frames_dropped_total",
+        "counter",
+        "Guest frames dropped: malformed, unsupported, fragments, or claiming the guest's own address.",
+    );
+    let mut caps = Family::new(
+        "slipway_caps_hit_total",
+        "counter",
+        "New flows refused because a per-sandbox cap was reached.",
+    );
+    for (s, snap) in sandboxes.iter().zip(&snapshots) {
+        let id = s.id.as_str();
+        up.sample(
+            "slipway_sandbox_up",
+            &format!("sandbox=\"{id}\",transport=\"{}\"", s.transport_kind()),
+            u8::from(s.is_running()),
+        );
+        let Some(snap) = snap else { continue };
+        let st = &snap.stats;
+        for (proto, verdict, n) in [
+            ("tcp", "allowed", st.tcp_allowed),
+            ("tcp", "denied", st.tcp_denied),
+            ("datagram", "allowed", st.datagram_allowed),
+            ("datagram", "denied", st.datagram_denied),
+        ] {
+            flows.sample(
+                "slipway_flows_total",
+                &format!("sandbox=\"{id}\",proto=\"{proto}\",verdict=\"{verdict}\""),
+                n,
+            );
+        }
+        open.sample(
+            "slipway_open_flows",
+            &format!("sandbox=\"{id}\",proto=\"tcp\""),
+            snap.tcp_flows,
+        );
+        open.sample(
+            "slipway_open_flows",
+            &format!("sandbox=\"{id}\",proto=\"datagram\""),
+            snap.datagram_flows,
+        );
+        bytes.sample(
+            "slipway_bytes_total",
+            &format!("sandbox=\"{id}\",direction=\"to_host\""),
+            st.bytes_to_host,
+        );
+        bytes.sample(
+            "slipway_bytes_total",
+            &format!("sandbox=\"{id}\",direction=\"to_guest\""),
+            st.bytes_to_guest,
+        );
+        dropped.sample(
+            "slipway_frames_dropped_total",
+            &format!("sandbox=\"{id}\""),
+            st.frames_dropped,
+        );
+        caps.sample(
+            "slipway_caps_hit_total",
+            &format!("sandbox=\"{id}\""),
+            st.caps_hit,
+        );
+    }
+
+    let mut out = String::new();
+    let mut count = Family::new(
+        "slipway_sandboxes",
+        "gauge",
+        "Sandboxes served by this process.",
+    );
+    count.sample("slipway_sandboxes", "", sandboxes.len());
+    let mut rss = Family::new(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+    );
+    rss.sample(
+        "process_resident_memory_bytes",
+        "",
+        resident_bytes().unwrap_or(0),
+    );
+    let mut fds = Family::new("process_open_fds", "gauge", "Open file descriptors.");
+    fds.sample("process_open_fds", "", open_fds().unwrap_or(0));
+    let mut inbound = Family::new(
+        "slipway_gateway_guest_connections",
+        "gauge",
+        "Connections from the gateway into guests now (requests in flight and idle kept ones).",
+    );
+    inbound.sample(
+        "slipway_gateway_guest_connections",
+        "",
+        shared
+            .registry
+            .guest_connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    for f in [
+        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps,
+    ] {
+        out.push_str(&f.text);
+    }
+    out
+}
+
+/// Resident set size, from /proc/self/statm.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+fn open_fds() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}

@@ -1,0 +1,443 @@
+//! Every sandbox this process serves: its stack's driver (a task of its own
+//! on the multi-thread runtime), its route in the shared gateway directory,
+//! its policy as asked, and how to tear it all down. Creation happens under
+//! the registry's lock and either completes or leaves nothing behind.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use hyper::StatusCode;
+use ingress::{Directory, Route, RouteSpec, SandboxId};
+use netstack::driver::{DriverHandle, Parked, Snapshot};
+use netstack::stack::smol_instant;
+use netstack::{AddressPlan, EgressPolicy, PolicySpec, Stack};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::api::{ApiError, CreateSandbox, Egress, NetworkUpdate, TransportSpec};
+use super::door::StackDoor;
+use super::links;
+use super::settings::SandboxDefaults;
+use super::view::{CountersView, GuestView, NetworkView, SandboxView, TransportView};
+
+/// How long a sandbox's driver may take to answer a question or to stop.
+const DRIVER_ANSWER: Duration = Duration::from_secs(2);
+/// How long GET waits for a sandbox's counters: a sandbox waiting for its
+/// VMM has no driver to answer, and shows none.
+const COUNTERS_WAIT: Duration = Duration::from_millis(250);
+
+/// What became of a sandbox's link.
+#[derive(Debug, Clone)]
+pub enum LinkState {
+    Running,
+    Stopped,
+    Failed(String),
+}
+
+impl LinkState {
+    fn describe(&self) -> String {
+        match self {
+            LinkState::Running => "running".into(),
+            LinkState::Stopped => "stopped".into(),
+            LinkState::Failed(why) => format!("failed: {why}"),
+        }
+    }
+}
+
+/// The egress rules as asked (for GET), beside the built policy the driver holds.
+#[derive(Debug, Clone)]
+struct AskedEgress {
+    allow_internet_access: bool,
+    allow_out: Vec<String>,
+    deny_out: Vec<String>,
+}
+
+impl From<&Egress> for AskedEgress {
+    fn from(e: &Egress) -> Self {
+        Self {
+            allow_internet_access: e.allow_internet_access,
+            allow_out: e.allow_out.clone(),
+            deny_out: e.deny_out.clone(),
+        }
+    }
+}
+
+pub struct Sandbox {
+    pub id: SandboxId,
+    pub handle: DriverHandle,
+    route: Arc<Route>,
+    transport: TransportSpec,
+    transport_detail: String,
+    pub state: Arc<Mutex<LinkState>>,
+    egress: Mutex<AskedEgress>,
+    allow_public_traffic: bool,
+    mask_request_host: Option<String>,
+    plan: AddressPlan,
+    mtu: usize,
+    created_at: SystemTime,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Sandbox {
+    pub fn transport_kind(&self) -> &'static str {
+        self.transport.kind()
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(*lock(&self.state), LinkState::Running)
+    }
+
+    fn view(&self, token: Option<String>, snapshot: Option<&Snapshot>) -> SandboxView {
+        let plan = &self.plan;
+        let egress = lock(&self.egress).clone();
+        SandboxView {
+            sandbox_id: self.id.to_string(),
+            transport: TransportView {
+                kind: self.transport.kind(),
+                detail: self.transport_detail.clone(),
+                state: lock(&self.state).describe(),
+            },
+            guest: GuestView {
+                ipv4: format!("{}/{}", plan.guest_v4, plan.prefix_v4),
+                gateway_v4: plan.gateway_v4.to_string(),
+                dns_v4: plan.dns_v4.to_string(),
+                ipv6: format!("{}/{}", plan.guest_v6, plan.prefix_v6),
+                gateway_v6: plan.gateway_v6_link_local.to_string(),
+                dns_v6: plan.dns_v6.to_string(),
+                mtu: self.mtu,
+            },
+            allow_internet_access: egress.allow_internet_access,
+            network: NetworkView {
+                allow_out: egress.allow_out,
+                deny_out: egress.deny_out,
+                allow_public_traffic: self.allow_public_traffic,
+                mask_request_host: self.mask_request_host.clone(),
+            },
+            traffic_access_token: token,
+            created_at: self
+                .created_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            counters: snapshot.map(CountersView::from),
+        }
+    }
+
+    /// The stack's counters, if its driver answers in time.
+    pub async fn snapshot(&self, within: Duration) -> Option<Snapshot> {
+        tokio::time::timeout(within, self.handle.snapshot())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Reset every flow (the guest and the host peers get RSTs), stop the
+    /// driver and wait for it: its link, sockets and buffers are freed.
+    async fn tear_down(&self) {
+        // A policy that denies everything resets every relayed flow; the
+        // driver takes it in the round it runs after being told to stop (see
+        // `drive`), sends the resets to the guest, and closes the host
+        // sockets with RST. A sandbox waiting for its VMM has no flows and
+        // stops at once.
+        let deny_all = PolicySpec {
+            allow_internet_access: false,
+            ..PolicySpec::new()
+        };
+        if let Ok(policy) = EgressPolicy::from_spec(&deny_all) {
+            self.handle.set_policy(policy);
+        }
+        if let Some(stop) = lock(&self.stop).take() {
+            let _ = stop.send(());
+        }
+        let task = lock(&self.task).take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(DRIVER_ANSWER, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(sandbox = %self.id, "the sandbox's driver did not stop in time; aborting it");
+                task.abort();
+            }
+        }
+    }
+}
+
+pub struct Registry {
+    sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
+    pub directory: Arc<Directory>,
+    /// Where the sandboxes' drivers run.
+    runtime: tokio::runtime::Handle,
+    /// Connections from the gateway into guests, alive now.
+    pub guest_connections: Arc<AtomicUsize>,
+    draining: AtomicBool,
+}
+
+impl Registry {
+    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            sandboxes: Mutex::new(HashMap::new()),
+            directory: Arc::new(Directory::new()),
+            runtime,
+            guest_connections: Arc::new(AtomicUsize::new(0)),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.sandboxes).len()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Sandbox>> {
+        let mut all: Vec<_> = lock(&self.sandboxes).values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    pub fn get(&self, id: &SandboxId) -> Result<Arc<Sandbox>, ApiError> {
+        lock(&self.sandboxes)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(id))
+    }
+
+    /// Create a sandbox: open its transport, build its stack, route it, start
+    /// its driver. `caller` is the requesting process (for `tapFd`).
+    pub fn create(
+        &self,
+        req: CreateSandbox,
+        caller: Option<i32>,
+        defaults: &SandboxDefaults,
+    ) -> Result<SandboxView, ApiError> {
+        let mut sandboxes = lock(&self.sandboxes);
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "slipway is shutting down",
+            ));
+        }
+        let id = match req.id {
+            Some(id) => id,
+            None => unused_id(&sandboxes)?,
+        };
+        if sandboxes.contains_key(&id) {
+            return Err(ApiError {
+                status: StatusCode::CONFLICT,
+                message: format!("sandbox {id} already exists"),
+                field: Some("sandboxID"),
+            });
+        }
+        if sandboxes.len() >= defaults.max_sandboxes {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this slipway serves its limit of {} sandboxes (sandbox.max_sandboxes)",
+                    defaults.max_sandboxes
+                ),
+            ));
+        }
+        if let Some(path) = req.transport.socket_path() {
+            if let Some(other) = sandboxes
+                .values()
+                .find(|s| s.transport.socket_path() == Some(path))
+            {
+                return Err(ApiError {
+                    status: StatusCode::CONFLICT,
+                    message: format!("{} is sandbox {}'s socket", path.display(), other.id),
+                    field: Some("transport"),
+                });
+            }
+        }
+        let transport = links::open(&req.transport, caller)?;
+        let transport_detail = transport.describe();
+        let mut cfg = defaults.stack.clone();
+        cfg.random_seed = random_u64()?;
+        let (plan, mtu) = (cfg.plan.clone(), cfg.mtu);
+        let stack = Stack::new(cfg, req.egress.policy.clone(), smol_instant(Duration::ZERO));
+        let parked = Parked::new(stack);
+        let handle = parked.handle();
+        let door = StackDoor {
+            handle: handle.clone(),
+            live: self.guest_connections.clone(),
+        };
+        let spec = RouteSpec {
+            allow_public_traffic: req.public.allow_public_traffic,
+            mask_request_host: req.public.mask_request_host.as_ref().map(|m| m.1.clone()),
+            max_connections: defaults.max_inbound,
+        };
+        let (route, token) = Route::new(Arc::new(door), spec)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        // Nothing can fail from here on.
+        let route = self.directory.insert(id.clone(), route);
+        let state = Arc::new(Mutex::new(LinkState::Running));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = self.runtime.spawn(
+            drive(parked, transport, stopped, state.clone())
+                .instrument(tracing::info_span!("sandbox", id = %id)),
+        );
+        let sandbox = Arc::new(Sandbox {
+            id: id.clone(),
+            handle,
+            route,
+            transport: req.transport,
+            transport_detail,
+            state,
+            egress: Mutex::new(AskedEgress::from(&req.egress)),
+            allow_public_traffic: req.public.allow_public_traffic,
+            mask_request_host: req.public.mask_request_host.map(|m| m.0),
+            plan,
+            mtu,
+            created_at: SystemTime::now(),
+            stop: Mutex::new(Some(stop)),
+            task: Mutex::new(Some(task)),
+        });
+        let view = sandbox.view(token.map(|t| t.as_str().to_string()), None);
+        sandboxes.insert(id, sandbox);
+        tracing::info!(sandbox = %view.sandbox_id, transport = %view.transport.detail, "sandbox created");
+        Ok(view)
+    }
+
+    pub fn list(&self) -> Vec<SandboxView> {
+        self.all().iter().map(|s| s.view(None, None)).collect()
+    }
+
+    /// One sandbox with its counters (null when its driver does not answer).
+    pub async fn describe(&self, id: &SandboxId) -> Result<SandboxView, ApiError> {
+        let sandbox = self.get(id)?;
+        let snapshot = sandbox.snapshot(COUNTERS_WAIT).await;
+        Ok(sandbox.view(None, snapshot.as_ref()))
+    }
+
+    /// Replace the egress policy whole; the driver resets the flows it now denies.
+    pub fn set_network(&self, id: &SandboxId, update: NetworkUpdate) -> Result<(), ApiError> {
+        let sandbox = self.get(id)?;
+        let mut asked = lock(&sandbox.egress);
+        if !sandbox.handle.set_policy(update.egress.policy.clone()) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "sandbox {id}'s network is not running ({}): delete it",
+                    lock(&sandbox.state).describe()
+                ),
+            ));
+        }
+        *asked = AskedEgress::from(&update.egress);
+        tracing::info!(sandbox = %id, allow_out = ?asked.allow_out, deny_out = ?asked.deny_out,
+                       allow_internet_access = asked.allow_internet_access, "policy replaced");
+        Ok(())
+    }
+
+    pub fn rotate_token(&self, id: &SandboxId) -> Result<String, ApiError> {
+        let sandbox = self.get(id)?;
+        match sandbox.route.rotate_token() {
+            Ok(Some(token)) => {
+                tracing::info!(sandbox = %id, "traffic access token rotated");
+                Ok(token.as_str().to_string())
+            }
+            Ok(None) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("sandbox {id} allows public traffic: it has no traffic access token"),
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            )),
+        }
+    }
+
+    /// Take the sandbox out of the gateway and the registry, reset its flows,
+    /// stop its driver.
+    pub async fn delete(&self, id: &SandboxId) -> Result<(), ApiError> {
+        let sandbox = lock(&self.sandboxes)
+            .remove(id)
+            .ok_or_else(|| ApiError::not_found(id))?;
+        self.directory.remove(id);
+        sandbox.tear_down().await;
+        tracing::info!(sandbox = %id, "sandbox deleted");
+        Ok(())
+    }
+
+    /// Refuse new sandboxes from now on.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Tear every sandbox down, all at once.
+    pub async fn delete_all(&self) {
+        let all: Vec<Arc<Sandbox>> = lock(&self.sandboxes).drain().map(|(_, s)| s).collect();
+        let mut set = tokio::task::JoinSet::new();
+        for sandbox in all {
+            self.directory.remove(&sandbox.id);
+            set.spawn(async move { sandbox.tear_down().await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    /// Gateway requests in flight now: connections into guests less the
+    /// idle ones the gateway keeps for reuse.
+    pub fn requests_in_flight(&self) -> usize {
+        let idle: usize = self.all().iter().map(|s| s.route.idle_connections()).sum();
+        self.guest_connections
+            .load(Ordering::Relaxed)
+            .saturating_sub(idle)
+    }
+}
+
+/// A sandbox's driver task: serve its transport until told to stop.
+async fn drive(
+    parked: Parked,
+    transport: crate::transport::Transport,
+    stopped: oneshot::Receiver<()>,
+    state: Arc<Mutex<LinkState>>,
+) {
+    // One more round of the driver after the stop: commands sent before it
+    // (the tear-down's deny-all policy) are taken and their resets sent.
+    let stop = async {
+        let _ = stopped.await;
+        tokio::task::yield_now().await;
+    };
+    let mut stop = std::pin::pin!(stop);
+    let end = match crate::transport::serve(parked, transport, stop.as_mut()).await {
+        Ok(()) => LinkState::Stopped,
+        Err(e) => {
+            tracing::warn!(error = %e, "the sandbox's link failed; its network is down until it is deleted");
+            LinkState::Failed(e)
+        }
+    };
+    *lock(&state) = end;
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn random_u64() -> Result<u64, ApiError> {
+    getrandom::u64().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot draw random bytes: {e}"),
+        )
+    })
+}
+
+/// Twelve characters of a-z0-9 not in use yet.
+fn unused_id(taken: &HashMap<SandboxId, Arc<Sandbox>>) -> Result<SandboxId, ApiError> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    loop {
+        let mut seed = random_u64()?;
+        let id: String = (0..12)
+            .map(|_| {
+                let c = ALPHABET[(seed % ALPHABET.len() as u64) as usize] as char;
+                seed /= ALPHABET.len() as u64;
+                c
+            })
+            .collect();
+        let id = SandboxId::parse(&id).expect("the alphabet is valid");
+        if !taken.contains_key(&id) {
+            return Ok(id);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! What the control API answers with: a sandbox, its transport, its guest
+//! addresses, its network as asked, and its counters. Field names are E2B's
+//! where E2B has one.
+
+use serde::Serialize;
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxView {
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    pub transport: TransportView,
+    pub guest: GuestView,
+    pub allow_internet_access: bool,
+    pub network: NetworkView,
+    /// On create (and rotate) only, and only for private sandboxes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// `GET /sandboxes/{id}` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counters: Option<CountersView>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransportView {
+    pub kind: &'static str,
+    pub detail: String,
+    /// `running`, `stopped` or `failed: <why>`.
+    pub state: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestView {
+    pub ipv4: String,
+    pub gateway_v4: String,
+    pub dns_v4: String,
+    pub ipv6: String,
+    pub gateway_v6: String,
+    pub dns_v6: String,
+    pub mtu: usize,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkView {
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
+    pub allow_public_traffic: bool,
+    pub mask_request_host: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CountersView {
+    pub tcp_flows: usize,
+    pub datagram_flows: usize,
+    pub tcp_allowed: u64,
+    pub tcp_denied: u64,
+    pub datagram_allowed: u64,
+    pub datagram_denied: u64,
+    pub caps_hit: u64,
+    pub frames_dropped: u64,
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
+}
+
+impl From<&netstack::driver::Snapshot> for CountersView {
+    fn from(s: &netstack::driver::Snapshot) -> Self {
+        Self {
+            tcp_flows: s.tcp_flows,
+            datagram_flows: s.datagram_flows,
+            tcp_allowed: s.stats.tcp_allowed,
+            tcp_denied: s.stats.tcp_denied,
+            datagram_allowed: s.stats.datagram_allowed,
+            datagram_denied: s.stats.datagram_denied,
+            caps_hit: s.stats.caps_hit,
+            frames_dropped: s.stats.frames_dropped,
+            bytes_to_host: s.stats.bytes_to_host,
+            bytes_to_guest: s.stats.bytes_to_guest,
+        }
+    }
+}
