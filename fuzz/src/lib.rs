@@ -33,6 +33,8 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         None => false,
     }
 }
-// Needs vmm-glue, which the netstack replay test (tests/fuzz_regressions.rs) cannot link.
+// gateway and qemu_stream need ingress and vmm-glue, which the netstack replay test (tests/fuzz_regressions.rs) cannot link.
+#[cfg(fuzzing)]
+pub mod gateway;
 #[cfg(fuzzing)]
 pub mod qemu_stream;
