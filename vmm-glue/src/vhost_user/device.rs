@@ -313,7 +313,7 @@ impl NetDevice {
                     break;
                 }
             }
-            if moved % SIGNAL_EVERY == 0 {
+            if moved.is_multiple_of(SIGNAL_EVERY) {
                 self.signal_if_wanted(&state, rx_ring, &mem);
             }
         }
