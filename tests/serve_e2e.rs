@@ -1065,6 +1065,14 @@ fn a_flood_in_one_sandbox_leaves_another_its_throughput() {
             || counters["datagramAllowed"].as_u64().unwrap_or(0) > 100,
         "the flood did not reach the stack: {counters}"
     );
+    if counters["capsHit"].as_u64().unwrap_or(0) > 0 {
+        // Metrics say which cap the flood ran into.
+        let m = metrics(&w, 18581);
+        assert!(
+            m.contains(r#"slipway_caps_hit_total{sandbox="noisy",cap="max_"#),
+            "{m}"
+        );
+    }
     assert!(
         flooded >= alone * FLOOD_KEEPS_AT_LEAST,
         "quiet sandbox fell from {alone:.0} to {flooded:.0} Mbit/s under another's flood"

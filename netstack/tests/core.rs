@@ -1066,6 +1066,10 @@ fn caps_refuse_new_flows() {
     assert!(!has_connect(&p));
     assert_eq!(p.stack.tcp_flow_count(), 2);
     assert_eq!(p.stack.stats().caps_hit, 1);
+    assert_eq!(
+        p.stack.stats().caps_hit_by_cap.get("max_tcp_flows"),
+        Some(&1)
+    );
 
     // One connect in progress at most; a finished connect frees the slot.
     let mut p = with_caps(Caps {
@@ -1405,6 +1409,12 @@ fn garbage_frames_never_panic() {
     );
     assert!(stats.tcp_denied > 0 && stats.datagram_denied > 0);
     assert!(stats.caps_hit > 0 && stats.frames_dropped > 0);
+    // The breakdowns add up to the totals.
+    assert_eq!(stats.caps_hit_by_cap.values().sum::<u64>(), stats.caps_hit);
+    assert_eq!(
+        stats.dropped_by_reason.values().sum::<u64>(),
+        stats.frames_dropped
+    );
 }
 
 #[test]

@@ -111,12 +111,12 @@ pub async fn render(shared: &Shared) -> String {
     let mut dropped = Family::new(
         "slipway_frames_dropped_total",
         "counter",
-        "Guest frames dropped: malformed, unsupported, fragments, or claiming the guest's own address.",
+        "Guest frames (and host datagrams) dropped, by reason.",
     );
     let mut caps = Family::new(
         "slipway_caps_hit_total",
         "counter",
-        "New flows refused because a per-sandbox cap was reached.",
+        "New flows refused because a per-sandbox cap was reached, by cap.",
     );
     for (s, snap) in sandboxes.iter().zip(&snapshots) {
         let id = s.id.as_str();
@@ -159,16 +159,20 @@ pub async fn render(shared: &Shared) -> String {
             &format!("sandbox=\"{id}\",direction=\"to_guest\""),
             st.bytes_to_guest,
         );
-        dropped.sample(
-            "slipway_frames_dropped_total",
-            &format!("sandbox=\"{id}\""),
-            st.frames_dropped,
-        );
-        caps.sample(
-            "slipway_caps_hit_total",
-            &format!("sandbox=\"{id}\""),
-            st.caps_hit,
-        );
+        for (why, n) in &st.dropped_by_reason {
+            dropped.sample(
+                "slipway_frames_dropped_total",
+                &format!("sandbox=\"{id}\",reason=\"{}\"", label_value(why)),
+                *n,
+            );
+        }
+        for (cap, n) in &st.caps_hit_by_cap {
+            caps.sample(
+                "slipway_caps_hit_total",
+                &format!("sandbox=\"{id}\",cap=\"{cap}\""),
+                *n,
+            );
+        }
     }
 
     let mut out = String::new();
@@ -222,4 +226,11 @@ pub fn resident_bytes() -> Option<u64> {
 
 fn open_fds() -> Option<usize> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

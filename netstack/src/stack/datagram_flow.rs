@@ -37,12 +37,12 @@ impl Stack {
         }
         if self.is_broadcast_or_multicast(dst.ip()) {
             // No ICMP errors for these (RFC 1122); the policy never relays them.
-            self.stats.frames_dropped += 1;
+            self.stats.dropped("UDP to broadcast or multicast");
             return;
         }
         let dns = plan.is_dns(dst.ip()) && dst.port() == 53;
         if dns && !services::looks_like_dns_query(payload) {
-            self.stats.frames_dropped += 1;
+            self.stats.dropped("not a DNS query");
             return;
         }
         let Some((host_dst, decided_on, exempt)) = self.redirect(dst) else {
@@ -87,14 +87,14 @@ impl Stack {
             // A request over the link MTU would come back over it too; drop it
             // as a link of that MTU would have.
             if ip.len() > self.cfg.mtu {
-                self.stats.frames_dropped += 1;
+                self.stats.dropped("echo request over the MTU");
                 return;
             }
             let reply = self.builder().echo_reply(dst, src, ident, seq, data);
             return self.emit(reply);
         }
         if self.is_broadcast_or_multicast(dst) {
-            self.stats.frames_dropped += 1;
+            self.stats.dropped("echo to broadcast or multicast");
             return;
         }
         let Some((host_dst, decided_on, exempt)) = self.redirect(SocketAddr::new(dst, 0)) else {
@@ -138,7 +138,7 @@ impl Stack {
                 let over_cap = self.datagram.len() >= self.cfg.caps.max_datagram_flows;
                 if !verdict.allowed || over_cap {
                     if verdict.allowed {
-                        self.stats.caps_hit += 1;
+                        self.stats.hit_cap("max_datagram_flows");
                         log_decision(
                             proto,
                             key.guest,
@@ -201,8 +201,13 @@ impl Stack {
             return;
         };
         // IPv6 header + UDP header is the most any reply adds to the payload.
-        if self.tx.len() >= self.cfg.caps.max_queued_frames || payload.len() + 48 > self.cfg.mtu {
-            self.stats.frames_dropped += 1;
+        if self.tx.len() >= self.cfg.caps.max_queued_frames {
+            self.stats
+                .dropped("host datagram while the guest queue is full");
+            return;
+        }
+        if payload.len() + 48 > self.cfg.mtu {
+            self.stats.dropped("host datagram over the MTU");
             return;
         }
         f.deadline = now + f.idle.into();

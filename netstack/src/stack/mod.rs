@@ -7,7 +7,7 @@
 //! SYN-ACK stays paused until the host connect succeeded. UDP and ICMP echo
 //! are relayed per flow without smoltcp.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -116,6 +116,22 @@ pub struct Stats {
     pub frames_dropped: u64,
     pub bytes_to_host: u64,
     pub bytes_to_guest: u64,
+    /// `caps_hit` by the cap's name (`max_tcp_flows`, …).
+    pub caps_hit_by_cap: BTreeMap<&'static str, u64>,
+    /// `frames_dropped` by why (`IPv4 fragment`, `bad TCP checksum`, …).
+    pub dropped_by_reason: BTreeMap<&'static str, u64>,
+}
+
+impl Stats {
+    fn dropped(&mut self, why: &'static str) {
+        self.frames_dropped += 1;
+        *self.dropped_by_reason.entry(why).or_default() += 1;
+    }
+
+    fn hit_cap(&mut self, cap: &'static str) {
+        self.caps_hit += 1;
+        *self.caps_hit_by_cap.entry(cap).or_default() += 1;
+    }
 }
 
 /// One sandbox's network core.
@@ -269,7 +285,7 @@ impl Stack {
                 // own address (a probe or an announcement) must stay the guest's.
                 let guest = self.cfg.plan.guest_v4;
                 if target == guest || sender == target {
-                    self.stats.frames_dropped += 1;
+                    self.stats.dropped("ARP about the guest's own address");
                 } else {
                     self.ingest(now, frame);
                 }
@@ -279,7 +295,7 @@ impl Stack {
                 self.emit(ra);
             }
             GuestPacket::Drop(why) => {
-                self.stats.frames_dropped += 1;
+                self.stats.dropped(why);
                 tracing::trace!(why, len = frame.len(), "dropped guest frame");
             }
         }

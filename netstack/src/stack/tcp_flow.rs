@@ -132,7 +132,7 @@ impl Stack {
             None
         };
         if let Some(cap) = over {
-            self.stats.caps_hit += 1;
+            self.stats.hit_cap(cap);
             log_decision("tcp", src, dst, verdict, Some(cap));
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
@@ -182,11 +182,17 @@ impl Stack {
         self.now = now;
         let caps = &self.cfg.caps;
         let need = 2 * self.cfg.tcp_buffer;
-        if self.inbound >= caps.max_inbound
-            || self.tcp.len() >= caps.max_tcp_flows
-            || self.buffer_bytes + need > caps.max_buffer_bytes
-        {
-            self.stats.caps_hit += 1;
+        let over = if self.inbound >= caps.max_inbound {
+            Some("max_inbound")
+        } else if self.tcp.len() >= caps.max_tcp_flows {
+            Some("max_tcp_flows")
+        } else if self.buffer_bytes + need > caps.max_buffer_bytes {
+            Some("max_buffer_bytes")
+        } else {
+            None
+        };
+        if let Some(cap) = over {
+            self.stats.hit_cap(cap);
             return Err(InboundError::OverCap);
         }
         let plan = &self.cfg.plan;
