@@ -27,7 +27,8 @@ pub fn gateway(data: &[u8]) {
     let Ok(input) = Input::arbitrary(&mut Unstructured::new(data)) else {
         return;
     };
-    let domain = Domain::parse(&input.domain).unwrap_or_else(|_| Domain::parse("example.test").unwrap());
+    let domain =
+        Domain::parse(&input.domain).unwrap_or_else(|_| Domain::parse("example.test").unwrap());
 
     // Whatever the client sent.
     let mut headers = HeaderMap::new();
