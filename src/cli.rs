@@ -304,7 +304,7 @@ impl NetOpts {
         cfg.caps.max_buffer_bytes = self.max_buffer_bytes;
         cfg.dns_upstream = match &self.dns_upstream {
             Some(s) => Some(parse_upstream(s)?),
-            None => host_resolver(),
+            None => netstack::config::host_resolver(),
         };
         Ok(cfg)
     }
@@ -332,18 +332,6 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, UsageError> {
                 "invalid --dns-upstream {s}: give ADDR or ADDR:PORT"
             ))
         })
-}
-
-/// The first nameserver of the host's /etc/resolv.conf.
-fn host_resolver() -> Option<SocketAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next()? == "nameserver")
-            .then(|| words.next()?.parse::<IpAddr>().ok())
-            .flatten()
-            .map(|ip| SocketAddr::new(ip, 53))
-    })
 }
 
 fn random_seed() -> u64 {

@@ -171,7 +171,7 @@ impl SandboxFile {
         // ones that serve requests (which its own cap counts).
         stack.caps.max_inbound = max_inbound + ingress::pool::MAX_IDLE;
         stack.dns_upstream = if self.dns_upstream.is_empty() {
-            host_resolver()
+            netstack::config::host_resolver()
         } else {
             Some(upstream(&self.dns_upstream)?)
         };
@@ -286,18 +286,6 @@ fn upstream(s: &str) -> Result<SocketAddr> {
     s.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, 53))
         .map_err(|_| value("sandbox.dns_upstream", s, "give ADDR or ADDR:PORT"))
-}
-
-/// The first nameserver of the host's /etc/resolv.conf.
-fn host_resolver() -> Option<SocketAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next()? == "nameserver")
-            .then(|| words.next()?.parse::<IpAddr>().ok())
-            .flatten()
-            .map(|ip| SocketAddr::new(ip, 53))
-    })
 }
 
 #[cfg(test)]
