@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             net,
             ingress,
         } => {
-            let transport = open_transport(link, connect, peer);
+            let transport = open_transport(link, connect, peer, net.tap_offload_mtu());
             exit_with(transport.and_then(|t| attach(&net, &ingress, t)))
         }
         Command::Serve(args) => serve::main(args),
@@ -162,10 +162,20 @@ fn run(
         ipv6: Some((plan.guest_v6, plan.prefix_v6)),
         gateway_v6: plan.gateway_v6_link_local,
         nameservers: vec![plan.dns_v4.into(), plan.dns_v6.into()],
+        vnet_hdr: net.tap_offload,
     };
     // Fork before any thread exists: the runtime comes after.
     let netns::Sandboxed { pid, tap, gate } =
         netns::spawn(&guest, command).map_err(|e| Failure::Other(chain(&e)))?;
+    let tap = match transport::offload(tap, net.tap_offload_mtu()) {
+        Ok(tap) => tap,
+        Err(e) => {
+            // SAFETY: plain kill(2) on our own child, still held at the gate.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = netns::wait(pid);
+            return Err(Failure::Other(chain(&e)));
+        }
+    };
     let rt = runtime()?;
     let code = rt.block_on(async move {
         let stack = Stack::new(cfg, policy, smol_instant(std::time::Duration::ZERO));
@@ -221,7 +231,7 @@ fn forward_signals(pid: libc::pid_t) {
     }
 }
 
-fn adopt_fd(fd: i32) -> Result<Tap, Failure> {
+fn adopt_fd(fd: i32, offload_mtu: Option<usize>) -> Result<Tap, Failure> {
     // SAFETY: fcntl(F_GETFD) only asks whether the number is an open descriptor.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(Failure::Usage(UsageError(format!(
@@ -230,7 +240,9 @@ fn adopt_fd(fd: i32) -> Result<Tap, Failure> {
     }
     // SAFETY: the descriptor is open and was handed to us to own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Tap::from_fd(owned).map_err(|e| Failure::Other(chain(&e)))
+    Tap::from_fd(owned)
+        .and_then(|tap| transport::offload(tap, offload_mtu))
+        .map_err(|e| Failure::Other(chain(&e)))
 }
 
 /// The link `attach` serves, from its flags.
@@ -238,15 +250,16 @@ fn open_transport(
     link: cli::AttachLink,
     connect: bool,
     peer: Option<std::path::PathBuf>,
+    offload_mtu: Option<usize>,
 ) -> Result<transport::Transport, Failure> {
     use transport::Transport;
     if let Some(name) = link.tap {
-        return Tap::open(&name)
+        return transport::open_tap(&name, offload_mtu)
             .map(Transport::Tap)
             .map_err(|e| Failure::Other(chain(&e)));
     }
     if let Some(fd) = link.tap_fd {
-        return adopt_fd(fd).map(Transport::Tap);
+        return adopt_fd(fd, offload_mtu).map(Transport::Tap);
     }
     if let Some(path) = link.qemu_stream {
         return transport::qemu_stream(path, connect).map_err(Failure::Other);

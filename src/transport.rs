@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use netstack::driver::{Driver, Link, Parked};
 use vmm_glue::qemu::{DgramLink, StreamEndpoint, StreamLink};
+use vmm_glue::tap::TapError;
 use vmm_glue::vhost_user::VhostUserNet;
 use vmm_glue::Tap;
 
@@ -38,6 +39,38 @@ impl Transport {
             }
         }
     }
+}
+
+/// Tap `name`, with checksum and segmentation offloads on at `offload_mtu`
+/// (`None`: plain frames).
+pub fn open_tap(name: &str, offload_mtu: Option<usize>) -> Result<Tap, TapError> {
+    match offload_mtu {
+        None => Tap::open(name),
+        Some(mtu) => offload(Tap::open_vnet(name)?, Some(mtu)),
+    }
+}
+
+/// Turns offloads on for a tap that has a virtio-net header, when
+/// `offload_mtu` asks for them; one without a header stays plain. A kernel
+/// that refuses them leaves the tap plain too, with a warning.
+pub fn offload(mut tap: Tap, offload_mtu: Option<usize>) -> Result<Tap, TapError> {
+    let Some(mtu) = offload_mtu else {
+        return Ok(tap);
+    };
+    if !tap.has_vnet_header() {
+        tracing::info!(
+            tap = tap.name(),
+            "no virtio-net header on the tap: offloads stay off"
+        );
+        return Ok(tap);
+    }
+    if let Err(e) = tap.enable_offloads(mtu) {
+        let cause = std::error::Error::source(&e)
+            .map(|c| format!(": {c}"))
+            .unwrap_or_default();
+        tracing::warn!(tap = tap.name(), "offloads stay off: {e}{cause}");
+    }
+    Ok(tap)
 }
 
 /// Serve `parked` over `transport` until `shutdown`, or until a link that

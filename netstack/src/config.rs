@@ -94,6 +94,21 @@ impl Default for Caps {
     }
 }
 
+/// What the link to the guest does for the stack beyond carrying whole,
+/// checksummed frames: the offloads a virtio-net header can express (a tap
+/// opened with IFF_VNET_HDR, a vhost-user device that negotiated them). The
+/// driver sets them from its link with `Stack::set_offloads`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// The link fills in the TCP checksum of every frame to the guest (or
+    /// marks it for the guest's kernel to fill), so the stack leaves it zero.
+    pub tx_checksum: bool,
+    /// The link takes TCP segments to the guest of up to 64 KiB whatever the
+    /// MTU and marks them for segmentation (TSO): the stack sends such
+    /// segments instead of MTU-sized ones. Needs `tx_checksum`.
+    pub tso: bool,
+}
+
 /// One sandbox's stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {

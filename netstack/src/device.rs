@@ -3,8 +3,12 @@
 
 use std::collections::VecDeque;
 
+use std::num::NonZeroUsize;
+
 use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
+
+use crate::config::Offloads;
 
 /// Frames on their way to the guest, with a pool of spent buffers to reuse.
 #[derive(Debug, Default)]
@@ -50,8 +54,13 @@ impl TxQueue {
 pub struct OneFrame<'a> {
     pub rx: Option<&'a [u8]>,
     pub tx: &'a mut TxQueue,
+    /// IP MTU of the link to the guest.
     pub mtu: usize,
+    pub offloads: Offloads,
 }
+
+/// The largest IP packet of a TCP segment sent for the link to cut (TSO).
+const TSO_MAX_IP: usize = 65535;
 
 impl phy::Device for OneFrame<'_> {
     type RxToken<'b>
@@ -80,9 +89,19 @@ impl phy::Device for OneFrame<'_> {
         // Every guest frame reaches smoltcp through `wire::classify`, which
         // already verified its IPv4 and TCP checksums: verifying them twice
         // cost a second pass over every 64 KiB segment. Frames out are still
-        // summed.
+        // summed, unless the link does that.
         caps.checksum.ipv4 = Checksum::Tx;
-        caps.checksum.tcp = Checksum::Tx;
+        caps.checksum.tcp = if self.offloads.tx_checksum {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
+        // With TSO smoltcp sends segments of up to 64 KiB, each marked with
+        // the MSS that the link cuts it to.
+        let tso = NonZeroUsize::new(TSO_MAX_IP + crate::wire::ETH_HEADER)
+            .filter(|_| self.offloads.tso && self.offloads.tx_checksum);
+        caps.segmentation.tcpv4 = tso;
+        caps.segmentation.tcpv6 = tso;
         caps
     }
 }

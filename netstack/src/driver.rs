@@ -20,11 +20,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::Offloads;
 use crate::policy::EgressPolicy;
 use crate::stack::{
     smol_instant, ConnectError, DatagramKind, FlowId, HostRequest, InboundError, Stack, Stats,
 };
-use crate::wire::Unreachable;
+use crate::wire::{RxMeta, Unreachable};
 
 /// Where the guest's frames come from and go to: a tap, a socket, a channel.
 /// Both calls are non-blocking and return `ErrorKind::WouldBlock` when they
@@ -38,6 +39,18 @@ pub unsafe trait Link: AsRawFd {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Write one whole frame.
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// What this link does for the stack (checksums, TSO); none by default.
+    /// A link that claims `tx_checksum` must fill in or offload the TCP
+    /// checksum of every frame it is given; one that claims `tso` must take
+    /// TCP segments of up to 64 KiB and see them cut to the MTU.
+    fn offloads(&self) -> Offloads {
+        Offloads::default()
+    }
+    /// Read one whole frame and what the link knows about it. The default
+    /// knows nothing: every checksum is verified.
+    fn recv_meta(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
+        Ok((self.recv(buf)?, RxMeta::default()))
+    }
 }
 
 /// Largest frame a link may hand over: 64 KiB IP packets plus Ethernet.
@@ -223,9 +236,10 @@ pub struct Driver<L: Link> {
 
 impl<L: Link> Driver<L> {
     /// Must be called inside a tokio runtime. The link must be non-blocking.
-    pub fn new(stack: Stack, link: L) -> io::Result<Self> {
+    pub fn new(mut stack: Stack, link: L) -> io::Result<Self> {
         // Continue the stack's own clock, which may have run under an earlier link.
         let started = std::time::Instant::now() - stack.elapsed();
+        stack.set_offloads(link.offloads());
         let (commands_tx, commands) = mpsc::unbounded_channel();
         Ok(Self {
             stack,
@@ -350,9 +364,9 @@ impl<L: Link> Driver<L> {
                 Poll::Pending => break,
             };
             let buf = &mut self.rx_buf;
-            match guard.try_io(|l| l.get_mut().recv(buf)) {
-                Ok(Ok(n)) => {
-                    self.stack.handle_frame(now, &self.rx_buf[..n]);
+            match guard.try_io(|l| l.get_mut().recv_meta(buf)) {
+                Ok(Ok((n, meta))) => {
+                    self.stack.handle_frame_meta(now, &self.rx_buf[..n], meta);
                     progress = true;
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -10,6 +10,6 @@ mod services;
 pub mod stack;
 pub mod wire;
 
-pub use config::{AddressPlan, Caps, StackConfig};
+pub use config::{AddressPlan, Caps, Offloads, StackConfig};
 pub use policy::{EgressPolicy, PolicyError, PolicySpec, Verdict};
 pub use stack::{ConnectError, DatagramKind, FlowId, HostRequest, InboundError, Stack, Stats};

@@ -67,16 +67,38 @@ pub struct Parsed<'a> {
     pub ip: &'a [u8],
 }
 
-fn rx_checksums() -> ChecksumCapabilities {
+/// What the link says about a guest frame beyond its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxMeta {
+    /// The guest's kernel vouched for the transport checksum (virtio-net's
+    /// NEEDS_CSUM or DATA_VALID): it is partial or already checked, and is
+    /// not verified again. The IPv4 header checksum still is.
+    pub checksum_trusted: bool,
+}
+
+/// Which checksums `classify` verifies: the IPv4 header's always, the
+/// transport's unless the link vouched for it (and none when fuzzing).
+fn rx_checksums(l4_trusted: bool) -> ChecksumCapabilities {
     if cfg!(fuzzing) {
-        ChecksumCapabilities::ignored()
-    } else {
-        ChecksumCapabilities::default()
+        return ChecksumCapabilities::ignored();
     }
+    let mut caps = ChecksumCapabilities::default();
+    if l4_trusted {
+        let ipv4 = caps.ipv4;
+        caps = ChecksumCapabilities::ignored();
+        caps.ipv4 = ipv4;
+    }
+    caps
 }
 
 /// Classify one Ethernet frame from the guest.
 pub fn classify(frame: &[u8]) -> Parsed<'_> {
+    classify_with(frame, RxMeta::default())
+}
+
+/// Classify one guest frame, with what its link said about it.
+pub fn classify_with(frame: &[u8], meta: RxMeta) -> Parsed<'_> {
+    let trusted = meta.checksum_trusted;
     let drop = |why| Parsed {
         src_mac: EthernetAddress([0; 6]),
         packet: GuestPacket::Drop(why),
@@ -87,8 +109,8 @@ pub fn classify(frame: &[u8]) -> Parsed<'_> {
     };
     let src_mac = eth.src_addr();
     let (packet, ip) = match eth.ethertype() {
-        EthernetProtocol::Ipv4 => classify_v4(&frame[ETH_HEADER..]),
-        EthernetProtocol::Ipv6 => classify_v6(&frame[ETH_HEADER..]),
+        EthernetProtocol::Ipv4 => classify_v4(&frame[ETH_HEADER..], trusted),
+        EthernetProtocol::Ipv6 => classify_v6(&frame[ETH_HEADER..], trusted),
         EthernetProtocol::Arp => (classify_arp(&frame[ETH_HEADER..]), &[][..]),
         _ => (GuestPacket::Drop("unsupported ethertype"), &[][..]),
     };
@@ -113,11 +135,12 @@ fn classify_arp(bytes: &[u8]) -> GuestPacket<'_> {
     }
 }
 
-fn classify_v4(bytes: &[u8]) -> (GuestPacket<'_>, &[u8]) {
+fn classify_v4(bytes: &[u8], trusted: bool) -> (GuestPacket<'_>, &[u8]) {
     let Ok(ip) = Ipv4Packet::new_checked(bytes) else {
         return (GuestPacket::Drop("malformed IPv4 header"), &[]);
     };
-    let Ok(repr) = Ipv4Repr::parse(&ip, &rx_checksums()) else {
+    let checksums = rx_checksums(trusted);
+    let Ok(repr) = Ipv4Repr::parse(&ip, &checksums) else {
         return (GuestPacket::Drop("invalid IPv4 header"), &[]);
     };
     // Without reassembly a fragment's payload would be taken for a whole
@@ -130,13 +153,13 @@ fn classify_v4(bytes: &[u8]) -> (GuestPacket<'_>, &[u8]) {
     let src = IpAddr::V4(repr.src_addr);
     let dst = IpAddr::V4(repr.dst_addr);
     let packet = match repr.next_header {
-        IpProtocol::Tcp => classify_tcp(payload, src, dst),
-        IpProtocol::Udp => classify_udp(payload, src, dst),
+        IpProtocol::Tcp => classify_tcp(payload, src, dst, &checksums),
+        IpProtocol::Udp => classify_udp(payload, src, dst, &checksums),
         IpProtocol::Icmp => {
             let Ok(pkt) = Icmpv4Packet::new_checked(payload) else {
                 return (GuestPacket::Drop("malformed ICMP"), &[]);
             };
-            match Icmpv4Repr::parse(&pkt, &rx_checksums()) {
+            match Icmpv4Repr::parse(&pkt, &checksums) {
                 Ok(Icmpv4Repr::EchoRequest {
                     ident,
                     seq_no,
@@ -157,7 +180,8 @@ fn classify_v4(bytes: &[u8]) -> (GuestPacket<'_>, &[u8]) {
     (packet, whole)
 }
 
-fn classify_v6(bytes: &[u8]) -> (GuestPacket<'_>, &[u8]) {
+fn classify_v6(bytes: &[u8], trusted: bool) -> (GuestPacket<'_>, &[u8]) {
+    let checksums = rx_checksums(trusted);
     let Ok(ip) = Ipv6Packet::new_checked(bytes) else {
         return (GuestPacket::Drop("malformed IPv6 header"), &[]);
     };
@@ -169,13 +193,13 @@ fn classify_v6(bytes: &[u8]) -> (GuestPacket<'_>, &[u8]) {
     let src = IpAddr::V6(repr.src_addr);
     let dst = IpAddr::V6(repr.dst_addr);
     let packet = match repr.next_header {
-        IpProtocol::Tcp => classify_tcp(payload, src, dst),
-        IpProtocol::Udp => classify_udp(payload, src, dst),
+        IpProtocol::Tcp => classify_tcp(payload, src, dst, &checksums),
+        IpProtocol::Udp => classify_udp(payload, src, dst, &checksums),
         IpProtocol::Icmpv6 => {
             let Ok(pkt) = Icmpv6Packet::new_checked(payload) else {
                 return (GuestPacket::Drop("malformed ICMPv6"), &[]);
             };
-            match Icmpv6Repr::parse(&repr.src_addr, &repr.dst_addr, &pkt, &rx_checksums()) {
+            match Icmpv6Repr::parse(&repr.src_addr, &repr.dst_addr, &pkt, &checksums) {
                 Ok(Icmpv6Repr::EchoRequest {
                     ident,
                     seq_no,
@@ -203,11 +227,16 @@ fn classify_v6(bytes: &[u8]) -> (GuestPacket<'_>, &[u8]) {
     (packet, whole)
 }
 
-fn classify_tcp(payload: &[u8], src: IpAddr, dst: IpAddr) -> GuestPacket<'_> {
+fn classify_tcp<'a>(
+    payload: &'a [u8],
+    src: IpAddr,
+    dst: IpAddr,
+    checksums: &ChecksumCapabilities,
+) -> GuestPacket<'a> {
     let Ok(tcp) = TcpPacket::new_checked(payload) else {
         return GuestPacket::Drop("malformed TCP header");
     };
-    if !cfg!(fuzzing) && !tcp.verify_checksum(&src.into(), &dst.into()) {
+    if checksums.tcp.rx() && !tcp.verify_checksum(&src.into(), &dst.into()) {
         return GuestPacket::Drop("bad TCP checksum");
     }
     // Port 0 is no endpoint (smoltcp refuses such segments too); an RST back
@@ -224,12 +253,17 @@ fn classify_tcp(payload: &[u8], src: IpAddr, dst: IpAddr) -> GuestPacket<'_> {
     }
 }
 
-fn classify_udp(payload: &[u8], src: IpAddr, dst: IpAddr) -> GuestPacket<'_> {
+fn classify_udp<'a>(
+    payload: &'a [u8],
+    src: IpAddr,
+    dst: IpAddr,
+    checksums: &ChecksumCapabilities,
+) -> GuestPacket<'a> {
     let Ok(udp) = UdpPacket::new_checked(payload) else {
         return GuestPacket::Drop("malformed UDP header");
     };
     let (s, d): (IpAddress, IpAddress) = (src.into(), dst.into());
-    let Ok(repr) = UdpRepr::parse(&udp, &s, &d, &rx_checksums()) else {
+    let Ok(repr) = UdpRepr::parse(&udp, &s, &d, checksums) else {
         return GuestPacket::Drop("invalid UDP datagram");
     };
     // Source port 0 means "no replies" (RFC 768): a relayed reply would go to

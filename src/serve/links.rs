@@ -16,10 +16,12 @@ use vmm_glue::Tap;
 use super::api::{ApiError, TransportSpec};
 use crate::transport::{self, Transport};
 
-/// Open the transport; nothing is left behind on error.
-pub fn open(spec: &TransportSpec, caller: Option<i32>) -> Result<Transport, ApiError> {
+/// Open the transport; nothing is left behind on error. Taps get checksum
+/// and segmentation offloads at `mtu` (a tapFd only when it was attached
+/// with a virtio-net header).
+pub fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Transport, ApiError> {
     match spec {
-        TransportSpec::Tap(name) => Tap::open(name)
+        TransportSpec::Tap(name) => transport::open_tap(name, Some(mtu))
             .map(Transport::Tap)
             .map_err(|e| tap_error("transport.tap", e)),
         TransportSpec::TapFd(fd) => {
@@ -36,6 +38,7 @@ pub fn open(spec: &TransportSpec, caller: Option<i32>) -> Result<Transport, ApiE
                 )
             })?;
             Tap::from_fd(owned)
+                .and_then(|tap| transport::offload(tap, Some(mtu)))
                 .map(Transport::Tap)
                 .map_err(|e| tap_error("transport.tapFd", e))
         }

@@ -251,7 +251,7 @@ impl Registry {
                 });
             }
         }
-        let transport = links::open(&req.transport, caller)?;
+        let transport = links::open(&req.transport, caller, defaults.stack.mtu)?;
         let transport_detail = transport.describe();
         let mut cfg = defaults.stack.clone();
         cfg.random_seed = random_u64()?;

@@ -12,5 +12,6 @@ pub mod netns;
 pub mod qemu;
 pub mod tap;
 pub mod vhost_user;
+pub mod vnet;
 
 pub use tap::Tap;

@@ -48,6 +48,9 @@ pub struct GuestNetConfig {
     /// Written into a resolv.conf bind-mounted over `/etc/resolv.conf`
     /// inside; when empty, `/etc/resolv.conf` is left as it is.
     pub nameservers: Vec<IpAddr>,
+    /// Open the tap with a virtio-net header (IFF_VNET_HDR), so that the
+    /// returned `Tap` can turn offloads on (`Tap::enable_offloads`).
+    pub vnet_hdr: bool,
 }
 
 impl Default for GuestNetConfig {
@@ -67,6 +70,7 @@ impl Default for GuestNetConfig {
                 IpAddr::V4(Ipv4Addr::new(10, 0, 2, 3)),
                 IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3)),
             ],
+            vnet_hdr: false,
         }
     }
 }

@@ -5,7 +5,11 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use netstack::wire::RxMeta;
+use netstack::Offloads;
+
 use crate::ifreq::{invalid_name_reason, IfReq};
+use crate::vnet;
 
 /// Longest virtio-net header accepted on an adopted fd (the largest the
 /// kernel defines, `virtio_net_hdr_v1_hash`, is 20 bytes).
@@ -74,6 +78,8 @@ pub enum TapError {
     PacketInfo { fd: RawFd, name: String },
     #[error("fd {fd} ({name}) has a {len}-byte virtio-net header; at most {MAX_VNET_HDR_LEN} is supported (TUNSETVNETHDRSZ)")]
     VnetHeaderTooLong { fd: RawFd, name: String, len: usize },
+    #[error("tap {name} has no virtio-net header (it was not opened with IFF_VNET_HDR), so it cannot carry offloads")]
+    NoVnetHeader { name: String },
     #[error("cannot prepare the fd of tap {name} ({what})")]
     Configure {
         name: String,
@@ -92,9 +98,16 @@ pub struct Tap {
     fd: OwnedFd,
     name: String,
     /// Bytes of virtio-net header in front of each frame on this fd: 0 unless
-    /// an adopted fd was attached with IFF_VNET_HDR.
+    /// it was opened or attached with IFF_VNET_HDR.
     vnet_hdr_len: usize,
+    /// With offloads on, the MTU that TCP segments are cut to (TSO).
+    offload_mtu: Option<usize>,
 }
+
+/// What the guest's kernel may hand us once offloads are on: partial
+/// checksums and TCP segments of up to 64 KiB, never UDP super-frames.
+const RX_OFFLOADS: libc::c_uint =
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
 
 impl Tap {
     /// Opens tap `name` in the caller's network namespace, creating it if it
@@ -102,6 +115,20 @@ impl Tap {
     /// close-on-exec. A `%d` in `name` lets the kernel pick a free number;
     /// [`Tap::name`] says which.
     pub fn open(name: &str) -> Result<Tap> {
+        Self::open_flags(name, libc::IFF_TAP | libc::IFF_NO_PI)
+    }
+
+    /// Like [`Tap::open`], with a virtio-net header in front of each frame
+    /// (IFF_VNET_HDR), so that [`Tap::enable_offloads`] can turn on checksum
+    /// and segmentation offloads. Until then the header is always empty.
+    pub fn open_vnet(name: &str) -> Result<Tap> {
+        let mut tap = Self::open_flags(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)?;
+        tap.vnet_hdr_len = vnet::HDR_LEN;
+        tap.set_offload_flags(0)?;
+        Ok(tap)
+    }
+
+    fn open_flags(name: &str, iff: libc::c_int) -> Result<Tap> {
         if let Some(reason) = invalid_name_reason(name) {
             return Err(TapError::InvalidName {
                 name: name.to_owned(),
@@ -119,7 +146,7 @@ impl Tap {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
         let mut req = IfReq::new(name);
-        req.set_flags(libc::IFF_TAP | libc::IFF_NO_PI);
+        req.set_flags(iff);
         // SAFETY: TUNSETIFF takes a `struct ifreq *`.
         unsafe { req.ioctl(fd.as_fd(), libc::TUNSETIFF) }
             .map_err(|source| set_iff_error(name, source))?;
@@ -127,15 +154,73 @@ impl Tap {
             fd,
             name: req.name(),
             vnet_hdr_len: 0,
+            offload_mtu: None,
         })
+    }
+
+    /// Turns on checksum and TCP segmentation offloads, both ways: the
+    /// guest's kernel may hand over frames with partial checksums and TCP
+    /// segments of up to 64 KiB, and TCP segments to it go with their
+    /// checksum left to its kernel and, past `mtu`, marked to be cut to
+    /// `mtu`. Needs a tap with a virtio-net header.
+    pub fn enable_offloads(&mut self, mtu: usize) -> Result<()> {
+        if self.vnet_hdr_len < vnet::HDR_LEN {
+            return Err(TapError::NoVnetHeader {
+                name: self.name.clone(),
+            });
+        }
+        // The header's fields are little-endian whatever the host; on a
+        // little-endian host that is the default, and older kernels may not
+        // know the request.
+        let le: libc::c_int = 1;
+        // SAFETY: TUNSETVNETLE reads one `int` through the pointer.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETVNETLE, &le) };
+        if rc < 0 && cfg!(target_endian = "big") {
+            return Err(TapError::Configure {
+                name: self.name.clone(),
+                what: "TUNSETVNETLE",
+                source: io::Error::last_os_error(),
+            });
+        }
+        self.set_offload_flags(RX_OFFLOADS)?;
+        self.offload_mtu = Some(mtu);
+        Ok(())
+    }
+
+    /// The offloads on: none, or checksums and TSO both ways.
+    pub fn offloads(&self) -> Offloads {
+        let on = self.offload_mtu.is_some();
+        Offloads {
+            tx_checksum: on,
+            tso: on,
+        }
+    }
+
+    /// Whether frames on this fd carry a virtio-net header.
+    pub fn has_vnet_header(&self) -> bool {
+        self.vnet_hdr_len > 0
+    }
+
+    fn set_offload_flags(&self, flags: libc::c_uint) -> Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags) };
+        if rc < 0 {
+            return Err(TapError::Configure {
+                name: self.name.clone(),
+                what: "TUNSETOFFLOAD",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Adopts an inherited tap fd (one a VMM launcher or a parent process
     /// opened): checks with TUNGETIFF that it is attached to a tap without
     /// packet-information headers, learns the interface's name, and makes the
     /// fd non-blocking. An fd attached with IFF_VNET_HDR is accepted: its
-    /// offloads are turned off and the header is added and stripped here, so
-    /// `recv` and `send` still deal in plain Ethernet frames.
+    /// offloads are turned off (until [`Tap::enable_offloads`]) and the header
+    /// is added and stripped here, so `recv` and `send` still deal in plain
+    /// Ethernet frames.
     pub fn from_fd(fd: OwnedFd) -> Result<Tap> {
         let raw = fd.as_raw_fd();
         let req = match tun_iff(fd.as_fd()) {
@@ -176,7 +261,7 @@ impl Tap {
                 });
             }
             // With no offloads the kernel hands over only whole, checksummed
-            // frames, so the header we strip never says anything we need.
+            // frames; whoever attached the fd may have left others on.
             // SAFETY: TUNSETOFFLOAD takes its argument by value.
             let rc = unsafe { libc::ioctl(raw, libc::TUNSETOFFLOAD, 0 as libc::c_uint) };
             if rc < 0 {
@@ -188,6 +273,7 @@ impl Tap {
             fd,
             name,
             vnet_hdr_len,
+            offload_mtu: None,
         })
     }
 
@@ -198,9 +284,31 @@ impl Tap {
 
     /// Reads one frame into `buf`; `Ok(None)` when none is waiting. A frame
     /// longer than `buf` is cut short by the kernel, so size `buf` for the
-    /// MTU plus the 14-byte Ethernet header.
+    /// MTU plus the 14-byte Ethernet header (64 KiB plus it with offloads).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let mut hdr = [0u8; MAX_VNET_HDR_LEN];
+        Ok(self.recv_meta(buf)?.map(|(len, _)| len))
+    }
+
+    /// Like [`Tap::recv`], with what the frame's virtio-net header said.
+    /// Frames the stack cannot take (a UDP super-frame) are skipped.
+    pub fn recv_meta(&self, buf: &mut [u8]) -> io::Result<Option<(usize, RxMeta)>> {
+        loop {
+            let mut hdr = [0u8; MAX_VNET_HDR_LEN];
+            let Some(len) = self.read_frame(&mut hdr, buf)? else {
+                return Ok(None);
+            };
+            match vnet::rx_meta(&hdr[..self.vnet_hdr_len]) {
+                Ok(meta) => return Ok(Some((len, meta))),
+                Err(why) => tracing::debug!(tap = %self.name, why, len, "skipped a frame"),
+            }
+        }
+    }
+
+    fn read_frame(
+        &self,
+        hdr: &mut [u8; MAX_VNET_HDR_LEN],
+        buf: &mut [u8],
+    ) -> io::Result<Option<usize>> {
         let iov = [
             libc::iovec {
                 iov_base: hdr.as_mut_ptr().cast(),
@@ -224,22 +332,41 @@ impl Tap {
     }
 
     /// Writes one frame; `Ok(false)` when the device cannot take it now.
+    /// With offloads on, a TCP segment goes with its checksum left to the
+    /// guest's kernel, and one longer than the MTU is marked for TSO.
     pub fn send(&self, frame: &[u8]) -> io::Result<bool> {
-        let hdr = [0u8; MAX_VNET_HDR_LEN];
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_ptr().cast_mut().cast(),
-                iov_len: self.vnet_hdr_len,
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr().cast_mut().cast(),
-                iov_len: frame.len(),
-            },
-        ];
+        let mut hdr = [0u8; MAX_VNET_HDR_LEN];
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 4];
+        let iov_of = |bytes: &[u8]| libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        };
+        let tx = self.offload_mtu.map(|mtu| vnet::tx_header(frame, mtu));
+        if let Some(tx) = &tx {
+            hdr[..vnet::HDR_LEN].copy_from_slice(&tx.hdr);
+        }
+        iov[0] = iov_of(&hdr[..self.vnet_hdr_len]);
+        let count = match tx.as_ref().and_then(|tx| tx.patch.as_ref()) {
+            // The checksum field is written over from a separate buffer, so
+            // the frame itself is never changed.
+            Some((at, bytes)) => {
+                iov[1] = iov_of(&frame[..*at]);
+                iov[2] = iov_of(bytes);
+                iov[3] = iov_of(&frame[at + 2..]);
+                4
+            }
+            None => {
+                iov[1] = iov_of(frame);
+                2
+            }
+        };
         loop {
-            // SAFETY: both iovecs point into live buffers of at least the
-            // lengths given; writev only reads through them.
-            let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+            // SAFETY: every iovec in use points into a live buffer (`hdr`,
+            // `frame`, `tx`) of at least the length given; writev only reads.
+            let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), count) };
             match Outcome::of(n)? {
                 Outcome::Done(_) => return Ok(true),
                 Outcome::Interrupted => continue,
@@ -393,6 +520,14 @@ fn set_iff_error(name: &str, source: io::Error) -> TapError {
 unsafe impl netstack::driver::Link for Tap {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         Tap::recv(self, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+    }
+
+    fn recv_meta(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
+        Tap::recv_meta(self, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+    }
+
+    fn offloads(&self) -> Offloads {
+        Tap::offloads(self)
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {

@@ -17,11 +17,11 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 
-use crate::config::StackConfig;
+use crate::config::{Offloads, StackConfig};
 use crate::device::{OneFrame, TxQueue};
 use crate::policy::{EgressPolicy, Rule, Verdict};
 use crate::services;
-use crate::wire::{self, FrameBuilder, GuestPacket, Unreachable};
+use crate::wire::{self, FrameBuilder, GuestPacket, RxMeta, Unreachable};
 
 mod datagram_flow;
 mod tcp_flow;
@@ -156,6 +156,7 @@ pub struct Stack {
     next_sweep: Option<Instant>,
     now: Instant,
     stats: Stats,
+    offloads: Offloads,
 }
 
 /// smoltcp's clock from the caller's; the core never reads a clock itself.
@@ -166,31 +167,9 @@ pub fn smol_instant(since_start: Duration) -> Instant {
 impl Stack {
     pub fn new(cfg: StackConfig, policy: EgressPolicy, now: Instant) -> Self {
         let gateway_mac = EthernetAddress(cfg.plan.gateway_mac);
-        let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ethernet(gateway_mac));
-        iface_cfg.random_seed = cfg.random_seed;
         let mut tx = TxQueue::default();
-        let mut dev = OneFrame {
-            rx: None,
-            tx: &mut tx,
-            mtu: cfg.mtu,
-        };
-        let mut iface = Interface::new(iface_cfg, &mut dev, now);
-        let plan = &cfg.plan;
-        iface.update_ip_addrs(|addrs| {
-            let v4 = [plan.gateway_v4, plan.dns_v4];
-            let v6 = [plan.gateway_v6, plan.dns_v6, plan.gateway_v6_link_local];
-            for a in v4 {
-                let _ = addrs.push(IpCidr::new(a.into(), plan.prefix_v4));
-            }
-            for (i, a) in v6.into_iter().enumerate() {
-                let len = if i == 2 { 64 } else { plan.prefix_v6 };
-                let _ = addrs.push(IpCidr::new(a.into(), len));
-            }
-        });
-        let _ = iface.routes_mut().add_default_ipv4_route(plan.gateway_v4);
-        let _ = iface.routes_mut().add_default_ipv6_route(plan.gateway_v6);
-        // Accept segments to every address: each relayed peer is "us".
-        iface.set_any_ip(true);
+        let offloads = Offloads::default();
+        let iface = Self::new_iface(&cfg, &mut tx, offloads, now);
         Self {
             policy,
             iface,
@@ -211,8 +190,66 @@ impl Stack {
             next_sweep: None,
             now,
             stats: Stats::default(),
+            offloads,
             cfg,
         }
+    }
+
+    /// smoltcp's interface: the gateway's addresses and routes, over a
+    /// device with `offloads` (smoltcp reads device capabilities once, here).
+    fn new_iface(
+        cfg: &StackConfig,
+        tx: &mut TxQueue,
+        offloads: Offloads,
+        now: Instant,
+    ) -> Interface {
+        let gateway_mac = EthernetAddress(cfg.plan.gateway_mac);
+        let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ethernet(gateway_mac));
+        // A remade interface must not replay the first one's sequence numbers.
+        iface_cfg.random_seed = cfg.random_seed ^ now.total_micros() as u64;
+        let mut dev = OneFrame {
+            rx: None,
+            tx,
+            mtu: cfg.mtu,
+            offloads,
+        };
+        let mut iface = Interface::new(iface_cfg, &mut dev, now);
+        let plan = &cfg.plan;
+        iface.update_ip_addrs(|addrs| {
+            let v4 = [plan.gateway_v4, plan.dns_v4];
+            let v6 = [plan.gateway_v6, plan.dns_v6, plan.gateway_v6_link_local];
+            for a in v4 {
+                let _ = addrs.push(IpCidr::new(a.into(), plan.prefix_v4));
+            }
+            for (i, a) in v6.into_iter().enumerate() {
+                let len = if i == 2 { 64 } else { plan.prefix_v6 };
+                let _ = addrs.push(IpCidr::new(a.into(), len));
+            }
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(plan.gateway_v4);
+        let _ = iface.routes_mut().add_default_ipv6_route(plan.gateway_v6);
+        // Accept segments to every address: each relayed peer is "us".
+        iface.set_any_ip(true);
+        iface
+    }
+
+    /// What the link does for the stack (the driver sets it from each new
+    /// link). smoltcp takes device capabilities only when its interface is
+    /// made, so a change makes a new one: its neighbour cache starts empty,
+    /// and open flows keep going (a new link has reset them anyway).
+    pub fn set_offloads(&mut self, offloads: Offloads) {
+        let offloads = Offloads {
+            tso: offloads.tso && offloads.tx_checksum,
+            ..offloads
+        };
+        if offloads != self.offloads {
+            self.offloads = offloads;
+            self.iface = Self::new_iface(&self.cfg, &mut self.tx, offloads, self.now);
+        }
+    }
+
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
     }
 
     pub fn config(&self) -> &StackConfig {
@@ -262,8 +299,14 @@ impl Stack {
 
     /// Take one Ethernet frame from the guest.
     pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        self.handle_frame_meta(now, frame, RxMeta::default());
+    }
+
+    /// Take one guest frame with what its link said about it (an offloaded
+    /// checksum). A TSO super-frame is one TCP segment like any other.
+    pub fn handle_frame_meta(&mut self, now: Instant, frame: &[u8], meta: RxMeta) {
         self.now = now;
-        let parsed = wire::classify(frame);
+        let parsed = wire::classify_with(frame, meta);
         if parsed.src_mac.is_unicast() {
             self.guest_mac = parsed.src_mac;
         }
@@ -306,6 +349,7 @@ impl Stack {
             rx: Some(frame),
             tx: &mut self.tx,
             mtu: self.cfg.mtu,
+            offloads: self.offloads,
         };
         self.iface
             .poll_ingress_single(now, &mut dev, &mut self.sockets);
@@ -396,6 +440,7 @@ impl Stack {
             rx: None,
             tx: &mut self.tx,
             mtu: self.cfg.mtu,
+            offloads: self.offloads,
         };
         self.iface.poll_maintenance(now);
         self.iface.poll_egress(now, &mut dev, &mut self.sockets);

@@ -19,7 +19,11 @@ pub(super) fn configure(cfg: &GuestNetConfig) -> Result<Tap, SetupError> {
     let inet = inet.as_fd();
     set_up(inet, "lo").map_err(|e| step("bring lo up", e))?;
 
-    let tap = Tap::open(&cfg.tap_name)?;
+    let tap = if cfg.vnet_hdr {
+        Tap::open_vnet(&cfg.tap_name)?
+    } else {
+        Tap::open(&cfg.tap_name)?
+    };
     let name = tap.name();
     let mut req = IfReq::new(name);
     req.set_hwaddr(cfg.mac);
