@@ -102,6 +102,14 @@ impl phy::Device for OneFrame<'_> {
             .filter(|_| self.offloads.tso && self.offloads.tx_checksum);
         caps.segmentation.tcpv4 = tso;
         caps.segmentation.tcpv6 = tso;
+        if tso.is_some() {
+            // smoltcp 0.14 drops an IPv6 packet over the MTU even when it is
+            // marked for segmentation (IPv4 it lets through). The segment
+            // size still follows the guest's MSS, which follows its MTU;
+            // only the MSS smoltcp announces grows, and the guest takes the
+            // smaller of the two.
+            caps.max_transmission_unit = TSO_MAX_IP + crate::wire::ETH_HEADER;
+        }
         caps
     }
 }

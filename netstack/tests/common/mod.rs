@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use netstack::policy::{EgressPolicy, PolicySpec};
 use netstack::stack::smol_instant;
-use netstack::{FlowId, HostRequest, Stack, StackConfig};
+use netstack::wire::RxMeta;
+use netstack::{FlowId, HostRequest, Offloads, Stack, StackConfig};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -89,6 +90,11 @@ impl XorShift {
 pub struct Link {
     pub to_guest: VecDeque<Vec<u8>>,
     pub from_guest: VecDeque<Vec<u8>>,
+    /// Like a tap with checksum and TSO offloads, as the guest's kernel sees
+    /// it: the guest sends TCP without checksums (64 KiB segments over IPv4),
+    /// and takes whole super-frames without checking theirs (local delivery
+    /// of CHECKSUM_PARTIAL).
+    pub offloaded: bool,
 }
 
 impl phy::Device for Link {
@@ -108,6 +114,11 @@ impl phy::Device for Link {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = GUEST_MTU + 14;
+        if self.offloaded {
+            caps.checksum.tcp = phy::Checksum::None;
+            // IPv4 only: smoltcp drops IPv6 super-frames over the MTU.
+            caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(65535 + 14);
+        }
         caps
     }
 }
@@ -146,6 +157,8 @@ pub struct Pair {
     pub sent: Vec<Vec<u8>>,
     /// Every frame the guest interface sent, oldest first.
     pub guest_sent: Vec<Vec<u8>>,
+    /// What the link says of each guest frame.
+    pub rx_meta: RxMeta,
     next_port: u16,
 }
 
@@ -156,9 +169,29 @@ const TICK: Duration = Duration::from_millis(10);
 
 impl Pair {
     pub fn new(cfg: StackConfig, policy: EgressPolicy) -> Self {
+        Self::with_link(cfg, policy, Link::default())
+    }
+
+    /// A pair over a link with checksum and TSO offloads both ways.
+    pub fn offloaded(cfg: StackConfig, policy: EgressPolicy) -> Self {
+        let link = Link {
+            offloaded: true,
+            ..Link::default()
+        };
+        let mut p = Self::with_link(cfg, policy, link);
+        p.stack.set_offloads(Offloads {
+            tx_checksum: true,
+            tso: true,
+        });
+        p.rx_meta = RxMeta {
+            checksum_trusted: true,
+        };
+        p
+    }
+
+    fn with_link(cfg: StackConfig, policy: EgressPolicy, mut link: Link) -> Self {
         let now = smol_instant(Duration::from_secs(1));
         let stack = Stack::new(cfg, policy, now);
-        let mut link = Link::default();
         let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ethernet(GUEST_MAC));
         iface_cfg.random_seed = 0x6e57;
         let mut iface = Interface::new(iface_cfg, &mut link, now);
@@ -183,6 +216,7 @@ impl Pair {
             requests: VecDeque::new(),
             sent: Vec::new(),
             guest_sent: Vec::new(),
+            rx_meta: RxMeta::default(),
             next_port: 40_000,
         }
     }
@@ -231,7 +265,7 @@ impl Pair {
         self.iface.poll(self.now, &mut self.link, &mut self.sockets);
         let mut moved = false;
         while let Some(frame) = self.link.from_guest.pop_front() {
-            self.stack.handle_frame(self.now, &frame);
+            self.stack.handle_frame_meta(self.now, &frame, self.rx_meta);
             self.guest_sent.push(frame);
             moved = true;
         }
