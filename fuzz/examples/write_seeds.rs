@@ -492,12 +492,19 @@ impl Script {
     /// Setup: big MTU, roomy buffers, the given upstream (0 none, 1 v4, 2 v6),
     /// loopback aliases, the default policy (TEST-NET-1 denied).
     fn new(small_mtu: bool, upstream: u32) -> Self {
+        Self::with_seed(small_mtu, upstream, 0x5eed)
+    }
+    /// The same over a link with checksum and TSO offloads (seed bit 8).
+    fn offloaded(small_mtu: bool, upstream: u32) -> Self {
+        Self::with_seed(small_mtu, upstream, 0x5eed | 0x100)
+    }
+    fn with_seed(small_mtu: bool, upstream: u32, seed: u64) -> Self {
         let mut e = Enc::default();
         e.bool(small_mtu)
             .bool(false)
             .variant(upstream, 3)
             .bool(true);
-        e.variant(0, 6).u64(0x5eed);
+        e.variant(0, 6).u64(seed);
         Script(e)
     }
     fn raw(&mut self, frame: &[u8]) -> &mut Self {
@@ -622,6 +629,30 @@ fn stack_scripts() -> Vec<(&'static str, Vec<u8>)> {
         .raw(&tcp(g6, p6, TcpControl::Syn, 1000, &[]));
     session(&mut s);
     out.push(("tcp-session-v6", s.done()));
+    // Over an offloading link at MTU 1500: 4 KiB of host bytes go out as one
+    // segment for the link to cut.
+    let neighbours = [
+        arp(true, GUEST_MAC, GUEST_V4, GATEWAY_V4),
+        neighbor_solicit(frames::GATEWAY_V6),
+    ];
+    for (name, guest, peer, hello) in [
+        ("tcp-offloaded-v4", g, p, &neighbours[0]),
+        ("tcp-offloaded-v6", g6, p6, &neighbours[1]),
+    ] {
+        let mut s = Script::offloaded(true, 0);
+        s.raw(hello)
+            .raw(&tcp(guest, peer, TcpControl::Syn, 1000, &[]));
+        s.host(0, CONNECTED)
+            .tracked(false, true, false, false, b"")
+            .host_bytes(0, SEND, &[0x5a; 4000])
+            .tracked(false, true, false, false, b"")
+            .tracked(false, true, false, false, &[0xa5; 3000])
+            .host(0, RECV)
+            .0
+            .u16(4096);
+        s.secs(1).next_timer();
+        out.push((name, s.done()));
+    }
     let mut s = Script::new(false, 0);
     s.raw(&tcp(g, p, TcpControl::Syn, 1, &[]))
         .host(0, CONNECTED)
@@ -984,4 +1015,18 @@ fn main() {
     write(&dir, "policy_parse", policy_inputs());
     write(&dir, "dhcp", dhcp_inputs());
     write(&dir, "dns", dns_inputs());
+    write(&dir, "vnet", vnet_inputs());
+}
+
+/// The vnet target: a mode byte (bit 0: IPv6; the MTU grows with it), then
+/// frame bytes.
+fn vnet_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    let with = |mode: u8, rest: &[u8]| [&[mode][..], rest].concat();
+    vec![
+        ("tso-v4", with(2, &[0x11; 3000])),
+        ("tso-v6", with(3, &[0x22; 3000])),
+        ("small-v4", with(0, b"hello")),
+        ("empty", with(1, &[])),
+        ("garbage-frame", with(0, &[0x45; 60])),
+    ]
 }

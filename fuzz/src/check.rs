@@ -1,6 +1,7 @@
 //! What every frame the stack sends to the guest must be: an Ethernet frame
 //! from the gateway's MAC carrying ARP or a whole, checksummed IPv4/IPv6
-//! packet that smoltcp's own parsers accept.
+//! packet that smoltcp's own parsers accept. Over a link with offloads a TCP
+//! segment may be up to 64 KiB, its checksum left zero for the link.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -25,7 +26,7 @@ pub struct SegmentSeen {
 }
 
 /// Panics (the fuzzer's "crash") with the reason if `frame` is malformed.
-pub fn frame_to_guest(frame: &[u8], mtu: usize) -> Option<SegmentSeen> {
+pub fn frame_to_guest(frame: &[u8], mtu: usize, offloaded: bool) -> Option<SegmentSeen> {
     let eth = EthernetFrame::new_checked(frame)
         .unwrap_or_else(|e| panic!("stack sent a short Ethernet frame ({e}): {frame:02x?}"));
     assert_eq!(
@@ -34,9 +35,15 @@ pub fn frame_to_guest(frame: &[u8], mtu: usize) -> Option<SegmentSeen> {
         "frame not from the gateway MAC"
     );
     let payload = eth.payload();
+    let tcp_segment = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => payload.get(9) == Some(&6),
+        EthernetProtocol::Ipv6 => payload.get(6) == Some(&6),
+        _ => false,
+    };
+    let limit = if offloaded && tcp_segment { 65535 } else { mtu };
     assert!(
-        payload.len() <= mtu,
-        "stack sent a {}-byte IP packet over a {mtu}-byte MTU link",
+        payload.len() <= limit,
+        "stack sent a {}-byte IP packet over a {mtu}-byte MTU link (offloads {offloaded})",
         payload.len()
     );
     let caps = ChecksumCapabilities::default();
@@ -56,7 +63,7 @@ pub fn frame_to_guest(frame: &[u8], mtu: usize) -> Option<SegmentSeen> {
             );
             let body = &payload[p.header_len().into()..];
             let (s, d) = (IpAddr::V4(repr.src_addr), IpAddr::V4(repr.dst_addr));
-            transport(repr.next_header, s, d, body)
+            transport(repr.next_header, s, d, body, offloaded)
         }
         EthernetProtocol::Ipv6 => {
             let p = Ipv6Packet::new_checked(payload).expect("stack sent a malformed IPv6 header");
@@ -67,19 +74,32 @@ pub fn frame_to_guest(frame: &[u8], mtu: usize) -> Option<SegmentSeen> {
                 "IPv6 payload length disagrees with the frame"
             );
             let (s, d) = (IpAddr::V6(repr.src_addr), IpAddr::V6(repr.dst_addr));
-            transport(repr.next_header, s, d, &payload[40..])
+            transport(repr.next_header, s, d, &payload[40..], offloaded)
         }
         other => panic!("stack sent ethertype {other}"),
     }
 }
 
-fn transport(proto: IpProtocol, src: IpAddr, dst: IpAddr, body: &[u8]) -> Option<SegmentSeen> {
+fn transport(
+    proto: IpProtocol,
+    src: IpAddr,
+    dst: IpAddr,
+    body: &[u8],
+    offloaded: bool,
+) -> Option<SegmentSeen> {
     let caps = ChecksumCapabilities::default();
     let (s, d): (IpAddress, IpAddress) = (src.into(), dst.into());
     match proto {
         IpProtocol::Tcp => {
             let p = TcpPacket::new_checked(body).expect("stack sent a malformed TCP header");
-            let repr = TcpRepr::parse(&p, &s, &d, &caps).unwrap_or_else(|e| {
+            // Our own RSTs are summed; smoltcp's segments are the link's to sum.
+            let tcp_caps = if offloaded && !p.verify_checksum(&s, &d) {
+                assert_eq!(p.checksum(), 0, "an offloaded checksum must be left zero");
+                ChecksumCapabilities::ignored()
+            } else {
+                caps.clone()
+            };
+            let repr = TcpRepr::parse(&p, &s, &d, &tcp_caps).unwrap_or_else(|e| {
                 panic!("stack sent an invalid TCP segment ({e}) {src} -> {dst}: {body:02x?}")
             });
             Some(SegmentSeen {

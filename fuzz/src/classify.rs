@@ -54,12 +54,12 @@ pub fn run(data: &[u8]) {
                 if let Some(f) = b.unreachable(from, offending, why) {
                     let ip_len = f.len() - wire::ETH_HEADER;
                     assert!(ip_len <= ICMP_ERROR_MAX, "{ip_len}-byte ICMP error");
-                    check::frame_to_guest(&f, ICMP_ERROR_MAX);
+                    check::frame_to_guest(&f, ICMP_ERROR_MAX, false);
                 }
             }
         }
         if let Some(f) = b.rst_for_syn(offending, src, dst) {
-            let seg = check::frame_to_guest(&f, 65535).expect("an RST is a TCP segment");
+            let seg = check::frame_to_guest(&f, 65535, false).expect("an RST is a TCP segment");
             assert!(
                 seg.rst && seg.peer == dst && seg.guest == src,
                 "RST for the wrong flow"

@@ -20,7 +20,7 @@ use super::input::Bytes;
 fn drain(stack: &mut Stack, mtu: usize) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     while let Some(f) = stack.poll_transmit() {
-        check::frame_to_guest(&f, mtu);
+        check::frame_to_guest(&f, mtu, false);
         out.push(f);
     }
     out

@@ -10,8 +10,11 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use netstack::policy::{EgressPolicy, PolicySpec};
 use netstack::stack::smol_instant;
+use netstack::wire::RxMeta;
 use netstack::wire::Unreachable;
-use netstack::{Caps, ConnectError, DatagramKind, FlowId, HostRequest, Stack, StackConfig};
+use netstack::{
+    Caps, ConnectError, DatagramKind, FlowId, HostRequest, Offloads, Stack, StackConfig,
+};
 
 use super::check::{self, SegmentSeen};
 use super::frames::{GuestFrame, TcpTrack, LOOPBACK_ALIAS_V4, LOOPBACK_ALIAS_V6};
@@ -158,6 +161,19 @@ pub struct Input {
     pub ops: Vec<Op>,
 }
 
+impl Setup {
+    /// A link with checksum and TSO offloads (a tap with a virtio-net
+    /// header): bit 8 of the seed, since a new field would shift every
+    /// stored input.
+    pub fn offloads(&self) -> Offloads {
+        let on = self.seed & (1 << 8) != 0;
+        Offloads {
+            tx_checksum: on,
+            tso: on,
+        }
+    }
+}
+
 pub fn config(setup: &Setup) -> StackConfig {
     let mut cfg = StackConfig {
         mtu: if setup.small_mtu { 1500 } else { 65520 },
@@ -202,6 +218,7 @@ struct DatagramSeen {
 
 struct Harness {
     stack: Stack,
+    offloads: Offloads,
     cfg: StackConfig,
     policy: EgressPolicy,
     now: Duration,
@@ -238,9 +255,12 @@ pub fn run_input(input: &Input) {
             .policy()
             .expect("fixed policy parses")
     });
-    let stack = Stack::new(cfg.clone(), policy.clone(), smol_instant(Duration::ZERO));
+    let mut stack = Stack::new(cfg.clone(), policy.clone(), smol_instant(Duration::ZERO));
+    let offloads = input.setup.offloads();
+    stack.set_offloads(offloads);
     let mut h = Harness {
         stack,
+        offloads,
         cfg,
         policy,
         now: Duration::ZERO,
@@ -258,6 +278,13 @@ pub fn run_input(input: &Input) {
 }
 
 impl Harness {
+    /// Over an offloading link the guest's kernel vouches for its checksums.
+    fn rx_meta(&self) -> RxMeta {
+        RxMeta {
+            checksum_trusted: self.offloads.tx_checksum,
+        }
+    }
+
     fn at(&self) -> smoltcp::time::Instant {
         smol_instant(self.now)
     }
@@ -271,10 +298,13 @@ impl Harness {
         match op {
             Op::Frame { frame, batch } => {
                 let bytes = frame.build(&self.tracks);
-                self.stack.handle_frame(self.at(), &bytes);
+                self.stack
+                    .handle_frame_meta(self.at(), &bytes, self.rx_meta());
                 poll = !batch;
             }
-            Op::Raw(bytes) => self.stack.handle_frame(self.at(), bytes),
+            Op::Raw(bytes) => self
+                .stack
+                .handle_frame_meta(self.at(), bytes, self.rx_meta()),
             Op::AdvanceMillis(ms) => self.now += Duration::from_millis((*ms).into()),
             Op::AdvanceSecs(s) => self.now += Duration::from_secs((*s).into()),
             Op::NextTimer => {
@@ -457,7 +487,7 @@ impl Harness {
         let limit = 4 * self.cfg.caps.max_queued_frames;
         if !self.hold || self.stack.queued_frames() > limit {
             while let Some(frame) = self.stack.poll_transmit() {
-                let seen = check::frame_to_guest(&frame, self.cfg.mtu);
+                let seen = check::frame_to_guest(&frame, self.cfg.mtu, self.offloads.tso);
                 if tracing() {
                     eprintln!("  frame {} bytes {:?}", frame.len(), seen);
                 }
