@@ -182,12 +182,16 @@ class Slipway(Session):
 
     name = "slipway"
 
-    def __init__(self, mtu, logdir, tag, binary):
+    def __init__(self, mtu, logdir, tag, binary, offload=True):
         super().__init__(mtu, logdir, tag)
         self.binary = binary
+        self.offload = offload
+        if not offload:
+            self.name = "slipway-plain"
 
     def command(self, *inner):
-        return [self.binary, "run", "--map-host-loopback", self.target, "--mtu", str(self.mtu), "--", *inner]
+        return [self.binary, "run", "--map-host-loopback", self.target, "--mtu", str(self.mtu),
+                "--tap-offload", "true" if self.offload else "false", "--", *inner]
 
     def _start_stack(self, timeout):
         self.agent = self._popen(self.command(sys.executable, AGENT),
