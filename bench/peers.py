@@ -191,7 +191,7 @@ class Slipway(Session):
 
     def command(self, *inner):
         return [self.binary, "run", "--map-host-loopback", self.target, "--mtu", str(self.mtu),
-                "--tap-offload", "true" if self.offload else "false", "--", *inner]
+                "--offload", "true" if self.offload else "false", "--", *inner]
 
     def _start_stack(self, timeout):
         self.agent = self._popen(self.command(sys.executable, AGENT),

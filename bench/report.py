@@ -117,7 +117,7 @@ def markdown(records, meta, mtus, notes):
             "*lower is better* figures (latency, loss, CPU, memory) a ratio above 1 means slipway "
             "is behind. Loopback has no stack process and no MTU: its figures (lo, MTU 65536) "
             "are the same limit in both MTU sections. slipway-plain is slipway with "
-            "`--tap-offload false` (no virtio-net header: plain frames, no TSO), TCP throughput "
+            "`--offload false` (no virtio-net header: plain frames, no TSO), TCP throughput "
             "only; ÷ slipway-plain is what the tap offloads are worth. See bench/README.md.", ""]
     head = ("| figure | MTU | better | unit | slipway | slipway-plain | pasta | slirp4netns | loopback "
             "| ÷ slipway-plain | ÷ pasta | ÷ slirp4netns | ÷ loopback |")

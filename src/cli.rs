@@ -116,12 +116,13 @@ pub struct NetOpts {
     /// IP MTU of the sandbox link (1280..=65520).
     #[arg(long, default_value_t = 65520, value_parser = clap::value_parser!(u32).range(1280..=65520))]
     pub mtu: u32,
-    /// Checksum and TCP segmentation offloads on the tap (a virtio-net header,
-    /// IFF_VNET_HDR): run's tap, attach --tap, and a --tap-fd attached with a
-    /// header. `false`: plain frames, every one at most the MTU.
-    #[arg(long = "tap-offload", value_name = "BOOL", default_value_t = true,
+    /// Checksum and TCP segmentation offloads where the link carries a
+    /// virtio-net header: run's tap, attach --tap, a --tap-fd attached with
+    /// IFF_VNET_HDR, and --vhost-user (TSO offered to the VMM). `false`:
+    /// plain frames, every one at most the MTU.
+    #[arg(long = "offload", value_name = "BOOL", default_value_t = true,
           action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
-    pub tap_offload: bool,
+    pub offload: bool,
     /// Seconds a host connect may take before the guest gets "host unreachable".
     #[arg(long = "connect-timeout", value_name = "SECS", default_value_t = 10.0)]
     pub connect_timeout: f64,
@@ -294,9 +295,9 @@ impl NetOpts {
         EgressPolicy::from_spec(&spec).map_err(|e| UsageError(e.to_string()))
     }
 
-    /// The MTU to turn tap offloads on at, or `None` to leave them off.
-    pub fn tap_offload_mtu(&self) -> Option<usize> {
-        self.tap_offload.then_some(self.mtu as usize)
+    /// The MTU to turn offloads on at, or `None` to leave them off.
+    pub fn offload_mtu(&self) -> Option<usize> {
+        self.offload.then_some(self.mtu as usize)
     }
 
     pub fn stack_config(&self) -> Result<StackConfig, UsageError> {

@@ -52,7 +52,8 @@ fn main() -> ExitCode {
             net,
             ingress,
         } => {
-            let transport = open_transport(link, connect, peer, net.tap_offload_mtu());
+            init_logging(&net, "info");
+            let transport = open_transport(link, connect, peer, net.offload_mtu());
             exit_with(transport.and_then(|t| attach(&net, &ingress, t)))
         }
         Command::Serve(args) => serve::main(args),
@@ -162,20 +163,12 @@ fn run(
         ipv6: Some((plan.guest_v6, plan.prefix_v6)),
         gateway_v6: plan.gateway_v6_link_local,
         nameservers: vec![plan.dns_v4.into(), plan.dns_v6.into()],
-        vnet_hdr: net.tap_offload,
+        vnet_hdr: net.offload,
     };
     // Fork before any thread exists: the runtime comes after.
     let netns::Sandboxed { pid, tap, gate } =
         netns::spawn(&guest, command).map_err(|e| Failure::Other(chain(&e)))?;
-    let tap = match transport::offload(tap, net.tap_offload_mtu()) {
-        Ok(tap) => tap,
-        Err(e) => {
-            // SAFETY: plain kill(2) on our own child, still held at the gate.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = netns::wait(pid);
-            return Err(Failure::Other(chain(&e)));
-        }
-    };
+    let tap = transport::offload(tap, net.offload_mtu());
     let rt = runtime()?;
     let code = rt.block_on(async move {
         let stack = Stack::new(cfg, policy, smol_instant(std::time::Duration::ZERO));
@@ -241,7 +234,7 @@ fn adopt_fd(fd: i32, offload_mtu: Option<usize>) -> Result<Tap, Failure> {
     // SAFETY: the descriptor is open and was handed to us to own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Tap::from_fd(owned)
-        .and_then(|tap| transport::offload(tap, offload_mtu))
+        .map(|tap| transport::offload(tap, offload_mtu))
         .map_err(|e| Failure::Other(chain(&e)))
 }
 
@@ -268,7 +261,7 @@ fn open_transport(
         return transport::qemu_dgram(path, peer).map_err(Failure::Other);
     }
     if let Some(path) = link.vhost_user {
-        return transport::vhost_user(path).map_err(Failure::Other);
+        return transport::vhost_user(path, offload_mtu).map_err(Failure::Other);
     }
     Err(Failure::Usage(UsageError(
         "give one of --tap, --tap-fd, --qemu-stream, --qemu-dgram, --vhost-user".into(),
@@ -278,7 +271,6 @@ fn open_transport(
 fn attach(net: &NetOpts, ingress: &IngressOpts, link: transport::Transport) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
     let ingress = prepare_ingress(ingress)?;
-    init_logging(net, "info");
     tracing::info!(link = %link.describe(), "serving");
     let rt = runtime()?;
     rt.block_on(async move {

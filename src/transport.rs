@@ -12,7 +12,7 @@ use std::time::Duration;
 use netstack::driver::{Driver, Link, Parked};
 use vmm_glue::qemu::{DgramLink, StreamEndpoint, StreamLink};
 use vmm_glue::tap::TapError;
-use vmm_glue::vhost_user::VhostUserNet;
+use vmm_glue::vhost_user::{self, VhostUserNet};
 use vmm_glue::Tap;
 
 /// Where a sandbox's frames come from.
@@ -26,6 +26,9 @@ pub enum Transport {
 impl Transport {
     pub fn describe(&self) -> String {
         match self {
+            Transport::Tap(t) if t.offloads().tso => {
+                format!("tap {}, checksum and TSO offloads on", t.name())
+            }
             Transport::Tap(t) => format!("tap {}", t.name()),
             Transport::QemuStream(StreamEndpoint::Listen { path, .. }) => {
                 format!("qemu stream, listening on {}", path.display())
@@ -46,23 +49,23 @@ impl Transport {
 pub fn open_tap(name: &str, offload_mtu: Option<usize>) -> Result<Tap, TapError> {
     match offload_mtu {
         None => Tap::open(name),
-        Some(mtu) => offload(Tap::open_vnet(name)?, Some(mtu)),
+        Some(mtu) => Tap::open_vnet(name).map(|tap| offload(tap, Some(mtu))),
     }
 }
 
 /// Turns offloads on for a tap that has a virtio-net header, when
 /// `offload_mtu` asks for them; one without a header stays plain. A kernel
 /// that refuses them leaves the tap plain too, with a warning.
-pub fn offload(mut tap: Tap, offload_mtu: Option<usize>) -> Result<Tap, TapError> {
+pub fn offload(mut tap: Tap, offload_mtu: Option<usize>) -> Tap {
     let Some(mtu) = offload_mtu else {
-        return Ok(tap);
+        return tap;
     };
     if !tap.has_vnet_header() {
         tracing::info!(
             tap = tap.name(),
             "no virtio-net header on the tap: offloads stay off"
         );
-        return Ok(tap);
+        return tap;
     }
     if let Err(e) = tap.enable_offloads(mtu) {
         let cause = std::error::Error::source(&e)
@@ -70,7 +73,7 @@ pub fn offload(mut tap: Tap, offload_mtu: Option<usize>) -> Result<Tap, TapError
             .unwrap_or_default();
         tracing::warn!(tap = tap.name(), "offloads stay off: {e}{cause}");
     }
-    Ok(tap)
+    tap
 }
 
 /// Serve `parked` over `transport` until `shutdown`, or until a link that
@@ -178,8 +181,16 @@ pub fn qemu_dgram(path: PathBuf, peer: Option<PathBuf>) -> Result<Transport, Str
 }
 
 /// Listen for VMMs on PATH as a vhost-user-net backend.
-pub fn vhost_user(path: PathBuf) -> Result<Transport, String> {
-    VhostUserNet::listen(&path)
+/// A vhost-user-net backend on `path`; with `offload_mtu` it offers TSO and
+/// sends TCP with NEEDS_CSUM (`vhost_user::Options`).
+pub fn vhost_user(path: PathBuf, offload_mtu: Option<usize>) -> Result<Transport, String> {
+    let defaults = vhost_user::Options::default();
+    let options = vhost_user::Options {
+        tso: offload_mtu.is_some(),
+        mtu: offload_mtu.unwrap_or(defaults.mtu),
+        ..defaults
+    };
+    VhostUserNet::listen_with(&path, options)
         .map(Transport::VhostUser)
         .map_err(|e| match std::error::Error::source(&e) {
             Some(cause) => format!("{e}: {cause}"),

@@ -290,7 +290,7 @@ fn transfer_at_mtu_1500(w: &World, offload: &str) -> (u64, u64) {
             "192.0.2.53",
             "--mtu",
             "1500",
-            "--tap-offload",
+            "--offload",
             offload,
         ],
         &script,
@@ -315,7 +315,7 @@ fn transfer_at_mtu_1500(w: &World, offload: &str) -> (u64, u64) {
 }
 
 #[test]
-fn tap_offloads_carry_64k_segments_at_mtu_1500_byte_exact() {
+fn offloads_carry_64k_segments_at_mtu_1500_byte_exact() {
     require_world!();
     let w = World::with_blob(100);
     let (to_guest, from_guest) = transfer_at_mtu_1500(&w, "true");

@@ -674,7 +674,12 @@ fn each_policy_holds_for_its_own_guest_and_changes_live() {
     require_world!();
     let w = World::new();
     let serve = world_serve(&w, 18280, "");
-    let (open, _) = Guest::create(&w, &serve, "open", "swopen", &[]);
+    let (open, created) = Guest::create(&w, &serve, "open", "swopen", &[]);
+    // A tap serve opens by name carries checksum and TSO offloads.
+    assert_eq!(
+        created["transport"]["detail"], "tap swopen, checksum and TSO offloads on",
+        "{created}"
+    );
     let (fenced, _) = Guest::create(
         &w,
         &serve,

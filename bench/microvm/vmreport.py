@@ -44,6 +44,7 @@ BASELINES = ["passt", "qemu-user"]
 # gets the lighter shade.
 KIND_COLORS = {"stream": ("#d9480f", "#ffa94d"), "dgram": ("#f08c00", "#ffd43b"),
                "vhost-user": ("#c2255c", "#f783ac"), "tap": ("#862e9c", "#da77f2"),
+               "vhost-user-plain": ("#e64980", "#fcc2d7"), "tap-plain": ("#ae3ec9", "#eebefa"),
                "passt": ("#1971c2", "#74c0fc"), "qemu-user": ("#2f9e44", "#8ce99a")}
 
 

@@ -335,6 +335,9 @@ impl<L: Link> Driver<L> {
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         for _ in 0..ROUNDS_PER_POLL {
             let now = self.now();
+            // A vhost-user guest acks its features after the link exists (and
+            // again after a reconnect); a change remakes smoltcp's interface.
+            self.stack.set_offloads(self.link.get_ref().offloads());
             let mut progress = self.read_link(cx, now)?;
             progress |= self.finish_connects(cx);
             while let Poll::Ready(Some(command)) = self.commands.poll_recv(cx) {

@@ -16,9 +16,9 @@ use vmm_glue::Tap;
 use super::api::{ApiError, TransportSpec};
 use crate::transport::{self, Transport};
 
-/// Open the transport; nothing is left behind on error. Taps get checksum
-/// and segmentation offloads at `mtu` (a tapFd only when it was attached
-/// with a virtio-net header).
+/// Open the transport; nothing is left behind on error. Taps and vhost-user
+/// get checksum and segmentation offloads at `mtu` (a tapFd only when it was
+/// attached with a virtio-net header).
 pub fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Transport, ApiError> {
     match spec {
         TransportSpec::Tap(name) => transport::open_tap(name, Some(mtu))
@@ -38,7 +38,7 @@ pub fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Tra
                 )
             })?;
             Tap::from_fd(owned)
-                .and_then(|tap| transport::offload(tap, Some(mtu)))
+                .map(|tap| transport::offload(tap, Some(mtu)))
                 .map(Transport::Tap)
                 .map_err(|e| tap_error("transport.tapFd", e))
         }
@@ -56,7 +56,8 @@ pub fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Tra
         }
         TransportSpec::VhostUser { path } => {
             not_clobbering("transport.vhostUser", path)?;
-            transport::vhost_user(path.clone()).map_err(|e| ApiError::bad("transport.vhostUser", e))
+            transport::vhost_user(path.clone(), Some(mtu))
+                .map_err(|e| ApiError::bad("transport.vhostUser", e))
         }
     }
 }

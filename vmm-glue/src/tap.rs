@@ -800,6 +800,46 @@ mod tests {
     }
 
     #[test]
+    fn offloads_need_a_vnet_header_and_then_reach_the_interface() {
+        if !private_netns() {
+            return;
+        }
+        let mut plain = Tap::open("plain0").expect("open");
+        let err = plain.enable_offloads(1500).unwrap_err();
+        assert!(matches!(err, TapError::NoVnetHeader { .. }), "{err}");
+        assert_eq!(plain.offloads(), Offloads::default());
+
+        let mut tap = Tap::open_vnet("offl0").expect("open with a header");
+        assert!(tap.has_vnet_header());
+        assert_eq!(tap.offloads(), Offloads::default(), "off until asked");
+        tap.enable_offloads(1500).expect("enable");
+        assert_eq!(
+            tap.offloads(),
+            Offloads {
+                tx_checksum: true,
+                tso: true
+            }
+        );
+        // The kernel now lets the interface send TSO frames: the features
+        // file says so (ethtool's view, without ethtool).
+        let features = std::fs::read_to_string("/sys/class/net/offl0/features");
+        if let Ok(features) = features {
+            assert_ne!(features.trim(), "0x0", "no features on the interface");
+        }
+        // Adopting the same kind of fd turns them off until asked again.
+        let fd = raw_tun(
+            "offl1",
+            libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+        );
+        let mut adopted = Tap::from_fd(fd).expect("adopt");
+        assert_eq!(adopted.offloads(), Offloads::default());
+        adopted
+            .enable_offloads(9000)
+            .expect("enable on an adopted fd");
+        assert!(adopted.offloads().tso);
+    }
+
+    #[test]
     fn open_creates_and_a_second_open_is_busy() {
         if !private_netns() {
             return;

@@ -51,9 +51,10 @@
 //! dropped.
 //!
 //! Offered: VERSION_1, MRG_RXBUF (a 64 KiB frame spreads over the guest's
-//! receive buffers), EVENT_IDX, INDIRECT_DESC, CSUM and GUEST_CSUM (see
-//! [`Options`]), PROTOCOL_FEATURES with REPLY_ACK and CONFIGURE_MEM_SLOTS;
-//! no MQ, no GSO, no MAC (the VMM owns the guest's address). Messages pass
+//! receive buffers), EVENT_IDX, INDIRECT_DESC, CSUM and GUEST_CSUM, TSO both
+//! ways (GUEST_TSO4/6, HOST_TSO4/6, HOST_ECN; see [`Options`]),
+//! PROTOCOL_FEATURES with REPLY_ACK and CONFIGURE_MEM_SLOTS; no MQ, no UDP
+//! segmentation, no MAC (the VMM owns the guest's address). Messages pass
 //! through `relay`, which reorders the one QEMU sends too early for the
 //! `vhost` crate.
 //!
@@ -124,13 +125,21 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
     /// Offer VIRTIO_NET_F_GUEST_CSUM: frames to the guest are marked
-    /// DATA_VALID (the stack computed their checksums), so the guest skips
-    /// verifying them.
+    /// DATA_VALID, or for TCP NEEDS_CSUM (the guest's kernel finishes the
+    /// checksum, and the stack leaves it undone).
     pub guest_csum: bool,
     /// Offer VIRTIO_NET_F_CSUM: the guest may leave TCP/UDP checksums of the
     /// frames it sends to us (which completes them), and so may use
     /// scatter-gather for large sends.
     pub csum: bool,
+    /// Offer TSO both ways (GUEST_TSO4/6 with `guest_csum`, HOST_TSO4/6 and
+    /// HOST_ECN with `csum`): TCP segments of up to 64 KiB cross whole, and
+    /// TCP to the guest goes with NEEDS_CSUM (the stack leaves the sum).
+    /// Off: every frame to the guest is whole and summed by the stack.
+    pub tso: bool,
+    /// The guest's MTU (what the stack's DHCP tells it): a TCP segment to
+    /// the guest past it is marked to be cut to it.
+    pub mtu: usize,
 }
 
 impl Default for Options {
@@ -138,6 +147,8 @@ impl Default for Options {
         Options {
             guest_csum: true,
             csum: true,
+            tso: true,
+            mtu: 65520,
         }
     }
 }
@@ -155,6 +166,9 @@ pub struct Stats {
     pub bytes_to_guest: u64,
     pub frames_from_guest: u64,
     pub bytes_from_guest: u64,
+    /// The largest frame each way so far: over the MTU plus 14 only with TSO.
+    pub largest_frame_to_guest: u64,
+    pub largest_frame_from_guest: u64,
     /// Descriptor chains refused (outside guest memory, looping, too long…).
     pub bad_chains: u64,
     /// Frames lost: too big for the guest's buffers, or stale when a VMM left.
@@ -175,6 +189,7 @@ struct Shared {
 /// Dropping it disconnects the VMM, stops the threads and removes the socket.
 pub struct VhostUserNet {
     path: PathBuf,
+    options: Options,
     stack_end: Socket,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -206,6 +221,7 @@ impl VhostUserNet {
             .map_err(Error::Thread)?;
         Ok(VhostUserNet {
             path: path.to_owned(),
+            options,
             stack_end,
             shared,
             thread: Some(thread),
@@ -218,6 +234,8 @@ impl VhostUserNet {
     pub fn link(&self) -> io::Result<VhostUserLink> {
         Ok(VhostUserLink {
             sock: self.stack_end.try_clone()?,
+            counters: self.shared.counters.clone(),
+            offload: self.options.tso,
         })
     }
 
@@ -236,6 +254,8 @@ impl VhostUserNet {
             bytes_to_guest: get(&c.bytes_to_guest),
             frames_from_guest: get(&c.frames_from_guest),
             bytes_from_guest: get(&c.bytes_from_guest),
+            largest_frame_to_guest: get(&c.largest_to_guest),
+            largest_frame_from_guest: get(&c.largest_from_guest),
             bad_chains: get(&c.bad_chains),
             dropped_frames: get(&c.dropped_frames),
         }
@@ -465,7 +485,8 @@ fn serve_connection(
             backend_end.clone(),
             mem.clone(),
             shared.counters.clone(),
-            device::offered_features(options.guest_csum, options.csum),
+            device::offered_features(options.guest_csum, options.csum, options.tso),
+            options.tso.then_some(options.mtu),
         )
         .map_err(SessionError::Device)?,
     );
@@ -555,6 +576,10 @@ fn tell_stack_vmm_gone(backend_end: &Socket) {
 /// `UnexpectedEof` when the backend is gone.
 pub struct VhostUserLink {
     sock: Socket,
+    /// The features the VMM acked, for the offloads the stack may use.
+    counters: Arc<Counters>,
+    /// `Options::tso`: offloads at all.
+    offload: bool,
 }
 
 // SAFETY: the link owns its descriptor (its own dup of the frame socket)
@@ -592,6 +617,18 @@ unsafe impl Link for VhostUserLink {
             ));
         }
         (&self.sock).write(frame).map(|_| ())
+    }
+
+    /// What the connected VMM's guest acked: GUEST_CSUM lets the device send
+    /// TCP with NEEDS_CSUM (so the stack leaves the sum), GUEST_TSO4 and
+    /// GUEST_TSO6 let it send 64 KiB segments. The driver asks every round,
+    /// so a VMM that acks later (or differently after a reconnect) is followed.
+    fn offloads(&self) -> netstack::Offloads {
+        let hdr = virtq::NetHeader::for_features(self.counters.features.load(Ordering::Relaxed));
+        netstack::Offloads {
+            tx_checksum: self.offload && hdr.data_valid,
+            tso: self.offload && hdr.guest_tso,
+        }
     }
 }
 

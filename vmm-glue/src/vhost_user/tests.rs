@@ -15,7 +15,12 @@ fn scratch(tag: &str) -> PathBuf {
 
 fn link_pair() -> (VhostUserLink, Socket) {
     let (a, b) = frame_socket_pair().unwrap();
-    (VhostUserLink { sock: a }, b)
+    let link = VhostUserLink {
+        sock: a,
+        counters: Arc::new(Counters::default()),
+        offload: true,
+    };
+    (link, b)
 }
 
 /// `recv` until something other than WouldBlock, for at most `limit`.
@@ -150,7 +155,7 @@ fn garbage_from_the_vmm_ends_that_connection_only() {
     vmm.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     vmm.read_exact(&mut reply).unwrap();
     let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
-    assert_eq!(features, device::offered_features(true, true));
+    assert_eq!(features, device::offered_features(true, true, true));
     drop(vmm);
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
@@ -242,7 +247,7 @@ mod with_a_frontend {
         let mut frontend = Frontend::connect(path, 2).unwrap();
         frontend.set_owner().unwrap();
         let offered = frontend.get_features().unwrap();
-        assert_eq!(offered, device::offered_features(true, true));
+        assert_eq!(offered, device::offered_features(true, true, true));
         // Everything but EVENT_IDX: interrupts by the plain flags here.
         frontend
             .set_features(offered & !(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX))

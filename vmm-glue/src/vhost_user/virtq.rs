@@ -16,8 +16,10 @@ use std::sync::atomic::{fence, Ordering};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_F_DATA_VALID,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -36,9 +38,14 @@ pub struct NetHeader {
     pub len: usize,
     /// A received frame may span several receive buffers.
     pub mergeable: bool,
-    /// Received frames carry DATA_VALID: the stack's checksums are right, the
-    /// guest need not verify them.
+    /// GUEST_CSUM: received frames carry DATA_VALID (the stack's checksums
+    /// are right) or, for TCP, NEEDS_CSUM (the guest finishes the checksum).
     pub data_valid: bool,
+    /// GUEST_TSO4 and GUEST_TSO6: TCP segments over the MTU go to the guest
+    /// whole, marked for segmentation.
+    pub guest_tso: bool,
+    /// HOST_TSO4 or HOST_TSO6: the guest may send TCP segments over the MTU.
+    pub host_tso: bool,
 }
 
 impl NetHeader {
@@ -53,16 +60,54 @@ impl NetHeader {
             },
             mergeable,
             data_valid: has(VIRTIO_NET_F_GUEST_CSUM),
+            guest_tso: has(VIRTIO_NET_F_GUEST_CSUM)
+                && has(VIRTIO_NET_F_GUEST_TSO4)
+                && has(VIRTIO_NET_F_GUEST_TSO6),
+            host_tso: has(VIRTIO_NET_F_HOST_TSO4) || has(VIRTIO_NET_F_HOST_TSO6),
         }
     }
 
-    /// The header of a received frame spread over `buffers` receive buffers.
-    fn encode(&self, buffers: u16) -> [u8; 12] {
-        let mut h = [0u8; 12];
+    /// The header (without `num_buffers`) for a frame from the stack to the
+    /// guest. Without offloads (`offload_mtu` None) the frame is complete:
+    /// DATA_VALID with GUEST_CSUM. With them, the guest's MTU: a TCP
+    /// segment's checksum field gets the pseudo-header sum, which the guest
+    /// finishes (NEEDS_CSUM, with GUEST_CSUM) or which is finished here;
+    /// past the MTU it is marked for TSO. `None`: a segment over the MTU that
+    /// the guest cannot take (no GUEST_TSO), to be dropped.
+    pub fn for_frame(
+        &self,
+        frame: &mut [u8],
+        offload_mtu: Option<usize>,
+    ) -> Option<[u8; crate::vnet::HDR_LEN]> {
+        let mut plain = [0u8; crate::vnet::HDR_LEN];
         if self.data_valid {
-            h[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+            plain[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
         }
-        // gso_type NONE, no checksum offsets: all zero.
+        let Some(mtu) = offload_mtu else {
+            return Some(plain);
+        };
+        let tx = crate::vnet::tx_header(frame, mtu);
+        let Some((at, partial)) = tx.patch else {
+            return Some(plain);
+        };
+        let segmented = tx.hdr[1] != VIRTIO_NET_HDR_GSO_NONE as u8;
+        if segmented && !self.guest_tso {
+            return None;
+        }
+        frame[at..at + 2].copy_from_slice(&partial);
+        if self.data_valid {
+            return Some(tx.hdr);
+        }
+        let start = usize::from(u16::from_le_bytes([tx.hdr[6], tx.hdr[7]]));
+        complete_checksum(frame, start, at - start).ok()?;
+        Some([0; crate::vnet::HDR_LEN])
+    }
+
+    /// `base` with `num_buffers`: the header of a received frame spread
+    /// over `buffers` receive buffers.
+    fn encode(&self, base: &[u8; crate::vnet::HDR_LEN], buffers: u16) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        h[..crate::vnet::HDR_LEN].copy_from_slice(base);
         h[10..12].copy_from_slice(&buffers.to_le_bytes());
         h
     }
@@ -86,7 +131,7 @@ pub enum BadChain {
     TooShort { len: usize, need: usize },
     #[error("head index {head} is outside the {size}-entry queue")]
     HeadOutOfRange { head: u16, size: u16 },
-    #[error("GSO type {0} on a frame, but no GSO was negotiated")]
+    #[error("GSO type {0} on a frame, but no such GSO was negotiated")]
     Gso(u8),
     #[error("checksum at {start}+{offset} lies outside the {len}-byte frame")]
     ChecksumOutside {
@@ -208,7 +253,12 @@ where
     let mut header = [0u8; 12];
     gather(mem, spans, 0, &mut header[..hdr.len])?;
     gather(mem, spans, hdr.len, &mut buf[..frame])?;
-    if header[1] != VIRTIO_NET_HDR_GSO_NONE as u8 {
+    // A TCP super-frame (HOST_TSO) is one segment to the stack.
+    let tcp_gso = matches!(
+        u32::from(header[1] & !(VIRTIO_NET_HDR_GSO_ECN as u8)),
+        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6
+    );
+    if header[1] != VIRTIO_NET_HDR_GSO_NONE as u8 && !(hdr.host_tso && tcp_gso) {
         return Err(BadChain::Gso(header[1]));
     }
     if header[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0 {
@@ -289,10 +339,12 @@ pub struct RxScratch {
 /// with mergeable buffers. Bad chains met on the way go back empty and are
 /// reported to `bad`. The used ring is published (`ring`) but the guest is
 /// not signalled: the caller does that once per batch.
+#[allow(clippy::too_many_arguments)]
 pub fn deliver_frame(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     hdr: NetHeader,
+    base: &[u8; crate::vnet::HDR_LEN],
     frame: &[u8],
     ring: &mut UsedRing,
     scratch: &mut RxScratch,
@@ -369,7 +421,7 @@ pub fn deliver_frame(
     }
 
     let buffers = chains.len() as u16;
-    let header = hdr.encode(buffers);
+    let header = hdr.encode(base, buffers);
     let parts: [&[u8]; 2] = [&header[..hdr.len], frame];
     let mut part = 0;
     let mut off = 0;

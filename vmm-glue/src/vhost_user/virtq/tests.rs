@@ -16,6 +16,8 @@ const MERGEABLE: NetHeader = NetHeader {
     len: 12,
     mergeable: true,
     data_valid: false,
+    guest_tso: false,
+    host_tso: false,
 };
 
 fn memory() -> GuestMemoryMmap {
@@ -55,11 +57,19 @@ fn take_tx(
     mem: &GuestMemoryMmap,
     mq: &MockSplitQueue<GuestMemoryMmap>,
 ) -> Result<Vec<u8>, BadChain> {
+    take_tx_with(mem, mq, MERGEABLE)
+}
+
+fn take_tx_with(
+    mem: &GuestMemoryMmap,
+    mq: &MockSplitQueue<GuestMemoryMmap>,
+    hdr: NetHeader,
+) -> Result<Vec<u8>, BadChain> {
     let mut q: Queue = mq.create_queue().unwrap();
     let chain = q.pop_descriptor_chain(mem).expect("a chain is posted");
     let mut buf = vec![0; MAX_FRAME];
     let mut spans = Vec::new();
-    let n = read_frame(chain, mem, MERGEABLE, &mut buf, &mut spans)?;
+    let n = read_frame(chain, mem, hdr, &mut buf, &mut spans)?;
     buf.truncate(n);
     Ok(buf)
 }
@@ -268,11 +278,26 @@ impl Rx {
     }
 
     fn deliver(&mut self, mem: &GuestMemoryMmap, hdr: NetHeader, f: &[u8]) -> Delivery {
+        let mut f = f.to_vec();
+        let base = hdr
+            .for_frame(&mut f, Some(65520))
+            .expect("a frame the guest takes");
+        self.deliver_with(mem, hdr, &base, &f)
+    }
+
+    fn deliver_with(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        hdr: NetHeader,
+        base: &[u8; crate::vnet::HDR_LEN],
+        f: &[u8],
+    ) -> Delivery {
         let bad = &mut self.bad;
         deliver_frame(
             &mut self.q,
             mem,
             hdr,
+            base,
             f,
             &mut self.ring,
             &mut self.scratch,
@@ -349,9 +374,8 @@ fn rx_frame_larger_than_a_lone_buffer_is_dropped_and_the_buffer_kept() {
     post_rx_buffers(&mq, 2, 1526, 0);
     let mut rx = Rx::new(&mq);
     let lone = NetHeader {
-        len: 12,
         mergeable: false,
-        data_valid: false,
+        ..MERGEABLE
     };
     assert_eq!(rx.deliver(&mem, lone, &frame(9000)), Delivery::TooBig);
     assert_eq!(rx.q.next_avail(), 0);
@@ -556,4 +580,118 @@ fn tx_frame_asking_for_a_checksum_gets_one_and_gso_is_refused() {
     mem.write_slice(&[0, 1], GuestAddress(DATA)).unwrap(); // gso_type TCPV4
     mq.add_desc_chains(&descs, 0).unwrap();
     assert_eq!(take_tx(&mem, &mq), Err(BadChain::Gso(1)));
+}
+
+#[test]
+fn tx_tcp_super_frame_is_taken_once_host_tso_is_acked() {
+    let mem = memory();
+    let tso = NetHeader {
+        host_tso: true,
+        ..MERGEABLE
+    };
+    let f = frame(40000);
+    // TCPV4 and TCPV6 (with or without ECN) are one segment to the stack.
+    for gso in [1u8, 4, 0x81] {
+        let mq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let descs = tx_chain(&mem, &f, 8, 0);
+        mem.write_slice(&[0, gso], GuestAddress(DATA)).unwrap();
+        mq.add_desc_chains(&descs, 0).unwrap();
+        assert_eq!(take_tx_with(&mem, &mq, tso).unwrap(), f, "gso type {gso}");
+    }
+    // UDP fragmentation (3) and UDP_L4 (5) were never offered.
+    for gso in [3u8, 5] {
+        let mq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let descs = tx_chain(&mem, &f, 8, 0);
+        mem.write_slice(&[0, gso], GuestAddress(DATA)).unwrap();
+        mq.add_desc_chains(&descs, 0).unwrap();
+        assert_eq!(take_tx_with(&mem, &mq, tso), Err(BadChain::Gso(gso)));
+    }
+}
+
+/// An Ethernet frame around an IPv4 TCP segment of `payload` bytes, its
+/// checksum left zero (as the stack leaves it for an offloading link).
+fn tcp_frame(payload: usize) -> Vec<u8> {
+    let tcp_len = 20 + payload;
+    let mut f = vec![0u8; 14 + 20 + tcp_len];
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[192, 0, 2, 1]);
+    ip[16..20].copy_from_slice(&[10, 0, 2, 15]);
+    let tcp = &mut f[34..];
+    tcp[0..2].copy_from_slice(&443u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18;
+    for (i, b) in tcp[20..].iter_mut().enumerate() {
+        *b = (i % 253) as u8;
+    }
+    f
+}
+
+#[test]
+fn rx_tcp_goes_with_needs_csum_and_tso_past_the_mtu() {
+    let all = NetHeader {
+        data_valid: true,
+        guest_tso: true,
+        ..MERGEABLE
+    };
+    // Within the MTU: NEEDS_CSUM at the TCP checksum, no segmentation.
+    let mut small = tcp_frame(1000);
+    let base = all.for_frame(&mut small, Some(1500)).unwrap();
+    assert_eq!(base[0], VIRTIO_NET_HDR_F_NEEDS_CSUM as u8);
+    assert_eq!(base[1], 0);
+    assert_eq!(u16::from_le_bytes([base[6], base[7]]), 34);
+    assert_eq!(u16::from_le_bytes([base[8], base[9]]), 16);
+    // The field holds the pseudo-header sum: finishing it gives a checksum
+    // the segment verifies with.
+    let mut finished = small.clone();
+    complete_checksum(&mut finished, 34, 16).unwrap();
+    assert!(tcp_checksum_ok(&finished));
+
+    // Past the MTU: TCPV4 at the MTU's segment size, into mergeable buffers.
+    let mut big = tcp_frame(60000);
+    let base = all.for_frame(&mut big, Some(1500)).unwrap();
+    assert_eq!(base[1], VIRTIO_NET_HDR_GSO_TCPV4 as u8);
+    assert_eq!(u16::from_le_bytes([base[4], base[5]]), 1460);
+    let mem = memory();
+    let mq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    post_rx_buffers(&mq, 48, 1526, 0);
+    let mut rx = Rx::new(&mq);
+    assert!(matches!(
+        rx.deliver_with(&mem, all, &base, &big),
+        Delivery::Delivered { .. }
+    ));
+    let got = received(&mem, &used(&mq));
+    assert_eq!(&got[..10], &base);
+    assert_eq!(&got[12..], &big[..]);
+
+    // No GUEST_TSO: a segment past the MTU cannot go; no GUEST_CSUM: the
+    // checksum is finished here and the header says nothing.
+    let no_tso = NetHeader {
+        data_valid: true,
+        ..MERGEABLE
+    };
+    assert_eq!(no_tso.for_frame(&mut tcp_frame(60000), Some(1500)), None);
+    let mut plain = tcp_frame(1000);
+    assert_eq!(MERGEABLE.for_frame(&mut plain, Some(1500)), Some([0; 10]));
+    assert!(tcp_checksum_ok(&plain));
+    // Offloads off: the frame goes untouched, DATA_VALID as the stack summed it.
+    let mut untouched = tcp_frame(1000);
+    let mut want = [0u8; 10];
+    want[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+    assert_eq!(no_tso.for_frame(&mut untouched, None), Some(want));
+    assert_eq!(untouched, tcp_frame(1000));
+}
+
+fn tcp_checksum_ok(f: &[u8]) -> bool {
+    use smoltcp::wire::{Ipv4Address, TcpPacket};
+    let tcp = TcpPacket::new_checked(&f[34..]).unwrap();
+    tcp.verify_checksum(
+        &Ipv4Address::new(192, 0, 2, 1).into(),
+        &Ipv4Address::new(10, 0, 2, 15).into(),
+    )
 }
