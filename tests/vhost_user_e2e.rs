@@ -346,17 +346,13 @@ fn microvm_over_vhost_user_fetches_and_is_denied() {
     let script = format!(
         "{}
          timed fetch-null wget -q -O /dev/null http://10.0.2.2:{port}/blob
-         timed upload sh -c 'dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | nc 10.0.2.2 {sink}'
+         {}
          true",
         fetch_and_deny(web.port),
+        upload(&web),
         port = web.port,
-        sink = web.sink_port,
-        blocks = BLOB_MIB * 16,
     );
-    let run = MicroVm::new(&vhost_user_netdev(&socket), &script)
-        .memory_mib(GUEST_MIB)
-        .timeout(RUN_LIMIT)
-        .run();
+    let run = boot(&socket, &script);
     let stats = sandbox.stats();
     check_fetch_and_deny(&run, &want, &stats, "vhost-user + in-process stack");
     assert_eq!(
@@ -365,15 +361,7 @@ fn microvm_over_vhost_user_fetches_and_is_denied() {
         "{}",
         run.report()
     );
-    assert!(
-        web.wait_for_request(
-            &format!("sink got {}", BLOB_MIB << 20),
-            Duration::from_secs(5)
-        ),
-        "the sink did not get {BLOB_MIB} MiB: {:?}\n{}",
-        web.log.lock().unwrap(),
-        run.report()
-    );
+    assert_sink_got_the_upload(&web, &run);
     eprintln!(
         "vhost-user transport: host→guest {BLOB_MIB} MiB in {} ms ({:.0} Mbit/s), \
          guest→host {BLOB_MIB} MiB in {} ms ({:.0} Mbit/s); {stats:?}",
@@ -401,30 +389,12 @@ fn microvm_over_vhost_user_at_mtu_1500_moves_64k_segments() {
     let web = WebServer::start(&dir.0);
     let socket = dir.0.join("vhost-user.sock");
     let sandbox = Sandbox::start_at(&socket, 1500);
-    let script = format!(
-        "{}
-         timed upload sh -c 'dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | nc 10.0.2.2 {sink}'
-         true",
-        fetch_and_deny(web.port),
-        sink = web.sink_port,
-        blocks = BLOB_MIB * 16,
-    );
-    let run = MicroVm::new(&vhost_user_netdev(&socket), &script)
-        .memory_mib(GUEST_MIB)
-        .timeout(RUN_LIMIT)
-        .run();
+    let script = format!("{}\n{}\ntrue", fetch_and_deny(web.port), upload(&web));
+    let run = boot(&socket, &script);
     let stats = sandbox.stats();
     check_fetch_and_deny(&run, &want, &stats, "vhost-user at MTU 1500");
     assert_eq!(run.field("dhcp", "mtu"), Some("1500"), "{}", run.report());
-    assert!(
-        web.wait_for_request(
-            &format!("sink got {}", BLOB_MIB << 20),
-            Duration::from_secs(5)
-        ),
-        "the sink did not get {BLOB_MIB} MiB: {:?}\n{}",
-        web.log.lock().unwrap(),
-        run.report()
-    );
+    assert_sink_got_the_upload(&web, &run);
     // virtio 1.x §5.1.3: GUEST_TSO4 7, GUEST_TSO6 8, HOST_TSO4 11.
     for bit in [7, 8, 11] {
         assert_ne!(
@@ -452,6 +422,37 @@ fn microvm_over_vhost_user_at_mtu_1500_moves_64k_segments() {
         "largest frame from the guest {from_guest}: {stats:?}"
     );
     assert_eq!(stats.bad_chains, 0, "{stats:?}");
+}
+
+/// Guest script: send `BLOB_MIB` MiB from /dev/zero to the web server's sink,
+/// timed as `upload`.
+fn upload(web: &WebServer) -> String {
+    format!(
+        "timed upload sh -c 'dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | nc 10.0.2.2 {sink}'",
+        sink = web.sink_port,
+        blocks = BLOB_MIB * 16,
+    )
+}
+
+/// Boot the guest on the vhost-user backend at `socket` and run `script`.
+fn boot(socket: &Path, script: &str) -> VmRun {
+    MicroVm::new(&vhost_user_netdev(socket), script)
+        .memory_mib(GUEST_MIB)
+        .timeout(RUN_LIMIT)
+        .run()
+}
+
+/// The guest's `upload` of `BLOB_MIB` MiB reached the web server's sink.
+fn assert_sink_got_the_upload(web: &WebServer, run: &VmRun) {
+    assert!(
+        web.wait_for_request(
+            &format!("sink got {}", BLOB_MIB << 20),
+            Duration::from_secs(5)
+        ),
+        "the sink did not get {BLOB_MIB} MiB: {:?}\n{}",
+        web.log.lock().unwrap(),
+        run.report()
+    );
 }
 
 /// Throughput of a `BLOB_MIB` MiB transfer timed as `key`.

@@ -9,7 +9,7 @@ use smoltcp::wire::{
     IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr,
     TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
-use vmm_glue::vnet::{rx_meta, tx_header, HDR_LEN};
+use vmm_glue::vnet::{fold, ones_sum, rx_meta, tx_header, HDR_LEN};
 
 pub fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
@@ -27,7 +27,7 @@ pub fn run(data: &[u8]) {
     assert_eq!(start + offset, at);
     let mut sent = frame.clone();
     sent[at..at + 2].copy_from_slice(&partial);
-    let sum = !fold(sum_words(&sent[start..]));
+    let sum = !fold(ones_sum(&sent[start..]));
     sent[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     assert_eq!(
         sent, frame,
@@ -119,18 +119,4 @@ fn segment(v6: bool, bytes: &[u8]) -> Vec<u8> {
         &caps,
     );
     frame
-}
-
-fn sum_words(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }

@@ -262,12 +262,15 @@ fn host_unreachable_becomes_icmp_quoting_the_syn() {
     assert_eq!(p.stack.half_open_count(), 0);
 }
 
-#[test]
-fn data_flows_both_ways_byte_exact() {
-    let mut p = Pair::allow_all();
-    let (h, flow) = p.open_tcp(peer(), BUF);
-    let up = XorShift::new(1).bytes(300_000);
-    let down = XorShift::new(2).bytes(400_000);
+/// The guest sends `up` while the host sends `down`, both as fast as the
+/// other side takes them; what each side received.
+fn exchange(
+    p: &mut Pair,
+    h: smoltcp::iface::SocketHandle,
+    flow: FlowId,
+    up: &[u8],
+    down: &[u8],
+) -> (Vec<u8>, Vec<u8>) {
     let (mut up_sent, mut down_sent) = (0, 0);
     let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
     p.run_until("both directions to arrive", |p| {
@@ -277,6 +280,16 @@ fn data_flows_both_ways_byte_exact() {
         down_sent += host_write(p, flow, &down[down_sent..]);
         got_up.len() >= up.len() && got_down.len() >= down.len()
     });
+    (got_up, got_down)
+}
+
+#[test]
+fn data_flows_both_ways_byte_exact() {
+    let mut p = Pair::allow_all();
+    let (h, flow) = p.open_tcp(peer(), BUF);
+    let up = XorShift::new(1).bytes(300_000);
+    let down = XorShift::new(2).bytes(400_000);
+    let (got_up, got_down) = exchange(&mut p, h, flow, &up, &down);
     assert!(got_up == up, "guest→host bytes differ");
     assert!(got_down == down, "host→guest bytes differ");
     assert_eq!(p.stack.stats().bytes_to_host, up.len() as u64);
@@ -300,15 +313,7 @@ fn offloaded_link_carries_64k_segments_both_ways_byte_exact() {
         let (h, flow) = p.open_tcp(dst, BUF);
         let up = XorShift::new(11).bytes(600_000);
         let down = XorShift::new(12).bytes(700_000);
-        let (mut up_sent, mut down_sent) = (0, 0);
-        let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
-        p.run_until("both directions to arrive", |p| {
-            up_sent += p.guest(h).send_slice(&up[up_sent..]).unwrap();
-            guest_read(p, h, &mut got_down);
-            host_read(p, flow, &mut got_up);
-            down_sent += host_write(p, flow, &down[down_sent..]);
-            got_up.len() >= up.len() && got_down.len() >= down.len()
-        });
+        let (got_up, got_down) = exchange(&mut p, h, flow, &up, &down);
         assert!(got_up == up, "v6={v6}: guest→host bytes differ");
         assert!(got_down == down, "v6={v6}: host→guest bytes differ");
         assert_eq!(p.stack.stats().frames_dropped, 0, "{:?}", p.stack.stats());

@@ -77,14 +77,14 @@ fn tcp_header(frame: &[u8], mtu: usize) -> Option<TxHeader> {
                 return None;
             }
             let total = usize::from(be16(ip, 2)?);
-            (ihl, total, GSO_TCPV4, words(ip.get(12..20)?))
+            (ihl, total, GSO_TCPV4, ones_sum(ip.get(12..20)?))
         }
         0x86dd => {
             if *ip.first()? >> 4 != 6 || *ip.get(6)? != 6 {
                 return None;
             }
             let total = 40 + usize::from(be16(ip, 4)?);
-            (40, total, GSO_TCPV6, words(ip.get(8..40)?))
+            (40, total, GSO_TCPV6, ones_sum(ip.get(8..40)?))
         }
         _ => return None,
     };
@@ -97,7 +97,7 @@ fn tcp_header(frame: &[u8], mtu: usize) -> Option<TxHeader> {
     if doff < 20 || doff > tcp_len {
         return None;
     }
-    sum += 6 + tcp_len as u32;
+    sum += 6 + tcp_len as u64;
     let partial = fold(sum);
 
     let mut hdr = [0u8; HDR_LEN];
@@ -121,15 +121,27 @@ fn be16(bytes: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
 }
 
-/// The one's-complement sum of big-endian 16-bit words, unfolded.
-fn words(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum()
+/// The one's-complement sum of big-endian 16-bit words (an odd last byte
+/// padded with zero), not yet folded.
+pub fn ones_sum(data: &[u8]) -> u64 {
+    let mut sum = 0u64;
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let rest = words.remainder();
+    let mut pairs = rest.chunks_exact(2);
+    for p in &mut pairs {
+        sum += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    }
+    if let [last] = pairs.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    sum
 }
 
-fn fold(mut sum: u32) -> u16 {
+/// A one's-complement sum folded to 16 bits (not complemented).
+pub fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -231,7 +243,7 @@ mod tests {
     fn complete_like_the_kernel(frame: &mut [u8], hdr: &[u8; HDR_LEN]) {
         let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
         let offset = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
-        let sum = !fold(words(&frame[start..]));
+        let sum = !fold(ones_sum(&frame[start..]));
         frame[start + offset..start + offset + 2].copy_from_slice(&sum.to_be_bytes());
     }
 

@@ -281,35 +281,10 @@ pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Resul
             len: frame.len(),
         });
     };
-    let sum = !fold(ones_sum(&frame[start..]));
+    let sum = !crate::vnet::fold(crate::vnet::ones_sum(&frame[start..]));
     let sum = if sum == 0 { 0xffff } else { sum };
     frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
     Ok(())
-}
-
-/// The one's-complement sum of big-endian 16-bit words, not yet folded.
-fn ones_sum(data: &[u8]) -> u64 {
-    let mut sum = 0u64;
-    let mut words = data.chunks_exact(4);
-    for w in &mut words {
-        sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-    }
-    let rest = words.remainder();
-    let mut pairs = rest.chunks_exact(2);
-    for p in &mut pairs {
-        sum += u64::from(u16::from_be_bytes([p[0], p[1]]));
-    }
-    if let [last] = pairs.remainder() {
-        sum += u64::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 /// What became of a frame offered to the receive queue.
