@@ -2,7 +2,6 @@
 //! frame in, any number of frames out into a bounded queue of reused buffers.
 
 use std::collections::VecDeque;
-
 use std::num::NonZeroUsize;
 
 use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
