@@ -13,11 +13,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::World;
+use common::{Scratch, World};
 
 const DOMAIN: &str = "slipway.test";
 const HOLD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/serve_hold.py");
@@ -26,33 +26,12 @@ const FLOOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/serve_fl
 const PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/probe.py");
 const TAPFD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/serve_tapfd.py");
 
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
 /// The flood test measures throughput: the microVM tests (TCG burns CPUs)
 /// do not run beside it.
 static CPU_HEAVY: Mutex<()> = Mutex::new(());
 
 fn cpu_heavy() -> std::sync::MutexGuard<'static, ()> {
     CPU_HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("slipway-serve-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A running `slipway serve`, stopped (SIGTERM, then SIGKILL) on drop.
@@ -223,7 +202,7 @@ fn json(body: &str) -> serde_json::Value {
 
 #[test]
 fn bad_requests_get_their_code_and_message_and_leave_nothing_behind() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("serve");
     let serve = Serve::start(
         None,
         &dir.0,
@@ -462,7 +441,7 @@ fn bad_requests_get_their_code_and_message_and_leave_nothing_behind() {
 
 #[test]
 fn a_bearer_token_guards_the_api_and_sighup_replaces_it() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("serve");
     let base = "[gateway]\nlisten = \"off\"\n[metrics]\nlisten = \"off\"\n";
     let serve = Serve::start(None, &dir.0, &format!("token = \"first\"\n{base}"));
     let (status, reply) = serve.api("GET", "/sandboxes", None, None);

@@ -16,7 +16,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::microvm::{KillOnDrop, MicroVm, VmRun};
+use common::Scratch;
 use netstack::driver::{Driver, Parked};
 use netstack::stack::smol_instant;
 use netstack::{EgressPolicy, PolicySpec, Stack, StackConfig};
@@ -35,24 +36,6 @@ const BLOB_MIB: usize = 50;
 /// The guest's memory, shared with the backend (vhost-user needs it shared).
 const GUEST_MIB: u32 = 256;
 const DENIED_NET: &str = "192.0.2.0/24";
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("slw-vu-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `python3 -m http.server` on 127.0.0.1 (a free port) serving `dir`, and a
 /// sink on another port that reads `BLOB_MIB` MiB per connection and then
@@ -336,7 +319,7 @@ fn check_fetch_and_deny(run: &VmRun, want_sha: &str, stats: &Stats, label: &str)
 fn microvm_over_vhost_user_fetches_and_is_denied() {
     require_microvm!();
     init_logs();
-    let dir = Scratch::new("fetch");
+    let dir = Scratch::new("vu-fetch");
     let want = make_blob(&dir.0);
     let web = WebServer::start(&dir.0);
     let socket = dir.0.join("vhost-user.sock");
@@ -384,7 +367,7 @@ fn microvm_over_vhost_user_at_mtu_1500_moves_64k_segments() {
         return;
     }
     init_logs();
-    let dir = Scratch::new("tso");
+    let dir = Scratch::new("vu-tso");
     let want = make_blob(&dir.0);
     let web = WebServer::start(&dir.0);
     let socket = dir.0.join("vhost-user.sock");
@@ -504,7 +487,7 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 fn vhost_user_backend_serves_a_second_vmm_after_the_first_is_killed() {
     require_microvm!();
     init_logs();
-    let dir = Scratch::new("reconnect");
+    let dir = Scratch::new("vu-reconnect");
     let want = make_blob(&dir.0);
     std::fs::write(dir.0.join("ready"), b"ready\n").unwrap();
     let web = WebServer::start(&dir.0);

@@ -282,7 +282,7 @@ impl MicroVm {
     pub fn run(self) -> VmRun {
         let parts = parts().unwrap_or_else(|e| panic!("{e}"));
         let accel = self.accel.unwrap_or_else(accel);
-        let dir = ScratchDir::new();
+        let dir = super::Scratch::new("vm");
         let initrd = dir.0.join("initrd.cpio");
         write_initrd(&parts.initramfs, &self.script, &initrd)
             .unwrap_or_else(|e| panic!("write {}: {e}", initrd.display()));
@@ -542,25 +542,6 @@ impl Drop for KillOnDrop {
             let _ = self.0.kill();
         }
         let _ = self.0.wait();
-    }
-}
-
-/// A per-boot directory under the system's temp dir, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new() -> ScratchDir {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("slipway-vm-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create microVM scratch dir");
-        ScratchDir(dir)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
