@@ -297,13 +297,17 @@ mod tests {
         None
     }
 
+    /// Load `text` as a config file: each call its own directory (tests run
+    /// in parallel), removed afterwards.
     fn load_text(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<FileConfig> {
-        let dir = std::env::temp_dir().join(format!("slipway-cfg-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("slipway-cfg-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{}.toml", text.len()));
+        let path = dir.join("slipway.toml");
         std::fs::write(&path, text).unwrap();
         let out = load(Some(&path), env);
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&dir);
         out
     }
 
