@@ -1146,22 +1146,7 @@ fn microvm_beside_a_netns_guest(flag: &str, kind: &str, netdev: impl Fn(&str) ->
         .netns(&w.name)
         .timeout(Duration::from_secs(90))
         .run();
-    let report = || format!("{}\n--- serve ---\n{}", run.report(), serve.log());
-    assert_eq!(run.guest_exit(), Some(0), "{}", report());
-    assert_eq!(
-        run.field("dhcp", "ip"),
-        Some("10.0.2.15/24"),
-        "{}",
-        report()
-    );
-    assert_eq!(run.field("fetch", "exit"), Some("0"), "{}", report());
-    assert_eq!(run.mark("sha256"), Some(want.as_str()), "{}", report());
-    assert!(
-        run.field("deny", "err")
-            .is_some_and(|e| e.contains("refused")),
-        "{}",
-        report()
-    );
+    run.assert_leased_fetched_denied(&want, &|| format!("--- serve ---\n{}", serve.log()));
     assert_eq!(netns.probe("tcp", "192.0.2.1", 80), "ECONNREFUSED");
     assert_eq!(netns.probe("tcp", "198.51.100.1", 80), "connected");
     stop.store(true, Ordering::Relaxed);

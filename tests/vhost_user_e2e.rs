@@ -262,42 +262,8 @@ fn fetch_and_deny(port: u16) -> String {
 }
 
 fn check_fetch_and_deny(run: &VmRun, want_sha: &str, stats: &Stats, label: &str) {
-    let report = || format!("{}\n--- backend ---\n{stats:?}", run.report());
-    assert!(
-        matches!(run.guest_exit(), Some(0)),
-        "guest script failed: {}",
-        report()
-    );
-    assert_eq!(
-        run.field("dhcp", "ip"),
-        Some("10.0.2.15/24"),
-        "{}",
-        report()
-    );
-    assert_eq!(
-        run.field("dhcp", "router"),
-        Some("10.0.2.2"),
-        "{}",
-        report()
-    );
-    assert_eq!(run.field("fetch", "exit"), Some("0"), "{}", report());
-    assert_eq!(run.mark("sha256"), Some(want_sha), "{}", report());
-    assert_ne!(run.field("deny", "exit"), Some("0"), "{}", report());
-    let deny_ms: u64 = run
-        .field("deny", "ms")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no deny timing: {}", report()));
-    assert!(
-        deny_ms < 1000,
-        "denied connect took {deny_ms} ms: {}",
-        report()
-    );
-    assert!(
-        run.field("deny", "err")
-            .is_some_and(|e| e.contains("refused")),
-        "{}",
-        report()
-    );
+    let deny_ms =
+        run.assert_leased_fetched_denied(want_sha, &|| format!("--- backend ---\n{stats:?}"));
     eprintln!(
         "{label}: accel {:?}, boot {:.2?}, dhcp {} ms (mtu {}), {BLOB_MIB} MiB fetched and hashed \
          in {} ms ({:.0} Mbit/s), denied connect failed in {deny_ms} ms, whole run {:.1?}; \

@@ -434,6 +434,52 @@ impl VmRun {
         )
     }
 
+    /// The checks every boot behind slipway shares: the guest's script
+    /// exited 0, the lease is 10.0.2.15/24 via 10.0.2.2, the `fetch` worked
+    /// and its `sha256` mark is `want_sha`, and the `deny` connect was
+    /// refused (not timed out) within a second. `stack` adds the stack's side
+    /// to every failure message. Returns the denied connect's milliseconds.
+    pub fn assert_leased_fetched_denied(&self, want_sha: &str, stack: &dyn Fn() -> String) -> u64 {
+        let report = || format!("{}\n{}", self.report(), stack());
+        assert!(
+            matches!(self.guest_exit(), Some(0)),
+            "guest script failed: {}",
+            report()
+        );
+        assert_eq!(
+            self.field("dhcp", "ip"),
+            Some("10.0.2.15/24"),
+            "{}",
+            report()
+        );
+        assert_eq!(
+            self.field("dhcp", "router"),
+            Some("10.0.2.2"),
+            "{}",
+            report()
+        );
+        assert_eq!(self.field("fetch", "exit"), Some("0"), "{}", report());
+        assert_eq!(self.mark("sha256"), Some(want_sha), "{}", report());
+        // Denied: refused at once (an RST from the stack), not a timeout.
+        assert_ne!(self.field("deny", "exit"), Some("0"), "{}", report());
+        let deny_ms: u64 = self
+            .field("deny", "ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no deny timing: {}", report()));
+        assert!(
+            deny_ms < 1000,
+            "denied connect took {deny_ms} ms: {}",
+            report()
+        );
+        assert!(
+            self.field("deny", "err")
+                .is_some_and(|e| e.contains("refused")),
+            "{}",
+            report()
+        );
+        deny_ms
+    }
+
     /// Panics with the whole console unless the guest's script exited 0 and
     /// the guest powered off.
     pub fn ok(&self) -> &Self {
