@@ -20,9 +20,10 @@ import socket
 import socketserver
 import struct
 import sys
-import threading
 import time
 import urllib.parse
+
+from httpkit import echo_forever, read_body, send_file
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -31,35 +32,6 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256
-
-
-def read_body(handler):
-    """Yield the request body in pieces: Content-Length or chunked."""
-    te = handler.headers.get("Transfer-Encoding", "")
-    if "chunked" in te.lower():
-        while True:
-            line = handler.rfile.readline(1024)
-            size = int(line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while handler.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return
-            left = size
-            while left:
-                piece = handler.rfile.read(min(left, 1 << 20))
-                if not piece:
-                    return
-                left -= len(piece)
-                yield piece
-            handler.rfile.readline(16)
-    else:
-        left = int(handler.headers.get("Content-Length") or 0)
-        while left:
-            piece = handler.rfile.read(min(left, 1 << 20))
-            if not piece:
-                return
-            left -= len(piece)
-            yield piece
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -98,20 +70,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/headers":
             return self.headers_echo()
         if url.path == "/blob":
-            with open(self.blob, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(0)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(size))
-                self.end_headers()
-                while True:
-                    piece = f.read(1 << 20)
-                    if not piece:
-                        break
-                    self.wfile.write(piece)
-            return
+            return send_file(self, self.blob)
         if url.path == "/sse":
             n, ms = int(q.get("n", "3")), int(q.get("ms", "100"))
             self.send_response(200)
@@ -227,25 +186,10 @@ def tcp_server(port, with_proxy):
     srv.bind(("0.0.0.0", port))
     srv.listen(64)
 
-    def serve(conn):
-        with conn:
-            try:
-                if with_proxy:
-                    conn.sendall(f"proxy {proxy_v2(conn)}\n".encode())
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    conn.sendall(data)
-            except (OSError, EOFError):
-                pass
+    def greet(conn):
+        conn.sendall(f"proxy {proxy_v2(conn)}\n".encode())
 
-    def loop():
-        while True:
-            conn, _ = srv.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=loop, daemon=True).start()
+    echo_forever(srv, greet if with_proxy else None)
 
 
 def main():

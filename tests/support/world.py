@@ -20,6 +20,8 @@ import struct
 import sys
 import threading
 
+from httpkit import echo_forever, read_body, send_file
+
 
 class DualStack(socketserver.ThreadingMixIn, http.server.HTTPServer):
     address_family = socket.AF_INET6
@@ -51,33 +53,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             peer = self.client_address[0]
             return self._reply(200, f"hello from world, you are {peer}\n".encode())
         if self.path == "/blob" and self.blob:
-            with open(self.blob, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(0)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(size))
-                self.end_headers()
-                while True:
-                    chunk = f.read(1 << 20)
-                    if not chunk:
-                        break
-                    self.wfile.write(chunk)
-            return
+            return send_file(self, self.blob)
         self._reply(404, b"not found\n")
 
     def do_PUT(self):
-        length = int(self.headers.get("Content-Length", "0"))
-        h = hashlib.sha256()
-        left = length
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-        self._reply(200, (h.hexdigest() + f" {length - left}\n").encode())
+        h, n = hashlib.sha256(), 0
+        for piece in read_body(self):
+            h.update(piece)
+            n += len(piece)
+        self._reply(200, f"{h.hexdigest()} {n}\n".encode())
 
 
 def tcp_echo(port):
@@ -86,21 +70,7 @@ def tcp_echo(port):
     srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     srv.bind(("::", port))
     srv.listen(64)
-
-    def serve(conn):
-        with conn:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                conn.sendall(data)
-
-    def loop():
-        while True:
-            conn, _ = srv.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=loop, daemon=True).start()
+    echo_forever(srv)
 
 
 def udp_socket(port):
