@@ -32,7 +32,7 @@ pub fn run(data: &[u8]) {
             assert!(within(payload), "UDP payload outside the frame");
         }
         GuestPacket::IcmpEcho { data: d, .. } => assert!(within(d), "echo data outside the frame"),
-        GuestPacket::TcpSyn { src: s, dst: d } | GuestPacket::Tcp { src: s, dst: d } => {
+        GuestPacket::TcpSyn { src: s, dst: d } | GuestPacket::Tcp { src: s, dst: d, .. } => {
             assert_eq!(s.is_ipv4(), d.is_ipv4(), "TCP endpoints of two families");
             (src, dst) = (*s, *d);
         }

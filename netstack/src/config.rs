@@ -75,8 +75,12 @@ pub struct Caps {
     pub max_buffer_bytes: usize,
     /// UDP, DNS and ICMP echo flows together.
     pub max_datagram_flows: usize,
-    /// Frames queued for the guest before the stack stops reading host sockets.
+    /// Frames queued for the guest before the stack stops reading host
+    /// sockets; past it (or `max_queued_bytes`) frames for the guest wait
+    /// (TCP) or are dropped and counted.
     pub max_queued_frames: usize,
+    /// Bytes of frames queued for the guest.
+    pub max_queued_bytes: usize,
     /// Connections into the guest from the public gateway.
     pub max_inbound: usize,
 }
@@ -89,6 +93,7 @@ impl Default for Caps {
             max_buffer_bytes: 256 << 20,
             max_datagram_flows: 512,
             max_queued_frames: 1024,
+            max_queued_bytes: 8 << 20,
             max_inbound: 256,
         }
     }

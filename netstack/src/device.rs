@@ -10,30 +10,79 @@ use smoltcp::time::Instant;
 use crate::config::Offloads;
 
 /// Frames on their way to the guest, with a pool of spent buffers to reuse.
-#[derive(Debug, Default)]
+///
+/// Bounded in frames and bytes: a guest whose link stops draining (no
+/// receive buffers posted, a VMM that stops reading its socket) must not
+/// grow the process. Over the bound smoltcp is told the device is busy
+/// (its segments wait in their sockets' buffers, already bounded), and
+/// frames made outside smoltcp (replies, relayed datagrams) are dropped and
+/// counted, as a full NIC ring would.
+#[derive(Debug)]
 pub struct TxQueue {
     frames: VecDeque<Vec<u8>>,
     spare: Vec<Vec<u8>>,
+    bytes: usize,
+    max_frames: usize,
+    max_bytes: usize,
+    dropped: u64,
 }
 
 const MAX_SPARE: usize = 64;
 
 impl TxQueue {
+    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            spare: Vec::new(),
+            bytes: 0,
+            max_frames: max_frames.max(1),
+            max_bytes,
+            dropped: 0,
+        }
+    }
+
+    /// Queue a frame for the guest; over the bound it is dropped and counted.
     pub fn push(&mut self, frame: Vec<u8>) {
+        if self.is_full() {
+            self.dropped += 1;
+            self.recycle(frame);
+            return;
+        }
+        self.bytes += frame.len();
         self.frames.push_back(frame);
     }
 
     pub fn pop(&mut self) -> Option<Vec<u8>> {
-        self.frames.pop_front()
+        let frame = self.frames.pop_front()?;
+        self.bytes -= frame.len();
+        Some(frame)
     }
 
     /// Put a frame back at the head, after the link could not take it.
     pub fn unpop(&mut self, frame: Vec<u8>) {
+        self.bytes += frame.len();
         self.frames.push_front(frame);
     }
 
     pub fn len(&self) -> usize {
         self.frames.len()
+    }
+
+    /// No room for another frame until the link takes some.
+    pub fn is_full(&self) -> bool {
+        self.frames.len() >= self.max_frames || self.bytes >= self.max_bytes
+    }
+
+    /// Forget every queued frame (the guest they were for is gone).
+    pub fn discard(&mut self) {
+        while let Some(frame) = self.pop() {
+            self.recycle(frame);
+        }
+    }
+
+    /// Frames dropped over the bound since the last call.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 
     pub fn recycle(&mut self, mut buf: Vec<u8>) {
@@ -77,7 +126,8 @@ impl phy::Device for OneFrame<'_> {
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        Some(TxToken(self.tx))
+        // Busy while the queue is full: smoltcp keeps the segment for later.
+        (!self.tx.is_full()).then_some(TxToken(self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

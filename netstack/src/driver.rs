@@ -231,6 +231,9 @@ pub struct Driver<L: Link> {
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<tokio::time::Instant>,
     rx_buf: Vec<u8>,
+    /// Length of the guest frame in `rx_buf` the stack is taking, for the
+    /// log line if it panics.
+    rx_len: usize,
     icmp_warned: bool,
 }
 
@@ -253,6 +256,7 @@ impl<L: Link> Driver<L> {
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
             rx_buf: vec![0; FRAME_BUF],
+            rx_len: 0,
             icmp_warned: false,
         })
     }
@@ -293,9 +297,11 @@ impl<L: Link> Driver<L> {
             if shutdown.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
             }
-            self.poll_drive(cx)
+            self.poll_contained(cx)
         })
         .await;
+        // What was queued for this link's guest is not for the next one.
+        self.stack.discard_transmit();
         for host in self.tcp.values() {
             match host {
                 HostTcp::Open(open) => {
@@ -330,6 +336,66 @@ impl<L: Link> Driver<L> {
 
     fn now(&self) -> smoltcp::time::Instant {
         smol_instant(self.started.elapsed())
+    }
+
+    /// `poll_drive`, with a panic in the stack kept inside this sandbox: the
+    /// stack is made anew with the same settings and policy (every flow is
+    /// reset: their host sockets are closed, the guest's segments to them
+    /// get RSTs), the panic is counted and logged once with the frame that
+    /// was being taken, and the link keeps being served.
+    fn poll_contained(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.poll_drive(cx)));
+        match result {
+            Ok(poll) => poll,
+            Err(payload) => {
+                self.recover(payload.as_ref());
+                // Come back at once: the new stack has a router advertisement to send.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+
+    fn recover(&mut self, payload: &(dyn std::any::Any + Send)) {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with no message".into());
+        let frame = &self.rx_buf[..self.rx_len.min(self.rx_buf.len())];
+        let mut stats = self.stack.stats().clone();
+        stats.stack_panics += 1;
+        tracing::error!(
+            panic = %what,
+            panics = stats.stack_panics,
+            last_guest_frame = %hex(&frame[..frame.len().min(PANIC_FRAME_BYTES)]),
+            last_guest_frame_len = frame.len(),
+            "the sandbox's stack panicked: its flows are reset and it goes on; \
+             please report this with the frame above"
+        );
+        let now = self.now();
+        let mut stack = Stack::new(
+            self.stack.config().clone(),
+            self.stack.policy().clone(),
+            now,
+        );
+        stack.restore_stats(stats);
+        stack.set_offloads(self.link.get_ref().offloads());
+        stack.advertise_router();
+        self.stack = stack;
+        for (_, host) in self.tcp.drain() {
+            match host {
+                HostTcp::Open(open) => {
+                    let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                }
+                HostTcp::Inbound { reply, .. } => {
+                    let _ = reply.send(Err(GuestConnectError::Gone));
+                }
+                HostTcp::Connecting { .. } => {}
+            }
+        }
+        self.datagrams.clear();
+        self.rx_len = 0;
     }
 
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -369,6 +435,7 @@ impl<L: Link> Driver<L> {
             let buf = &mut self.rx_buf;
             match guard.try_io(|l| l.get_mut().recv_meta(buf)) {
                 Ok(Ok((n, meta))) => {
+                    self.rx_len = n;
                     self.stack.handle_frame_meta(now, &self.rx_buf[..n], meta);
                     progress = true;
                 }
@@ -749,6 +816,13 @@ fn guest_to_host(
         }
     }
     progress
+}
+
+/// How much of the frame a panic came with goes into the log line.
+const PANIC_FRAME_BYTES: usize = 2048;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Start a non-blocking connect; it finishes (or fails) later, see `connect_outcome`.

@@ -30,10 +30,11 @@ pub enum GuestPacket<'a> {
         src: SocketAddr,
         dst: SocketAddr,
     },
-    /// Any other TCP segment.
+    /// Any other TCP segment; `rst` when it carries the RST flag.
     Tcp {
         src: SocketAddr,
         dst: SocketAddr,
+        rst: bool,
     },
     Udp {
         src: SocketAddr,
@@ -249,7 +250,11 @@ fn classify_tcp<'a>(
     if tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin() {
         GuestPacket::TcpSyn { src, dst }
     } else {
-        GuestPacket::Tcp { src, dst }
+        GuestPacket::Tcp {
+            src,
+            dst,
+            rst: tcp.rst(),
+        }
     }
 }
 

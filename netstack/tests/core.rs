@@ -1397,6 +1397,7 @@ fn garbage_frames_never_panic() {
         max_buffer_bytes: 6 * 2 * 4096,
         max_datagram_flows: 8,
         max_queued_frames: 64,
+        max_queued_bytes: 1 << 20,
         max_inbound: 4,
     };
     let cfg = StackConfig {

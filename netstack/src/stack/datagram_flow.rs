@@ -137,19 +137,14 @@ impl Stack {
                 let verdict = self.policy.decide(decided_on, exempt);
                 let over_cap = self.datagram.len() >= self.cfg.caps.max_datagram_flows;
                 if !verdict.allowed || over_cap {
-                    if verdict.allowed {
+                    let cap = if verdict.allowed {
                         self.stats.hit_cap("max_datagram_flows");
-                        log_decision(
-                            proto,
-                            key.guest,
-                            key.peer,
-                            verdict,
-                            Some("max_datagram_flows"),
-                        );
+                        Some("max_datagram_flows")
                     } else {
                         self.stats.datagram_denied += 1;
-                        log_decision(proto, key.guest, key.peer, verdict, None);
-                    }
+                        None
+                    };
+                    self.log_refusal(proto, key.guest, key.peer, verdict, cap);
                     let err = self.builder().unreachable(
                         self.cfg.plan.gateway_for(key.peer.ip()),
                         ip,
@@ -192,7 +187,7 @@ impl Stack {
 
     /// Whether the driver may read more datagrams from host sockets now.
     pub fn wants_host_datagrams(&self) -> bool {
-        self.tx.len() < self.cfg.caps.max_queued_frames
+        !self.tx.is_full()
     }
 
     /// A datagram (UDP payload, or a whole ICMP echo reply) from the host side of `flow`.
@@ -201,7 +196,7 @@ impl Stack {
             return;
         };
         // IPv6 header + UDP header is the most any reply adds to the payload.
-        if self.tx.len() >= self.cfg.caps.max_queued_frames {
+        if self.tx.is_full() {
             self.stats
                 .dropped("host datagram while the guest queue is full");
             return;

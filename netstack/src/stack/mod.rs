@@ -120,6 +120,12 @@ pub struct Stats {
     pub caps_hit_by_cap: BTreeMap<&'static str, u64>,
     /// `frames_dropped` by why (`IPv4 fragment`, `bad TCP checksum`, …).
     pub dropped_by_reason: BTreeMap<&'static str, u64>,
+    /// Flow log lines of refused flows left out by the rate limit.
+    pub log_lines_suppressed: u64,
+    /// Frames for the guest dropped because the link did not drain its queue.
+    pub tx_dropped: u64,
+    /// Times the stack panicked and was made anew (see `Driver`).
+    pub stack_panics: u64,
 }
 
 impl Stats {
@@ -157,6 +163,7 @@ pub struct Stack {
     now: Instant,
     stats: Stats,
     offloads: Offloads,
+    refusal_log: RefusalLog,
 }
 
 /// smoltcp's clock from the caller's; the core never reads a clock itself.
@@ -167,7 +174,7 @@ pub fn smol_instant(since_start: Duration) -> Instant {
 impl Stack {
     pub fn new(cfg: StackConfig, policy: EgressPolicy, now: Instant) -> Self {
         let gateway_mac = EthernetAddress(cfg.plan.gateway_mac);
-        let mut tx = TxQueue::default();
+        let mut tx = TxQueue::new(cfg.caps.max_queued_frames, cfg.caps.max_queued_bytes);
         let offloads = Offloads::default();
         let iface = Self::new_iface(&cfg, &mut tx, offloads, now);
         Self {
@@ -191,6 +198,7 @@ impl Stack {
             now,
             stats: Stats::default(),
             offloads,
+            refusal_log: RefusalLog::default(),
             cfg,
         }
     }
@@ -260,6 +268,15 @@ impl Stack {
         &self.stats
     }
 
+    /// Carry counters over from a stack this one replaces.
+    pub fn restore_stats(&mut self, stats: Stats) {
+        self.stats = stats;
+    }
+
+    pub fn policy(&self) -> &EgressPolicy {
+        &self.policy
+    }
+
     pub fn tcp_flow_count(&self) -> usize {
         self.tcp.len()
     }
@@ -311,7 +328,8 @@ impl Stack {
             self.guest_mac = parsed.src_mac;
         }
         match parsed.packet {
-            GuestPacket::Smoltcp | GuestPacket::Tcp { .. } => self.ingest(now, frame),
+            GuestPacket::Smoltcp => self.ingest(now, frame),
+            GuestPacket::Tcp { src, dst, rst } => self.on_segment(now, frame, src, dst, rst),
             GuestPacket::TcpSyn { src, dst } => self.on_syn(now, frame, parsed.ip, src, dst),
             GuestPacket::Udp { src, dst, payload } => {
                 self.on_udp(now, parsed.ip, src, dst, payload)
@@ -445,14 +463,29 @@ impl Stack {
         self.iface.poll_maintenance(now);
         self.iface.poll_egress(now, &mut dev, &mut self.sockets);
         self.settle_tcp(now);
+        let dropped = self.tx.take_dropped();
+        if dropped > 0 {
+            self.stats.tx_dropped += dropped;
+            self.stats.frames_dropped += dropped;
+            *self
+                .stats
+                .dropped_by_reason
+                .entry("guest link not draining")
+                .or_default() += dropped;
+        }
         if self.next_sweep.is_some_and(|t| now >= t) {
             self.sweep_datagrams(now);
         }
     }
 
     /// When the core next needs `poll`, if nothing else happens first.
+    /// While the queue to the guest is full, smoltcp's wish to send waits
+    /// for the link: poll again once frames were taken with `poll_transmit`.
     pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
-        let smol = self.iface.poll_at(now, &self.sockets);
+        let smol = self
+            .iface
+            .poll_at(now, &self.sockets)
+            .filter(|&at| at > now || !self.tx.is_full());
         match (smol, self.next_sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -482,6 +515,13 @@ impl Stack {
         self.tx.len()
     }
 
+    /// Forget the frames queued for the guest: its link is gone, and a new
+    /// one (a restored VM, a reconnected VMM) must not get the old guest's
+    /// replies.
+    pub fn discard_transmit(&mut self) {
+        self.tx.discard();
+    }
+
     /// Send an unsolicited router advertisement (at start, and now and then).
     pub fn advertise_router(&mut self) {
         let ra = services::router_advert(&self.cfg, self.gateway_mac);
@@ -504,20 +544,94 @@ impl Stack {
     }
 }
 
+/// Refused flows cost a guest nothing to make, so their log lines are
+/// rate-limited per sandbox: at most `REFUSALS_PER_SECOND` a second; the next
+/// line logged says how many were left out before it.
+const REFUSALS_PER_SECOND: u32 = 50;
+
+#[derive(Debug, Default)]
+struct RefusalLog {
+    window: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// Whether to log a refusal now; `Some(n)`: yes, and `n` were left out before it.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        let second = smoltcp::time::Duration::from_secs(1);
+        if self
+            .window
+            .is_none_or(|start| now >= start + second || now < start)
+        {
+            self.window = Some(now);
+            self.in_window = 0;
+        }
+        if self.in_window >= REFUSALS_PER_SECOND {
+            self.suppressed += 1;
+            return None;
+        }
+        self.in_window += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+impl Stack {
+    /// The flow log line of a denied flow or one over a cap, rate-limited.
+    fn log_refusal(
+        &mut self,
+        proto: &str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        v: Verdict,
+        cap: Option<&str>,
+    ) {
+        match self.refusal_log.admit(self.now) {
+            Some(suppressed) => log_flow(proto, src, dst, v, cap, suppressed),
+            None => self.stats.log_lines_suppressed += 1,
+        }
+    }
+}
+
 fn log_decision(proto: &str, src: SocketAddr, dst: SocketAddr, v: Verdict, cap: Option<&str>) {
+    log_flow(proto, src, dst, v, cap, 0);
+}
+
+fn log_flow(
+    proto: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    v: Verdict,
+    cap: Option<&str>,
+    suppressed: u64,
+) {
     let verdict = match (v.allowed, cap) {
         (true, None) => "allow",
         (true, Some(_)) => "refuse",
         (false, _) => "deny",
     };
-    tracing::info!(
-        target: "slipway::flow",
-        proto,
-        %src,
-        %dst,
-        verdict,
-        rule = %v.rule,
-        cap = cap.unwrap_or(""),
-        "new flow"
-    );
+    if suppressed > 0 {
+        tracing::info!(
+            target: "slipway::flow",
+            proto,
+            %src,
+            %dst,
+            verdict,
+            rule = %v.rule,
+            cap = cap.unwrap_or(""),
+            suppressed,
+            "new flow (after {suppressed} refusals not logged)"
+        );
+    } else {
+        tracing::info!(
+            target: "slipway::flow",
+            proto,
+            %src,
+            %dst,
+            verdict,
+            rule = %v.rule,
+            cap = cap.unwrap_or(""),
+            "new flow"
+        );
+    }
 }

@@ -6,7 +6,10 @@ use super::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TcpPhase {
-    /// Host connect in progress; the guest's SYN-ACK is paused.
+    /// Host connect in progress. smoltcp has not seen the guest's SYN yet:
+    /// the flow's socket is a closed placeholder, which wants no polling (a
+    /// SYN-RECEIVED socket with a paused SYN-ACK asks to be polled at once,
+    /// forever) and holds no buffers.
     Connecting,
     /// Our SYN to the guest is out (a connection from the public gateway).
     GuestConnecting,
@@ -21,6 +24,9 @@ pub(super) struct TcpFlow {
     pub(super) inbound: bool,
     /// The guest's SYN (whole IP packet), quoted if the connect ends in ICMP.
     pub(super) syn: Vec<u8>,
+    /// The guest's SYN as it came (Ethernet frame), for smoltcp once the
+    /// host connect succeeded.
+    pub(super) syn_frame: Vec<u8>,
     /// The guest's FIN arrived (its bytes may still wait in the buffer).
     pub(super) guest_fin_seen: bool,
     /// ... and all its bytes were taken, so the host was told.
@@ -42,13 +48,22 @@ pub(super) const EPHEMERAL: std::ops::Range<u16> = 32768..61000;
 /// How long the guest may take to accept a connection from the gateway.
 pub(super) const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A socket in state Closed with no peer: it sends nothing, and the next
-/// `settle_tcp` frees the flow.
+/// A socket in state Closed with no peer: it sends nothing, wants no
+/// polling, holds no buffers, and the next `settle_tcp` frees the flow.
 pub(super) fn closed_socket() -> tcp::Socket<'static> {
     tcp::Socket::new(
         tcp::SocketBuffer::new(Vec::new()),
         tcp::SocketBuffer::new(Vec::new()),
     )
+}
+
+/// The exact endpoint a relayed flow's socket answers on (never port 0:
+/// `classify` drops such segments).
+fn listen_endpoint(dst: SocketAddr) -> IpListenEndpoint {
+    IpListenEndpoint {
+        addr: Some(dst.ip().into()),
+        port: dst.port(),
+    }
 }
 
 impl TcpFlow {
@@ -66,6 +81,7 @@ impl TcpFlow {
             rule,
             inbound: false,
             syn: Vec::new(),
+            syn_frame: Vec::new(),
             guest_fin_seen: false,
             guest_fin_reported: false,
             aborted: false,
@@ -105,9 +121,18 @@ impl Stack {
         src: SocketAddr,
         dst: SocketAddr,
     ) {
-        if self.tcp_by_key.contains_key(&(src, dst)) {
+        if let Some(f) = self
+            .tcp_by_key
+            .get(&(src, dst))
+            .and_then(|id| self.tcp.get(id))
+        {
+            if f.phase == TcpPhase::Connecting {
+                // A retransmitted SYN while the host connect runs: it is
+                // answered when the connect ends.
+                return;
+            }
             // A retransmitted SYN of a flow we already hold.
-            return self.ingest(now, frame);
+            return self.ingest_segment(now, frame, (src, dst));
         }
         let Some((host_dst, decided_on, exempt)) = self.redirect(dst) else {
             // The gateway's own ports: smoltcp has no socket there and answers RST.
@@ -116,7 +141,7 @@ impl Stack {
         let verdict = self.policy.decide(decided_on, exempt);
         if !verdict.allowed {
             self.stats.tcp_denied += 1;
-            log_decision("tcp", src, dst, verdict, None);
+            self.log_refusal("tcp", src, dst, verdict, None);
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
@@ -133,40 +158,98 @@ impl Stack {
         };
         if let Some(cap) = over {
             self.stats.hit_cap(cap);
-            log_decision("tcp", src, dst, verdict, Some(cap));
+            self.log_refusal("tcp", src, dst, verdict, Some(cap));
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
-        let mut socket = self.flow_socket();
-        socket.pause_synack(true);
-        let listen = IpListenEndpoint {
-            addr: Some(dst.ip().into()),
-            port: dst.port(),
-        };
-        if socket.listen(listen).is_err() {
-            // Port 0: nothing to connect to.
+        if !self.smoltcp_takes_syn(now, frame, dst) {
+            // Bad options, …: nothing to relay.
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
-        let handle = self.sockets.add(socket);
-        self.ingest(now, frame);
-        if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
-            // smoltcp did not take the SYN (bad options, …): nothing to relay.
-            self.sockets.remove(handle);
-            let rst = self.builder().rst_for_syn(ip, src, dst);
-            return self.emit(rst);
-        }
+        // Until the host connect ends, a closed placeholder stands for the
+        // flow's socket: smoltcp sees the SYN only when it can answer it.
+        let handle = self.sockets.add(closed_socket());
         let flow = self.alloc_flow();
         self.stats.tcp_allowed += 1;
         log_decision("tcp", src, dst, verdict, None);
         let mut entry = TcpFlow::new((src, dst), handle, TcpPhase::Connecting, verdict.rule, now);
         entry.syn = ip.to_vec();
+        entry.syn_frame = frame.to_vec();
         self.insert_flow(flow, entry);
         self.half_open += 1;
         self.requests.push_back(HostRequest::TcpConnect {
             flow,
             dst: host_dst,
         });
+    }
+
+    /// Whether smoltcp would start a handshake on this SYN, asked of a
+    /// bufferless socket that is gone again before anything else arrives.
+    fn smoltcp_takes_syn(&mut self, now: Instant, frame: &[u8], dst: SocketAddr) -> bool {
+        let mut probe = closed_socket();
+        probe.pause_synack(true);
+        if probe.listen(listen_endpoint(dst)).is_err() {
+            return false;
+        }
+        let handle = self.sockets.add(probe);
+        self.ingest(now, frame);
+        let took = self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::SynReceived;
+        self.sockets.remove(handle);
+        took
+    }
+
+    /// A guest segment that is not a new SYN.
+    pub(super) fn on_segment(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        src: SocketAddr,
+        dst: SocketAddr,
+        rst: bool,
+    ) {
+        let key = (src, dst);
+        if let Some(&id) = self.tcp_by_key.get(&key) {
+            if self.tcp[&id].phase == TcpPhase::Connecting {
+                if rst {
+                    // The guest gave up (a Happy Eyeballs race, a cancelled
+                    // connect): free the flow and its host connect now.
+                    tracing::debug!(target: "slipway::flow", flow = %id, "guest aborted the handshake");
+                    let f = self.tcp.get_mut(&id).expect("flow just found");
+                    f.aborted = true;
+                    f.syn = Vec::new();
+                    f.syn_frame = Vec::new();
+                } else {
+                    self.stats.dropped("TCP segment before the handshake");
+                }
+                return;
+            }
+        }
+        self.ingest_segment(now, frame, key);
+    }
+
+    /// Hand a segment of a known (or unknown) flow to smoltcp.
+    ///
+    /// smoltcp 0.14 takes an RST in SYN-RECEIVED back to LISTEN and keeps
+    /// that handshake's sequence state; the next SYN to the same endpoint
+    /// then lands on that socket, and an RST the stale state finds
+    /// acceptable underflows a sequence subtraction (a panic). A flow's
+    /// socket that falls back to LISTEN is therefore closed before it can
+    /// take another segment: the guest aborted the handshake.
+    fn ingest_segment(&mut self, now: Instant, frame: &[u8], key: (SocketAddr, SocketAddr)) {
+        self.ingest(now, frame);
+        let Some(&id) = self.tcp_by_key.get(&key) else {
+            return;
+        };
+        let Some(f) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
+        if s.state() == tcp::State::Listen {
+            tracing::debug!(target: "slipway::flow", flow = %id, "guest reset the handshake");
+            *s = closed_socket();
+            f.aborted = true;
+        }
     }
 
     /// Open a TCP connection from the gateway's address to the guest's `port`
@@ -232,17 +315,29 @@ impl Stack {
         Ok(flow)
     }
 
-    /// The host connect for `flow` succeeded: let the guest's SYN-ACK go.
+    /// The host connect for `flow` succeeded: smoltcp takes the guest's SYN
+    /// now and answers it with a SYN-ACK.
     pub fn tcp_connected(&mut self, flow: FlowId) {
         let Some(f) = self.tcp.get_mut(&flow) else {
             return;
         };
-        if f.phase == TcpPhase::Connecting {
-            f.phase = TcpPhase::Open;
-            self.half_open -= 1;
-            self.sockets
-                .get_mut::<tcp::Socket>(f.handle)
-                .pause_synack(false);
+        if f.phase != TcpPhase::Connecting || f.aborted {
+            return;
+        }
+        f.phase = TcpPhase::Open;
+        self.half_open -= 1;
+        let (handle, dst) = (f.handle, f.key.1);
+        let syn_frame = std::mem::take(&mut f.syn_frame);
+        let mut socket = self.flow_socket();
+        if socket.listen(listen_endpoint(dst)).is_ok() {
+            *self.sockets.get_mut::<tcp::Socket>(handle) = socket;
+            let now = self.now;
+            self.ingest(now, &syn_frame);
+        }
+        if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
+            // smoltcp took this SYN when it came; it cannot refuse it now,
+            // but if it ever does, the guest must not wait for nothing.
+            self.tcp_host_reset(flow);
         }
     }
 
@@ -266,6 +361,9 @@ impl Stack {
                 self.emit(err);
                 // No RST after the ICMP: the guest's socket is already gone.
                 *self.sockets.get_mut::<tcp::Socket>(handle) = closed_socket();
+                if let Some(f) = self.tcp.get_mut(&flow) {
+                    f.aborted = true;
+                }
             }
         }
     }
@@ -357,9 +455,11 @@ impl Stack {
         let (src, dst) = f.key;
         let syn = std::mem::take(&mut f.syn);
         let handle = f.handle;
+        let connecting = f.phase == TcpPhase::Connecting;
+        f.syn_frame = Vec::new();
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
-        if s.state() == tcp::State::SynReceived && !syn.is_empty() {
-            // Our SYN-ACK never left: answer the SYN with an RST ourselves,
+        if connecting && !syn.is_empty() {
+            // smoltcp never saw the SYN: answer it with an RST ourselves,
             // which needs no neighbour entry for the guest.
             *s = closed_socket();
             let rst = self.builder().rst_for_syn(&syn, src, dst);
@@ -372,6 +472,10 @@ impl Stack {
     pub(super) fn settle_tcp(&mut self, now: Instant) {
         let mut finished = Vec::new();
         for (&id, f) in self.tcp.iter_mut() {
+            if f.phase == TcpPhase::Connecting && !f.aborted {
+                // The placeholder socket is closed until the host connect ends.
+                continue;
+            }
             let s = self.sockets.get::<tcp::Socket>(f.handle);
             use tcp::State::*;
             let state = s.state();
