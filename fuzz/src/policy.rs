@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::input::{List, Text};
 use arbitrary::{Arbitrary, Unstructured};
 use ipnet::IpNet;
-use netstack::policy::{canonical_ip, EgressPolicy, PolicyError, PolicySpec, Rule, ALL_TRAFFIC};
+use netstack::policy::{
+    canonical_ip, tunnelled_ipv4, EgressPolicy, PolicyError, PolicySpec, Rule, ALL_TRAFFIC,
+};
 
 #[derive(Arbitrary, Debug)]
 pub enum Entry {
@@ -141,8 +143,12 @@ pub fn run(data: &[u8]) {
         match v.rule {
             Rule::Internal(n) => {
                 assert!(!exempt, "{dst}: operator-exempt but denied as internal");
+                let tunnelled = match dst {
+                    IpAddr::V6(a) => tunnelled_ipv4(a),
+                    IpAddr::V4(_) => Vec::new(),
+                };
                 assert!(
-                    n.contains(&canon),
+                    n.contains(&canon) || tunnelled.iter().any(|v4| n.contains(&IpAddr::V4(*v4))),
                     "{dst}: internal rule {n} does not hold it"
                 );
             }

@@ -130,17 +130,48 @@ const INTERNAL_V6: [Ipv6Net; 5] = [
 
 /// The IPv4 address a v6 destination really reaches, if any. Without this,
 /// `::ffff:10.0.0.1` or `64:ff9b::a9fe:a9fe` would walk around every IPv4 rule.
-/// IPv4-compatible `::a.b.c.d` is included because sit tunnels still route it;
-/// `::` and `::1` are left alone, being IPv6's own unspecified and loopback.
+/// These forms put the IPv4 address in the last 32 bits: IPv4-mapped, NAT64's
+/// well-known `64:ff9b::/96` and the local-use `64:ff9b:1::/96` (RFC 8215),
+/// SIIT's IPv4-translated `::ffff:0:0:0/96`, and IPv4-compatible `::a.b.c.d`
+/// (sit tunnels still route it); `::` and `::1` are left alone, being IPv6's
+/// own unspecified and loopback.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let o = ip.octets();
     let tail = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
     match ip.segments() {
-        [0, 0, 0, 0, 0, 0xffff, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(tail),
+        [0, 0, 0, 0, 0, 0xffff, _, _]
+        | [0x64, 0xff9b, 0, 0, 0, 0, _, _]
+        | [0x64, 0xff9b, 1, 0, 0, 0, _, _]
+        | [0, 0, 0, 0, 0xffff, 0, _, _] => Some(tail),
         [0, 0, 0, 0, 0, 0, 0, 0 | 1] => None,
         [0, 0, 0, 0, 0, 0, _, _] => Some(tail),
         _ => None,
     }
+}
+
+/// `64:ff9b:1::/48` (RFC 8215): a local NAT64 prefix of any length from /48
+/// to /96, so where its IPv4 address sits is the operator's choice; outside
+/// the /96 form the stack cannot tell, and denies.
+const LOCAL_NAT64: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48);
+/// 6to4 (RFC 3056): the relay's IPv4 address in bits 16..48.
+const SIX_TO_FOUR: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16);
+/// Teredo (RFC 4380): the server's IPv4 address in bits 32..64, the client's,
+/// inverted, in the last 32.
+const TEREDO: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 32);
+
+/// The IPv4 addresses a tunnelled IPv6 destination goes through: the 6to4
+/// relay, or Teredo's server and client. Empty for any other address.
+pub fn tunnelled_ipv4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let o = ip.octets();
+    if SIX_TO_FOUR.contains(&ip) {
+        return vec![Ipv4Addr::new(o[2], o[3], o[4], o[5])];
+    }
+    if TEREDO.contains(&ip) {
+        let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
+        let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
+        return vec![server, client];
+    }
+    Vec::new()
 }
 
 /// The address a destination is decided as: IPv4 embedded in IPv6 becomes plain IPv4.
@@ -259,7 +290,28 @@ impl EgressPolicy {
     /// Decide a new flow to `dst`. `operator_exempt` is true when the operator chose this
     /// destination (the mapped host-loopback address, the DNS upstream): it skips the
     /// always-denied internal ranges but still obeys allow_out/deny_out.
+    ///
+    /// A tunnelled IPv6 destination (6to4, Teredo) that goes through an
+    /// internal IPv4 address is denied as that address; otherwise its IPv6
+    /// address is decided. A local-use NAT64 address (`64:ff9b:1::/48`)
+    /// outside the /96 form, whose IPv4 part cannot be located, is denied as
+    /// internal.
     pub fn decide(&self, dst: IpAddr, operator_exempt: bool) -> Verdict {
+        if let (IpAddr::V6(v6), false) = (dst, operator_exempt) {
+            let opened = |ip: IpAddr| self.holes.net_for(ip).is_some();
+            if LOCAL_NAT64.contains(&v6) && embedded_v4(v6).is_none() && !opened(dst) {
+                return verdict(false, Rule::Internal(LOCAL_NAT64.into()));
+            }
+            for v4 in tunnelled_ipv4(v6) {
+                if let Some(range) = internal_range(v4.into()).filter(|_| !opened(v4.into())) {
+                    return verdict(false, Rule::Internal(range));
+                }
+            }
+        }
+        self.decide_one(dst, operator_exempt)
+    }
+
+    fn decide_one(&self, dst: IpAddr, operator_exempt: bool) -> Verdict {
         let dst = canonical_ip(dst);
         let internal = internal_range(dst).filter(|_| self.holes.net_for(dst).is_none());
         if let (Some(range), false) = (internal, operator_exempt) {
@@ -537,6 +589,46 @@ mod tests {
         policy("::ffff:0:0/96", "ALL_TRAFFIC").check(
             "8.8.8.8          allow (allow_out 0.0.0.0/0)
              2001:4860::8888  deny (deny_out ALL_TRAFFIC)",
+        );
+    }
+
+    #[test]
+    fn ipv6_forms_that_embed_internal_ipv4_are_decided_as_it_or_denied() {
+        policy("", "8.8.8.0/24").check(
+            "64:ff9b:1::10.0.0.1      deny (internal 10.0.0.0/8)
+             64:ff9b:1::8.8.8.8       deny (deny_out 8.8.8.0/24)
+             64:ff9b:1::1.1.1.1       allow (default allow)
+             64:ff9b:1:a9fe:a9::      deny (internal 64:ff9b:1::/48)
+             ::ffff:0:10.0.0.1        deny (internal 10.0.0.0/8)
+             ::ffff:0:169.254.169.254 deny (internal 169.254.0.0/16)
+             ::ffff:0:1.1.1.1         allow (default allow)
+             2002:a00:1::1            deny (internal 10.0.0.0/8)
+             2002:a9fe:a9fe::1        deny (internal 169.254.0.0/16)
+             2002:7f00:1:1::1         deny (internal 127.0.0.0/8)
+             2002:808:808::1          allow (default allow)
+             2002:101:101::1          allow (default allow)
+             2001:0:a00:1::1          deny (internal 10.0.0.0/8)
+             2001:0:101:101::f5ff:fffe deny (internal 10.0.0.0/8)
+             2001:0:101:101::fefe:fefe allow (default allow)",
+        );
+        // The IPv6 rules still hold for tunnelled destinations, and allow
+        // beats deny within each form.
+        policy("2002:101:101::/48", "2002::/16, 2001::/32").check(
+            "2002:101:101::1  allow (allow_out 2002:101:101::/48)
+             2002:101:102::1  deny (deny_out 2002::/16)
+             2002:a00:1::1    deny (internal 10.0.0.0/8)
+             2001:0:101:101::fefe:fefe deny (deny_out 2001::/32)",
+        );
+        // Rules written in the new embedded forms meet the IPv4 they embed.
+        policy("", "::ffff:0:192.0.2.0/120, 64:ff9b:1::198.51.100.7").check(
+            "192.0.2.5     deny (deny_out 192.0.2.0/24)
+             198.51.100.7  deny (deny_out 198.51.100.7/32)",
+        );
+        // An operator hole in the internal ranges holds for every form.
+        build(&holes("10.0.5.0/24")).check(
+            "2002:a00:501::1      allow (default allow)
+             64:ff9b:1::10.0.5.9  allow (default allow)
+             2002:a00:601::1      deny (internal 10.0.0.0/8)",
         );
     }
 

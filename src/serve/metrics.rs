@@ -118,6 +118,11 @@ pub async fn render(shared: &Shared) -> String {
         "counter",
         "New flows refused because a per-sandbox cap was reached, by cap.",
     );
+    let mut panics = Family::new(
+        "slipway_stack_panics_total",
+        "counter",
+        "Times a sandbox's stack panicked and was made anew, its flows reset.",
+    );
     for (s, snap) in sandboxes.iter().zip(&snapshots) {
         let id = s.id.as_str();
         up.sample(
@@ -166,6 +171,11 @@ pub async fn render(shared: &Shared) -> String {
                 *n,
             );
         }
+        panics.sample(
+            "slipway_stack_panics_total",
+            &format!("sandbox=\"{id}\""),
+            st.stack_panics,
+        );
         for (cap, n) in &st.caps_hit_by_cap {
             caps.sample(
                 "slipway_caps_hit_total",
@@ -208,7 +218,7 @@ pub async fn render(shared: &Shared) -> String {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     for f in [
-        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps,
+        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics,
     ] {
         out.push_str(&f.text);
     }

@@ -67,6 +67,8 @@ pub struct CountersView {
     pub frames_dropped: u64,
     pub bytes_to_host: u64,
     pub bytes_to_guest: u64,
+    /// Times this sandbox's stack panicked and was made anew (flows reset).
+    pub stack_panics: u64,
 }
 
 impl From<&netstack::driver::Snapshot> for CountersView {
@@ -82,6 +84,7 @@ impl From<&netstack::driver::Snapshot> for CountersView {
             frames_dropped: s.stats.frames_dropped,
             bytes_to_host: s.stats.bytes_to_host,
             bytes_to_guest: s.stats.bytes_to_guest,
+            stack_panics: s.stats.stack_panics,
         }
     }
 }

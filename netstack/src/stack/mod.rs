@@ -166,6 +166,13 @@ pub struct Stack {
     refusal_log: RefusalLog,
 }
 
+/// Test builds only (feature `fault-injection`, never in a release): an
+/// Ethernet frame of the local experimental type 0x88b5 whose payload starts
+/// with this makes the stack panic, so tests can show that a panic stays
+/// inside its sandbox.
+#[cfg(feature = "fault-injection")]
+pub const PANIC_FRAME: &[u8] = b"slipway-fault-injection: panic";
+
 /// smoltcp's clock from the caller's; the core never reads a clock itself.
 pub fn smol_instant(since_start: Duration) -> Instant {
     Instant::from_micros(since_start.as_micros() as i64)
@@ -323,6 +330,10 @@ impl Stack {
     /// checksum). A TSO super-frame is one TCP segment like any other.
     pub fn handle_frame_meta(&mut self, now: Instant, frame: &[u8], meta: RxMeta) {
         self.now = now;
+        #[cfg(feature = "fault-injection")]
+        if frame.get(12..14) == Some(&[0x88, 0xb5]) && frame[14..].starts_with(PANIC_FRAME) {
+            panic!("fault injection: a guest frame asked the stack to panic");
+        }
         let parsed = wire::classify_with(frame, meta);
         if parsed.src_mac.is_unicast() {
             self.guest_mac = parsed.src_mac;
