@@ -25,6 +25,10 @@ const GUEST_HTTP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/ser
 const FLOOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/serve_flood.py");
 const PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/probe.py");
 const TAPFD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/serve_tapfd.py");
+const HOSTILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/support/hostile_guest.py"
+);
 
 /// The flood test measures throughput: the microVM tests (TCG burns CPUs)
 /// do not run beside it.
@@ -1164,4 +1168,79 @@ fn microvm_beside_a_netns_guest(flag: &str, kind: &str, netdev: impl Fn(&str) ->
     // QEMU is gone: the sandbox waits for it to come back, still listed.
     let v = serve.ctl_ok(&["get", "vm"]);
     assert_eq!(v["transport"]["state"], "running", "{v}");
+}
+
+#[test]
+fn a_panic_in_one_sandboxs_stack_resets_its_flows_and_leaves_the_others_serving() {
+    require_world!();
+    let w = World::new();
+    let serve = world_serve(&w, 18980, "");
+    let (fragile, _) = Guest::create(&w, &serve, "fragile", "swfragile", &[]);
+    let (sturdy, _) = Guest::create(&w, &serve, "sturdy", "swsturdy", &[]);
+    let mut held = fragile.spawn(&["python3", HOLD, "192.0.2.1", "7"]);
+    let lines = collect_lines(&mut held);
+    let mut other = sturdy.spawn(&["python3", HOLD, "192.0.2.1", "7"]);
+    let other_lines = collect_lines(&mut other);
+    for l in [&lines, &other_lines] {
+        assert_eq!(
+            l.recv_timeout(Duration::from_secs(10)).ok().as_deref(),
+            Some("open")
+        );
+    }
+    // A test build's stack panics on this frame (feature fault-injection).
+    let out = fragile.sh(&format!("python3 {HOSTILE} panic swfragile"));
+    assert!(out.status.success(), "{out:?}");
+    // The fragile sandbox's flows are reset; it serves new ones at once.
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(5)).ok().as_deref(),
+        Some("reset"),
+        "{}",
+        serve.log()
+    );
+    assert_eq!(fragile.probe("tcp", "192.0.2.1", 80), "connected");
+    // The other sandbox never noticed.
+    assert!(
+        other_lines
+            .recv_timeout(Duration::from_millis(500))
+            .is_err(),
+        "sturdy's connection ended"
+    );
+    assert_eq!(sturdy.probe("tcp", "192.0.2.1", 80), "connected");
+    // Reported in the API and the metrics, and logged once with the frame.
+    let v = serve.ctl_ok(&["get", "fragile"]);
+    assert_eq!(v["counters"]["stackPanics"], 1, "{v}");
+    assert_eq!(v["transport"]["state"], "running", "{v}");
+    assert_eq!(
+        serve.ctl_ok(&["get", "sturdy"])["counters"]["stackPanics"],
+        0
+    );
+    let m = metrics(&w, 18981);
+    assert!(
+        m.contains(r#"slipway_stack_panics_total{sandbox="fragile"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"slipway_stack_panics_total{sandbox="sturdy"} 0"#),
+        "{m}"
+    );
+    let log = serve.log();
+    assert_eq!(
+        log.matches("the sandbox's stack panicked").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("sandbox{id=fragile}"), "{log}");
+    // The frame is in the log line, in hex, for a reproduction.
+    assert!(
+        log.contains(
+            &"slipway-fault-injection"
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
+        "{log}"
+    );
+    let _ = held.kill();
+    let _ = other.kill();
+    let _ = (held.wait(), other.wait());
 }
