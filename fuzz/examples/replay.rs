@@ -18,6 +18,14 @@ fn main() {
             println!("{input:#?}");
         }
     }
+    if target == "tcp_segments" {
+        slipway_fuzz::stack_frames::TRACE.store(true, std::sync::atomic::Ordering::Relaxed);
+        let input =
+            slipway_fuzz::tcp_segments::Input::arbitrary_take_rest(Unstructured::new(&data));
+        if std::env::var_os("SHOW_INPUT").is_some() {
+            println!("{input:#?}");
+        }
+    }
     if !slipway_fuzz::run_target(target, &data) {
         eprintln!("no target {target}");
         std::process::exit(2);

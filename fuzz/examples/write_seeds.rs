@@ -928,6 +928,165 @@ fn dns_inputs() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+// ----- tcp_segments inputs -----------------------------------------------------
+
+const SEG_OPS: u32 = 8;
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+/// MSS 1460, SACK permitted, window scale 7.
+const SYN_OPTIONS: [u8; 12] = [2, 4, 0x05, 0xb4, 4, 2, 1, 1, 1, 3, 3, 7];
+
+/// Where a segment's sequence or acknowledgement number comes from.
+enum Num {
+    /// The stack's last ACK (for seq) or last sent end (for ack), plus this.
+    Rel(i16),
+    Raw(u32),
+}
+
+struct Segments(Enc);
+
+impl Segments {
+    fn new() -> Self {
+        let mut e = Enc::default();
+        e.bool(false).bool(false).u64(0x5eed);
+        Segments(e)
+    }
+    fn num(&mut self, n: Num) {
+        match n {
+            Num::Rel(o) => self.0.variant(0, 3).u16(o as u16),
+            Num::Raw(x) => self.0.variant(1, 3).u32(x),
+        };
+    }
+    fn seg(
+        &mut self,
+        ends: u8,
+        flags: u8,
+        seq: Num,
+        ack: Num,
+        payload: u16,
+        batch: bool,
+    ) -> &mut Self {
+        self.0.more().variant(0, SEG_OPS).u8(ends).u8(flags);
+        self.num(seq);
+        self.num(ack);
+        let options: &[u8] = if flags & SYN != 0 { &SYN_OPTIONS } else { &[] };
+        self.0.u16(64240).bytes(options).u16(payload).bool(batch);
+        self
+    }
+    fn syn(&mut self, ends: u8, seq: u32) -> &mut Self {
+        self.seg(ends, SYN, Num::Raw(seq), Num::Raw(0), 0, false)
+    }
+    /// A segment with the numbers the stack expects.
+    fn next(&mut self, ends: u8, flags: u8, payload: u16) -> &mut Self {
+        self.seg(ends, flags, Num::Rel(0), Num::Rel(0), payload, false)
+    }
+    fn host(&mut self, pick: u8, event: u32) -> &mut Self {
+        self.0
+            .more()
+            .variant(1, SEG_OPS)
+            .u8(pick)
+            .variant(event, EVENTS);
+        self
+    }
+    fn millis(&mut self, ms: u16) -> &mut Self {
+        self.0.more().variant(2, SEG_OPS).u16(ms);
+        self
+    }
+    fn reset_flows(&mut self) -> &mut Self {
+        self.0.more().variant(5, SEG_OPS);
+        self
+    }
+    fn policy(&mut self, allow: bool) -> &mut Self {
+        self.0.more().variant(6, SEG_OPS).bool(allow);
+        self
+    }
+    fn done(&self) -> Vec<u8> {
+        self.0 .0.clone()
+    }
+}
+
+/// The red-team crash (issue 11): SYN with seq 2^31, the host connect
+/// succeeds, the guest resets the SYN-ACK; then a SYN from another port and
+/// an RST of seq 2^31+1 in one batch.
+fn red_team_crash() -> Vec<u8> {
+    Segments::new()
+        .syn(0, 0x8000_0000)
+        .host(0, CONNECTED)
+        .seg(0, RST, Num::Raw(0x8000_0001), Num::Raw(0), 0, false)
+        .seg(1, SYN, Num::Raw(0), Num::Raw(0), 0, true)
+        .seg(1, RST, Num::Raw(0x8000_0001), Num::Raw(0), 0, false)
+        .host(1, CONNECTED)
+        .done()
+}
+
+fn tcp_segment_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("red-team-crash", red_team_crash()),
+        (
+            "handshake-data-close",
+            Segments::new()
+                .syn(0, 1000)
+                .host(0, CONNECTED)
+                .next(0, ACK, 0)
+                .next(0, PSH | ACK, 300)
+                .host(0, RECV)
+                .next(0, FIN | ACK, 0)
+                .host(0, EOF)
+                .millis(100)
+                .next(0, ACK, 0)
+                .done(),
+        ),
+        (
+            "reset-and-reuse",
+            Segments::new()
+                .syn(2, 7)
+                .host(0, CONNECTED)
+                .next(2, ACK, 0)
+                .reset_flows()
+                .syn(2, 7)
+                .host(0, CONNECTED)
+                .next(2, ACK, 10)
+                .done(),
+        ),
+        (
+            "rst-while-connecting",
+            Segments::new()
+                .syn(3, 5)
+                .seg(3, RST, Num::Raw(6), Num::Raw(0), 0, false)
+                .syn(3, 5)
+                .host(0, CONNECTED)
+                .host(1, CONNECTED)
+                .done(),
+        ),
+        (
+            "policy-flip-mid-flow",
+            Segments::new()
+                .syn(1, 99)
+                .host(0, CONNECTED)
+                .next(1, ACK, 0)
+                .policy(false)
+                .next(1, PSH | ACK, 10)
+                .policy(true)
+                .syn(1, 99)
+                .done(),
+        ),
+        (
+            "out-of-window-everything",
+            Segments::new()
+                .syn(0, 1)
+                .host(0, CONNECTED)
+                .next(0, ACK, 0)
+                .seg(0, ACK, Num::Raw(0x7fff_ffff), Num::Rel(-1), 50, true)
+                .seg(0, RST | ACK, Num::Rel(1), Num::Rel(0), 0, true)
+                .seg(0, SYN | ACK, Num::Rel(-1), Num::Rel(1000), 0, false)
+                .done(),
+        ),
+    ]
+}
+
 fn write(dir: &Path, target: &str, seeds: Vec<(&str, Vec<u8>)>) {
     let d = dir.join(target);
     std::fs::create_dir_all(&d).expect("create the seed folder");
@@ -941,6 +1100,8 @@ fn write(dir: &Path, target: &str, seeds: Vec<(&str, Vec<u8>)>) {
 fn regressions() -> Vec<(&'static str, Vec<u8>)> {
     let g = sock(GUEST_V4, 40000);
     vec![
+        // Three guest segments panicked smoltcp 0.14 (issue 11).
+        ("tcp_segments-red-team-crash", red_team_crash()),
         // A guest SYN to port 0 was answered with an RST from port 0.
         ("stack_frames-rst-from-port-0", {
             let mut s = Script::new(false, 0);
@@ -1016,6 +1177,7 @@ fn main() {
     write(&dir, "dhcp", dhcp_inputs());
     write(&dir, "dns", dns_inputs());
     write(&dir, "vnet", vnet_inputs());
+    write(&dir, "tcp_segments", tcp_segment_inputs());
 }
 
 /// The vnet target: a mode byte (bit 0: IPv6; the MTU grows with it), then

@@ -590,6 +590,38 @@ fn transport_bytes(t: &Transport, tracks: &[TcpTrack]) -> Option<Body> {
     }
 }
 
+/// A whole guest frame around one TCP segment between explicit ends, with
+/// plain IP headers and right checksums.
+pub(crate) fn tcp_frame(
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    ack: u32,
+    f: &TcpFields,
+) -> Vec<u8> {
+    let segment = tcp_segment(src, dst, seq, ack, f);
+    ip_frame(src.ip(), dst.ip(), IpProtocol::Tcp, &segment)
+}
+
+/// The guest's first words on the link, an ARP request and a neighbour
+/// solicitation for the gateway, from which the stack learns its MAC.
+pub(crate) fn guest_hello() -> [Vec<u8>; 2] {
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: GATEWAY_V6,
+        lladdr: Some(RawHardwareAddress::from(GUEST_MAC)),
+    });
+    let mut b = vec![0u8; ns.buffer_len()];
+    ns.emit(
+        &GUEST_V6.into(),
+        &GATEWAY_V6.into(),
+        &mut Icmpv6Packet::new_unchecked(&mut b[..]),
+        &ChecksumCapabilities::default(),
+    );
+    let mut ns = ip_frame(GUEST_V6.into(), GATEWAY_V6.into(), IpProtocol::Icmpv6, &b);
+    ns[14 + 7] = 255; // NDP wants hop limit 255
+    [arp(true, GUEST_MAC, GUEST_V4, GATEWAY_V4), ns]
+}
+
 fn tcp_segment(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, f: &TcpFields) -> Vec<u8> {
     let opts = pad4(&f.options);
     let payload = cap(&f.payload, MAX_BODY);

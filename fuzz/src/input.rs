@@ -97,6 +97,10 @@ impl Enc {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.0.extend_from_slice(&v.to_le_bytes());
         self

@@ -10,6 +10,7 @@ pub mod input;
 pub mod policy;
 pub mod services;
 pub mod stack_frames;
+pub mod tcp_segments;
 
 /// Every target by name, as `fuzz/fuzz_targets/NAME.rs` and the seed folders call it.
 /// A harness: takes the fuzzer's bytes, panics on a broken promise.
@@ -17,6 +18,7 @@ pub type Harness = fn(&[u8]);
 
 pub const TARGETS: &[(&str, Harness)] = &[
     ("stack_frames", stack_frames::run),
+    ("tcp_segments", tcp_segments::run),
     ("classify", classify::run),
     ("policy_parse", policy::run),
     ("dhcp", services::dhcp),

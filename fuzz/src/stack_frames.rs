@@ -107,7 +107,7 @@ pub struct Setup {
     pub seed: u64,
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, Clone)]
 pub enum HostEvent {
     Connected,
     ConnectFailed(u8),
@@ -216,7 +216,7 @@ struct DatagramSeen {
     open: bool,
 }
 
-struct Harness {
+pub(crate) struct Harness {
     stack: Stack,
     offloads: Offloads,
     cfg: StackConfig,
@@ -249,35 +249,86 @@ pub fn run(data: &[u8]) {
 }
 
 pub fn run_input(input: &Input) {
-    let cfg = config(&input.setup);
-    let policy = input.setup.policy.policy().unwrap_or_else(|| {
-        PolicyChoice::DenyTestNet1
-            .policy()
-            .expect("fixed policy parses")
-    });
-    let mut stack = Stack::new(cfg.clone(), policy.clone(), smol_instant(Duration::ZERO));
-    let offloads = input.setup.offloads();
-    stack.set_offloads(offloads);
-    let mut h = Harness {
-        stack,
-        offloads,
-        cfg,
-        policy,
-        now: Duration::ZERO,
-        tcp: Vec::new(),
-        dgram: Vec::new(),
-        tracks: Vec::new(),
-        hold: false,
-        last_flow: 0,
-    };
+    let mut h = Harness::new(&input.setup);
     for op in input.ops.iter().take(MAX_OPS) {
         h.step(op);
     }
-    h.hold = false;
-    h.settle();
+    h.finish();
 }
 
 impl Harness {
+    pub(crate) fn new(setup: &Setup) -> Harness {
+        let cfg = config(setup);
+        let policy = setup.policy.policy().unwrap_or_else(|| {
+            PolicyChoice::DenyTestNet1
+                .policy()
+                .expect("fixed policy parses")
+        });
+        let mut stack = Stack::new(cfg.clone(), policy.clone(), smol_instant(Duration::ZERO));
+        let offloads = setup.offloads();
+        stack.set_offloads(offloads);
+        Harness {
+            stack,
+            offloads,
+            cfg,
+            policy,
+            now: Duration::ZERO,
+            tcp: Vec::new(),
+            dgram: Vec::new(),
+            tracks: Vec::new(),
+            hold: false,
+            last_flow: 0,
+        }
+    }
+
+    /// Let the link drain and check everything once more.
+    pub(crate) fn finish(mut self) {
+        self.hold = false;
+        self.settle();
+    }
+
+    /// What the harness saw of the connection between these ends.
+    pub(crate) fn track(&self, guest: SocketAddr, peer: SocketAddr) -> Option<TcpTrack> {
+        self.tracks
+            .iter()
+            .find(|t| t.guest == guest && t.peer == peer)
+            .copied()
+    }
+
+    /// The link was replaced: every flow is reset and its host socket is
+    /// moot (`Driver::resume`). Nothing may stay open.
+    pub(crate) fn reset_flows(&mut self) {
+        self.stack.reset_flows();
+        assert_eq!(
+            self.stack.tcp_flow_count(),
+            0,
+            "a tcp flow outlived reset_flows"
+        );
+        assert_eq!(
+            self.stack.datagram_flow_count(),
+            0,
+            "a datagram flow outlived reset_flows"
+        );
+        assert_eq!(
+            self.stack.half_open_count(),
+            0,
+            "half-open after reset_flows"
+        );
+        assert_eq!(
+            self.stack.buffer_bytes(),
+            0,
+            "buffers held after reset_flows"
+        );
+        for f in &mut self.tcp {
+            f.open = false;
+        }
+        for f in &mut self.dgram {
+            f.open = false;
+        }
+        self.tracks.clear();
+        self.stack.discard_transmit();
+    }
+
     /// Over an offloading link the guest's kernel vouches for its checksums.
     fn rx_meta(&self) -> RxMeta {
         RxMeta {
@@ -289,7 +340,7 @@ impl Harness {
         smol_instant(self.now)
     }
 
-    fn step(&mut self, op: &Op) {
+    pub(crate) fn step(&mut self, op: &Op) {
         if tracing() {
             eprintln!("op {op:?}");
         }
@@ -335,6 +386,21 @@ impl Harness {
             }
             Op::Advertise => self.stack.advertise_router(),
         }
+        self.after_step(before, poll, op);
+    }
+
+    /// One guest frame as it came, polled at once unless `batch`.
+    pub(crate) fn guest_frame(&mut self, frame: &[u8], batch: bool) {
+        if tracing() {
+            eprintln!("frame {} bytes, batch {batch}", frame.len());
+        }
+        let before = self.stack.queued_frames();
+        self.stack
+            .handle_frame_meta(self.at(), frame, self.rx_meta());
+        self.after_step(before, !batch, &"a guest frame");
+    }
+
+    fn after_step(&mut self, before: usize, poll: bool, what: &dyn std::fmt::Debug) {
         if poll {
             self.stack.poll(self.at());
         }
@@ -342,7 +408,7 @@ impl Harness {
         let bound = self.cfg.caps.max_tcp_flows + FRAMES_PER_STEP_SLACK;
         assert!(
             grew <= bound,
-            "one step queued {grew} frames (bound {bound}): {op:?}"
+            "one step queued {grew} frames (bound {bound}): {what:?}"
         );
         self.settle();
     }
@@ -484,8 +550,14 @@ impl Harness {
             self.stack.datagram_flow_count(),
             "datagram opens and closes disagree with the flow count"
         );
-        let limit = 4 * self.cfg.caps.max_queued_frames;
-        if !self.hold || self.stack.queued_frames() > limit {
+        // A link that does not drain (Hold) must not grow the queue past its cap.
+        assert!(
+            self.stack.queued_frames() <= self.cfg.caps.max_queued_frames,
+            "{} frames queued for the guest, over the cap of {}",
+            self.stack.queued_frames(),
+            self.cfg.caps.max_queued_frames
+        );
+        if !self.hold {
             while let Some(frame) = self.stack.poll_transmit() {
                 let seen = check::frame_to_guest(&frame, self.cfg.mtu, self.offloads.tso);
                 if tracing() {
