@@ -14,7 +14,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use netstack::driver::{Driver, Parked};
-use netstack::stack::smol_instant;
 use netstack::{EgressPolicy, Stack, StackConfig};
 use vmm_glue::netns::{self, GuestNetConfig};
 use vmm_glue::Tap;
@@ -171,7 +170,7 @@ fn run(
     let tap = transport::offload(tap, net.offload_mtu());
     let rt = runtime()?;
     let code = rt.block_on(async move {
-        let stack = Stack::new(cfg, policy, smol_instant(std::time::Duration::ZERO));
+        let stack = Stack::new(cfg, policy, std::time::Instant::now());
         let driver = Driver::new(stack, tap)
             .map_err(|e| Failure::Other(format!("cannot serve the tap: {e}")))?;
         if let Some((plan, listeners)) = ingress {
@@ -274,11 +273,7 @@ fn attach(net: &NetOpts, ingress: &IngressOpts, link: transport::Transport) -> R
     tracing::info!(link = %link.describe(), "serving");
     let rt = runtime()?;
     rt.block_on(async move {
-        let parked = Parked::new(Stack::new(
-            cfg,
-            policy,
-            smol_instant(std::time::Duration::ZERO),
-        ));
+        let parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
         if let Some((plan, listeners)) = ingress {
             gateway::start(plan, listeners, parked.handle()).map_err(Failure::Other)?;
         }

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use common::microvm::{KillOnDrop, MicroVm, VmRun};
 use common::Scratch;
 use netstack::driver::{Driver, Parked};
-use netstack::stack::smol_instant;
 use netstack::{EgressPolicy, PolicySpec, Stack, StackConfig};
 use vmm_glue::vhost_user::{Options, Stats, VhostUserNet};
 
@@ -168,7 +167,7 @@ impl Sandbox {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut parked = Parked::new(Stack::new(cfg, policy, smol_instant(Duration::ZERO)));
+                let mut parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
                 let mut stopped = std::pin::pin!(stopped);
                 loop {
                     let link = net2.link().expect("a link to the backend");

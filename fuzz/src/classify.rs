@@ -12,7 +12,7 @@ use super::frames::{GATEWAY_MAC, GATEWAY_V4, GATEWAY_V6, GUEST_MAC};
 const ICMP_ERROR_MAX: usize = 576;
 
 pub fn run(data: &[u8]) {
-    let parsed = wire::classify(data);
+    let parsed = wire::classify(data, wire::RxMeta::default());
     let within = |s: &[u8]| {
         s.is_empty() || {
             let (a, b) = (data.as_ptr() as usize, s.as_ptr() as usize);

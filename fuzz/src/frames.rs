@@ -612,8 +612,8 @@ pub(crate) fn guest_hello() -> [Vec<u8>; 2] {
     });
     let mut b = vec![0u8; ns.buffer_len()];
     ns.emit(
-        &GUEST_V6.into(),
-        &GATEWAY_V6.into(),
+        &GUEST_V6,
+        &GATEWAY_V6,
         &mut Icmpv6Packet::new_unchecked(&mut b[..]),
         &ChecksumCapabilities::default(),
     );

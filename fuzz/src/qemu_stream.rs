@@ -37,7 +37,7 @@ pub fn stream(data: &[u8]) {
         }
         loop {
             match link.recv(&mut buf) {
-                Ok(n) => {
+                Ok((n, _)) => {
                     assert!(
                         got < expected.len(),
                         "a frame beyond the well-framed prefix"

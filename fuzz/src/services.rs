@@ -2,11 +2,11 @@
 //! guest would reach them (services.rs keeps its parsers private).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use netstack::policy::EgressPolicy;
-use netstack::stack::smol_instant;
+use netstack::wire::RxMeta;
+use netstack::HostEvent;
 use netstack::{HostRequest, Stack, StackConfig};
 use smoltcp::wire::{
     DhcpMessageType, DhcpPacket, DhcpRepr, DnsFlags, DnsOpcode, DnsPacket, EthernetFrame,
@@ -44,14 +44,15 @@ pub fn dhcp(data: &[u8]) {
     let mut stack = Stack::new(
         cfg.clone(),
         EgressPolicy::allow_all(),
-        smol_instant(Duration::ZERO),
+        std::time::Instant::now(),
     );
     let src = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 68);
     let dst = SocketAddr::new(Ipv4Addr::BROADCAST.into(), 67);
     let udp = frames::udp_datagram(src, dst, &payload);
     let frame = frames::ip_frame(src.ip(), dst.ip(), IpProtocol::Udp, &udp);
-    stack.handle_frame(smol_instant(Duration::ZERO), &frame);
-    stack.poll(smol_instant(Duration::ZERO));
+    let now = std::time::Instant::now();
+    stack.handle_frame(now, &frame, RxMeta::default());
+    stack.handle_timeout(now);
     assert!(
         stack.poll_request().is_none(),
         "a DHCP message asked the host for something"
@@ -122,7 +123,7 @@ pub fn dns(data: &[u8]) {
         dns_upstream: Some(upstream),
         ..StackConfig::default()
     };
-    let now = smol_instant(Duration::ZERO);
+    let now = std::time::Instant::now();
     let mut stack = Stack::new(cfg.clone(), EgressPolicy::allow_all(), now);
     let (guest, server): (IpAddr, IpAddr) = if input.v6 {
         (GUEST_V6.into(), DNS_V6.into())
@@ -133,8 +134,8 @@ pub fn dns(data: &[u8]) {
     let dst = SocketAddr::new(server, 53);
     let udp = frames::udp_datagram(src, dst, &payload);
     let frame = frames::ip_frame(guest, server, IpProtocol::Udp, &udp);
-    stack.handle_frame(now, &frame);
-    stack.poll(now);
+    stack.handle_frame(now, &frame, RxMeta::default());
+    stack.handle_timeout(now);
     let mut flow = None;
     while let Some(req) = stack.poll_request() {
         match req {
@@ -166,7 +167,7 @@ pub fn dns(data: &[u8]) {
     let (Some(flow), Some(reply)) = (flow, &input.reply) else {
         return;
     };
-    stack.datagram_from_host(now, flow, reply);
+    stack.handle_host(now, flow, HostEvent::Datagram(reply));
     let frames = drain(&mut stack, cfg.mtu);
     assert_eq!(
         frames.len(),

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use netstack::policy::{EgressPolicy, PolicySpec};
-use netstack::stack::smol_instant;
 use netstack::wire::RxMeta;
 use netstack::wire::Unreachable;
 use netstack::{
-    Caps, ConnectError, DatagramKind, FlowId, HostRequest, Offloads, Stack, StackConfig,
+    Caps, ConnectError, DatagramKind, FlowId, HostEvent as Event, HostRequest, Offloads, Stack,
+    StackConfig,
 };
 
 use super::check::{self, SegmentSeen};
@@ -221,7 +221,9 @@ pub(crate) struct Harness {
     offloads: Offloads,
     cfg: StackConfig,
     policy: EgressPolicy,
+    /// Time since `base`, the harness's fake clock.
     now: Duration,
+    base: std::time::Instant,
     tcp: Vec<TcpSeen>,
     dgram: Vec<DatagramSeen>,
     tracks: Vec<TcpTrack>,
@@ -264,7 +266,8 @@ impl Harness {
                 .policy()
                 .expect("fixed policy parses")
         });
-        let mut stack = Stack::new(cfg.clone(), policy.clone(), smol_instant(Duration::ZERO));
+        let base = std::time::Instant::now();
+        let mut stack = Stack::new(cfg.clone(), policy.clone(), base);
         let offloads = setup.offloads();
         stack.set_offloads(offloads);
         Harness {
@@ -273,6 +276,7 @@ impl Harness {
             cfg,
             policy,
             now: Duration::ZERO,
+            base,
             tcp: Vec::new(),
             dgram: Vec::new(),
             tracks: Vec::new(),
@@ -298,7 +302,7 @@ impl Harness {
     /// The link was replaced: every flow is reset and its host socket is
     /// moot (`Driver::resume`). Nothing may stay open.
     pub(crate) fn reset_flows(&mut self) {
-        self.stack.reset_flows();
+        self.stack.reset_flows(self.at());
         assert_eq!(
             self.stack.tcp_flow_count(),
             0,
@@ -336,8 +340,8 @@ impl Harness {
         }
     }
 
-    fn at(&self) -> smoltcp::time::Instant {
-        smol_instant(self.now)
+    fn at(&self) -> std::time::Instant {
+        self.base + self.now
     }
 
     pub(crate) fn step(&mut self, op: &Op) {
@@ -349,27 +353,23 @@ impl Harness {
         match op {
             Op::Frame { frame, batch } => {
                 let bytes = frame.build(&self.tracks);
-                self.stack
-                    .handle_frame_meta(self.at(), &bytes, self.rx_meta());
+                self.stack.handle_frame(self.at(), &bytes, self.rx_meta());
                 poll = !batch;
             }
-            Op::Raw(bytes) => self
-                .stack
-                .handle_frame_meta(self.at(), bytes, self.rx_meta()),
+            Op::Raw(bytes) => self.stack.handle_frame(self.at(), bytes, self.rx_meta()),
             Op::AdvanceMillis(ms) => self.now += Duration::from_millis((*ms).into()),
             Op::AdvanceSecs(s) => self.now += Duration::from_secs((*s).into()),
             Op::NextTimer => {
-                if let Some(t) = self.stack.poll_at(self.at()) {
-                    let micros = u64::try_from(t.total_micros()).unwrap_or(0);
-                    self.now = self.now.max(Duration::from_micros(micros));
+                if let Some(t) = self.stack.poll_timeout() {
+                    self.now = self.now.max(t.saturating_duration_since(self.base));
                 }
             }
             Op::Host { pick, event } => self.host_event(*pick, event),
             Op::SetPolicy(choice) => {
                 if let Some(p) = choice.policy() {
                     self.policy = p.clone();
-                    self.stack.set_policy(p);
-                    self.stack.poll(self.at());
+                    self.stack.set_policy(self.at(), p);
+                    self.stack.handle_timeout(self.at());
                     self.settle();
                     self.assert_open_flows_allowed();
                 }
@@ -395,14 +395,13 @@ impl Harness {
             eprintln!("frame {} bytes, batch {batch}", frame.len());
         }
         let before = self.stack.queued_frames();
-        self.stack
-            .handle_frame_meta(self.at(), frame, self.rx_meta());
+        self.stack.handle_frame(self.at(), frame, self.rx_meta());
         self.after_step(before, !batch, &"a guest frame");
     }
 
     fn after_step(&mut self, before: usize, poll: bool, what: &dyn std::fmt::Debug) {
         if poll {
-            self.stack.poll(self.at());
+            self.stack.handle_timeout(self.at());
         }
         let grew = self.stack.queued_frames().saturating_sub(before);
         let bound = self.cfg.caps.max_tcp_flows + FRAMES_PER_STEP_SLACK;
@@ -428,14 +427,15 @@ impl Harness {
         };
         let now = self.at();
         match event {
-            HostEvent::Connected => self.stack.tcp_connected(tcp(self)),
+            HostEvent::Connected => self.stack.handle_host(now, tcp(self), Event::Connected),
             HostEvent::ConnectFailed(why) => {
                 let err = match why % 3 {
                     0 => ConnectError::Refused,
                     1 => ConnectError::Unreachable,
                     _ => ConnectError::TimedOut,
                 };
-                self.stack.tcp_connect_failed(tcp(self), err);
+                self.stack
+                    .handle_host(now, tcp(self), Event::ConnectFailed(err));
             }
             HostEvent::Send(data) => self.host_send(tcp(self), data),
             HostEvent::SendFill(b) => {
@@ -455,8 +455,8 @@ impl Harness {
                 });
                 assert!(self.stack.tcp_recv_pending(flow) <= pending);
             }
-            HostEvent::Eof => self.stack.tcp_host_eof(tcp(self)),
-            HostEvent::Reset => self.stack.tcp_host_reset(tcp(self)),
+            HostEvent::Eof => self.stack.handle_host(now, tcp(self), Event::Eof),
+            HostEvent::Reset => self.stack.handle_host(now, tcp(self), Event::Reset),
             HostEvent::Datagram(p) => self.host_datagram(now, dgram(self), p),
             HostEvent::DatagramBig { len, fill } => {
                 self.host_datagram(now, dgram(self), &vec![*fill; usize::from(*len)])
@@ -473,7 +473,8 @@ impl Harness {
                     1 => Unreachable::Host,
                     _ => Unreachable::Prohibited,
                 };
-                self.stack.datagram_host_error(dgram(self), why);
+                self.stack
+                    .handle_host(now, dgram(self), Event::DatagramError(why));
             }
         }
     }
@@ -491,9 +492,9 @@ impl Harness {
         });
     }
 
-    fn host_datagram(&mut self, now: smoltcp::time::Instant, flow: FlowId, payload: &[u8]) {
+    fn host_datagram(&mut self, now: std::time::Instant, flow: FlowId, payload: &[u8]) {
         let before = self.stack.queued_frames();
-        self.stack.datagram_from_host(now, flow, payload);
+        self.stack.handle_host(now, flow, Event::Datagram(payload));
         if before >= self.cfg.caps.max_queued_frames {
             assert_eq!(
                 self.stack.queued_frames(),

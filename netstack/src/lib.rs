@@ -12,4 +12,6 @@ pub mod wire;
 
 pub use config::{AddressPlan, Caps, Offloads, StackConfig};
 pub use policy::{EgressPolicy, PolicyError, PolicySpec, Verdict};
-pub use stack::{ConnectError, DatagramKind, FlowId, HostRequest, InboundError, Stack, Stats};
+pub use stack::{
+    ConnectError, DatagramKind, FlowId, HostEvent, HostRequest, InboundError, Stack, Stats,
+};

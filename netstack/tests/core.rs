@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use netstack::wire::RxMeta;
-use netstack::{Caps, ConnectError, DatagramKind, EgressPolicy, FlowId, HostRequest, StackConfig};
+use netstack::{
+    Caps, ConnectError, DatagramKind, EgressPolicy, FlowId, HostEvent, HostRequest, StackConfig,
+};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, DhcpMessageType, DhcpPacket, DhcpRepr, EthernetAddress,
@@ -132,7 +134,7 @@ fn tcp_handshake_waits_for_host_connect() {
     assert_eq!(p.stack.half_open_count(), 1);
     assert_eq!(p.stack.tcp_send_capacity(flow), 0);
 
-    p.stack.tcp_connected(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Connected);
     p.run_until("the guest to establish", |p| {
         p.guest_state(h) == tcp::State::Established
     });
@@ -216,7 +218,11 @@ fn host_refused_becomes_rst() {
     let mut p = Pair::allow_all();
     let h = p.guest_connect(peer(), BUF);
     let (flow, _) = p.expect_connect();
-    p.stack.tcp_connect_failed(flow, ConnectError::Refused);
+    p.stack.handle_host(
+        p.at(),
+        flow,
+        HostEvent::ConnectFailed(ConnectError::Refused),
+    );
     p.run_until("the guest to see the RST", |p| {
         p.guest_state(h) == tcp::State::Closed
     });
@@ -237,7 +243,11 @@ fn host_refused_rst_does_not_wait_for_arp() {
     let src = sock(GUEST_V4, 40_000);
     assert!(p.inject(&tcp_syn(src, peer(), 10)).is_empty());
     let (flow, _) = p.expect_connect();
-    p.stack.tcp_connect_failed(flow, ConnectError::Refused);
+    p.stack.handle_host(
+        p.at(),
+        flow,
+        HostEvent::ConnectFailed(ConnectError::Refused),
+    );
     let out = p.poll_stack();
     assert_rst_for_syn(&out, src, peer(), 10);
 }
@@ -249,7 +259,11 @@ fn host_unreachable_becomes_icmp_quoting_the_syn() {
     let syn = tcp_syn(src, peer(), 4242);
     assert!(p.inject(&syn).is_empty());
     let (flow, _) = p.expect_connect();
-    p.stack.tcp_connect_failed(flow, ConnectError::Unreachable);
+    p.stack.handle_host(
+        p.at(),
+        flow,
+        HostEvent::ConnectFailed(ConnectError::Unreachable),
+    );
     let out = p.poll_stack();
     assert!(rsts(&out).is_empty(), "an RST after the ICMP error");
     let icmp = icmps(&out);
@@ -372,7 +386,7 @@ fn a_checksum_the_link_vouches_for_is_not_verified() {
     };
     let mut p = Pair::allow_all();
     for frame in [&bad_syn, &bad_udp] {
-        p.stack.handle_frame_meta(p.now, frame, trusted);
+        p.stack.handle_frame(p.at(), frame, trusted);
     }
     p.poll_stack();
     assert!(has_connect(&p), "the vouched-for SYN was dropped");
@@ -413,7 +427,7 @@ fn guest_half_close_reaches_host_and_host_can_still_send() {
     });
     assert_eq!(back, b"response");
 
-    p.stack.tcp_host_eof(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Eof);
     assert_eq!(p.stack.tcp_send_capacity(flow), 0);
     p.run_until("the flow to end", |p| !tcp_closes(p).is_empty());
     assert!(!p.guest(h).may_recv(), "the guest never saw the FIN");
@@ -427,7 +441,7 @@ fn host_eof_first_then_guest_close_ends_clean() {
     let mut p = Pair::allow_all();
     let (h, flow) = p.open_tcp(peer(), BUF);
     assert_eq!(host_write(&mut p, flow, b"bye"), 3);
-    p.stack.tcp_host_eof(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Eof);
     let mut got = Vec::new();
     p.run_until("the guest to see data and FIN", |p| {
         guest_read(p, h, &mut got);
@@ -446,7 +460,7 @@ fn host_eof_first_then_guest_close_ends_clean() {
 fn guest_bytes_after_host_eof_survive_the_guest_fin() {
     let mut p = Pair::allow_all();
     let (h, flow) = p.open_tcp(peer(), BUF);
-    p.stack.tcp_host_eof(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Eof);
     p.run_until("the guest to see the host's FIN", |p| {
         p.guest_state(h) == tcp::State::CloseWait
     });
@@ -476,7 +490,7 @@ fn guest_bytes_before_its_fin_survive_the_host_eof() {
     p.run_until("the stack to ack the guest's FIN", |p| {
         p.guest_state(h) == tcp::State::FinWait2
     });
-    p.stack.tcp_host_eof(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Eof);
     p.run_until("the guest to see the host's FIN", |p| {
         p.guest_state(h) == tcp::State::TimeWait
     });
@@ -506,7 +520,7 @@ fn guest_rst_resets_host_side() {
 fn host_reset_reaches_the_guest() {
     let mut p = Pair::allow_all();
     let (h, flow) = p.open_tcp(peer(), BUF);
-    p.stack.tcp_host_reset(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Reset);
     p.run_until("the guest to see the RST", |p| {
         p.guest_state(h) == tcp::State::Closed
     });
@@ -603,7 +617,8 @@ fn udp_relay_and_idle_expiry() {
     };
     assert_eq!(p.requests.pop_front(), Some(send(b"ping")));
 
-    p.stack.datagram_from_host(p.now, flow, b"pong");
+    p.stack
+        .handle_host(p.at(), flow, HostEvent::Datagram(b"pong"));
     let out = p.flush();
     assert_eq!(out.len(), 1);
     let want = UdpSeen {
@@ -629,7 +644,8 @@ fn udp_relay_and_idle_expiry() {
         Some(HostRequest::DatagramClose { flow })
     );
     assert_eq!(p.stack.datagram_flow_count(), 0);
-    p.stack.datagram_from_host(p.now, flow, b"late");
+    p.stack
+        .handle_host(p.at(), flow, HostEvent::Datagram(b"late"));
     assert!(p.flush().is_empty(), "a closed flow still delivers");
 }
 
@@ -698,7 +714,7 @@ fn host_datagrams_stop_at_the_queued_frames_cap() {
     p.inject(&udp_frame(sock(GUEST_V4, 40_000), sock(PEER_V4, 7), b"go"));
     let (flow, _, _) = take_datagram_open(&mut p).expect("DatagramOpen");
     for i in 0..10u8 {
-        p.stack.datagram_from_host(p.now, flow, &[i]);
+        p.stack.handle_host(p.at(), flow, HostEvent::Datagram(&[i]));
     }
     assert!(!p.stack.wants_host_datagrams());
     assert_eq!(p.stack.queued_frames(), 4);
@@ -723,7 +739,7 @@ fn host_loopback_alias_reaches_host_loopback() {
     let h = p.guest_connect(sock(alias, 8080), BUF);
     let (flow, dst) = p.expect_connect();
     assert_eq!(dst, sock(Ipv4Addr::LOCALHOST, 8080));
-    p.stack.tcp_connected(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Connected);
     p.run_until("the guest to establish", |p| {
         p.guest_state(h) == tcp::State::Established
     });
@@ -732,7 +748,8 @@ fn host_loopback_alias_reaches_host_loopback() {
     p.inject(&udp_frame(guest, sock(alias, 9000), b"hi"));
     let (flow, _, dst) = take_datagram_open(&mut p).expect("DatagramOpen");
     assert_eq!(dst, sock(Ipv4Addr::LOCALHOST, 9000));
-    p.stack.datagram_from_host(p.now, flow, b"back");
+    p.stack
+        .handle_host(p.at(), flow, HostEvent::Datagram(b"back"));
     let udp = udp_of(&p.flush()[0]).unwrap();
     assert_eq!((udp.src, udp.dst), (sock(alias, 9000), guest));
 
@@ -815,7 +832,8 @@ fn ping_to_public_is_relayed_and_reply_gets_the_guest_ident() {
 
     // The kernel replies with an identifier of its own choosing.
     let reply = [0, 0, 0, 0, 0x99, 0x99, 0, 3, b'd', b'a', b't', b'a'];
-    p.stack.datagram_from_host(p.now, flow, &reply);
+    p.stack
+        .handle_host(p.at(), flow, HostEvent::Datagram(&reply));
     let out = p.flush();
     let ip = ip_of(&out[0]).expect("an echo reply");
     assert_eq!(ip.src, IpAddr::V4(PEER_V4));
@@ -851,7 +869,8 @@ fn dns_to_stack_is_forwarded_to_upstream() {
 
     let mut answer = query.clone();
     answer[2] |= 0x80;
-    p.stack.datagram_from_host(p.now, flow, &answer);
+    p.stack
+        .handle_host(p.at(), flow, HostEvent::Datagram(&answer));
     let out = p.flush();
     let udp = udp_of(&out[0]).expect("a UDP answer");
     assert_eq!((udp.src, udp.dst), (dns, guest));
@@ -1182,7 +1201,7 @@ fn caps_refuse_new_flows() {
     let out = p.inject(&tcp_syn(second, peer(), 900));
     assert_rst_for_syn(&out, second, peer(), 900);
     assert!(!has_connect(&p));
-    p.stack.tcp_connected(first);
+    p.stack.handle_host(p.at(), first, HostEvent::Connected);
     p.poll_stack();
     assert!(p
         .inject(&tcp_syn(sock(GUEST_V4, 40_002), peer(), 1))
@@ -1236,7 +1255,7 @@ fn policy_swap_resets_denied_live_flows() {
     p.requests.clear();
     p.sent.clear();
 
-    p.stack.set_policy(deny(&["192.0.2.0/24"]));
+    p.stack.set_policy(p.at(), deny(&["192.0.2.0/24"]));
     p.run_until("the denied flow to end", |p| !tcp_closes(p).is_empty());
     p.settle();
     assert_eq!(tcp_closes(&p), [(doomed_flow, true)]);
@@ -1434,7 +1453,7 @@ fn garbage_frames_never_panic() {
             }
             _ => seed.clone(),
         };
-        p.stack.handle_frame(p.now, &frame);
+        p.stack.handle_frame(p.at(), &frame, RxMeta::default());
 
         // Play a driver that answers at random.
         while let Some(r) = p.stack.poll_request() {
@@ -1442,8 +1461,16 @@ fn garbage_frames_never_panic() {
                 HostRequest::TcpConnect { flow, .. } => {
                     opened_tcp += 1;
                     match rng.below(4) {
-                        0 => p.stack.tcp_connect_failed(flow, ConnectError::Refused),
-                        1 => p.stack.tcp_connect_failed(flow, ConnectError::TimedOut),
+                        0 => p.stack.handle_host(
+                            p.at(),
+                            flow,
+                            HostEvent::ConnectFailed(ConnectError::Refused),
+                        ),
+                        1 => p.stack.handle_host(
+                            p.at(),
+                            flow,
+                            HostEvent::ConnectFailed(ConnectError::TimedOut),
+                        ),
                         _ => tcp_flows.push(flow),
                     }
                 }
@@ -1456,17 +1483,18 @@ fn garbage_frames_never_panic() {
         }
         if let Some(&flow) = tcp_flows.get(rng.below(tcp_flows.len() + 1)) {
             match rng.below(8) {
-                0 => p.stack.tcp_host_eof(flow),
-                1 => p.stack.tcp_host_reset(flow),
+                0 => p.stack.handle_host(p.at(), flow, HostEvent::Eof),
+                1 => p.stack.handle_host(p.at(), flow, HostEvent::Reset),
                 2 => drop(host_write(&mut p, flow, b"from the host")),
                 3 => host_read(&mut p, flow, &mut Vec::new()),
-                _ => p.stack.tcp_connected(flow),
+                _ => p.stack.handle_host(p.at(), flow, HostEvent::Connected),
             }
         }
         if let Some(&flow) = dgram_flows.get(rng.below(dgram_flows.len() + 1)) {
             let len = rng.below(64);
             let payload = rng.bytes(len);
-            p.stack.datagram_from_host(p.now, flow, &payload);
+            p.stack
+                .handle_host(p.at(), flow, HostEvent::Datagram(&payload));
         }
         if rng.chance(500) {
             let list = if rng.chance(2) {
@@ -1474,12 +1502,12 @@ fn garbage_frames_never_panic() {
             } else {
                 "203.0.113.0/24"
             };
-            p.stack.set_policy(deny(&[list]));
+            p.stack.set_policy(p.at(), deny(&[list]));
         }
         if rng.chance(20) {
             p.advance(Duration::from_millis(rng.below(3_000) as u64));
         }
-        p.stack.poll(p.now);
+        p.stack.handle_timeout(p.at());
         p.requests.clear();
         for out in p.flush() {
             assert_well_formed(&out);
@@ -1525,7 +1553,7 @@ fn gateway_connects_into_the_guest_and_bytes_flow() {
     );
     listener.listen(8080).unwrap();
     let h = p.sockets.add(listener);
-    let now = p.now;
+    let now = p.at();
     let flow = p.stack.connect_to_guest(now, 8080, false).unwrap();
     p.run_until("the inbound connection to open", |p| {
         p.take_request(|r| match r {
@@ -1560,7 +1588,7 @@ fn gateway_connects_into_the_guest_and_bytes_flow() {
 #[test]
 fn gateway_connect_to_a_closed_guest_port_is_refused() {
     let mut p = Pair::allow_all();
-    let now = p.now;
+    let now = p.at();
     let flow = p.stack.connect_to_guest(now, 9, false).unwrap();
     p.run_until("the refusal", |p| {
         p.take_request(|r| match r {
@@ -1582,7 +1610,7 @@ fn gateway_connections_stop_at_the_inbound_cap() {
         ..StackConfig::default()
     };
     let mut p = Pair::new(cfg, EgressPolicy::allow_all());
-    let now = p.now;
+    let now = p.at();
     assert!(p.stack.connect_to_guest(now, 80, false).is_ok());
     assert!(p.stack.connect_to_guest(now, 80, false).is_ok());
     assert_eq!(
@@ -1598,7 +1626,7 @@ fn reset_flows_resets_tcp_and_forgets_datagrams() {
     p.inject(&udp_frame(sock(GUEST_V4, 5000), sock(PEER_V4, 7), b"x"));
     assert_eq!(p.stack.tcp_flow_count(), 1);
     assert_eq!(p.stack.datagram_flow_count(), 1);
-    p.stack.reset_flows();
+    p.stack.reset_flows(p.at());
     assert_eq!(p.stack.tcp_flow_count(), 0);
     assert_eq!(p.stack.datagram_flow_count(), 0);
     assert!(

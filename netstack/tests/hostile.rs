@@ -9,7 +9,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
-use netstack::{Caps, ConnectError, EgressPolicy, FlowId, HostRequest, StackConfig};
+use netstack::wire::RxMeta;
+use netstack::{Caps, ConnectError, EgressPolicy, FlowId, HostEvent, HostRequest, StackConfig};
 use smoltcp::wire::{TcpControl, TcpSeqNumber};
 
 const PEER_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -72,7 +73,7 @@ fn guest_rst_of_a_synack_then_syn_and_rst_in_one_batch_do_not_panic() {
     let first = sock(GUEST_V4, 40_000);
     p.inject(&tcp_syn(first, peer(), seq(0x8000_0000)));
     let flow = connect_request(&mut p);
-    p.stack.tcp_connected(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Connected);
     let out = p.poll_stack();
     let synack = out
         .iter()
@@ -93,20 +94,23 @@ fn guest_rst_of_a_synack_then_syn_and_rst_in_one_batch_do_not_panic() {
     assert_eq!(p.stack.tcp_flow_count(), 0);
 
     let second = sock(GUEST_V4, 40_001);
-    let now = p.now;
-    p.stack.handle_frame(now, &tcp_syn(second, peer(), 0));
+    let now = p.at();
+    p.stack
+        .handle_frame(now, &tcp_syn(second, peer(), 0), RxMeta::default());
     p.stack.handle_frame(
         now,
         &tcp_frame(second, peer(), TcpControl::Rst, seq(0x8000_0001), None, &[]),
+        RxMeta::default(),
     );
-    p.stack.poll(now);
+    p.stack.handle_timeout(now);
     p.flush();
     // The second SYN was a flow of its own, and its RST (acceptable or not)
     // ended it before the host connect could.
     let second_flow = connect_request(&mut p);
     assert_ne!(second_flow, flow);
     reset_close(&mut p, second_flow);
-    p.stack.tcp_connected(second_flow);
+    p.stack
+        .handle_host(p.at(), second_flow, HostEvent::Connected);
     p.poll_stack();
     assert_eq!(p.stack.tcp_flow_count(), 0);
 
@@ -134,14 +138,18 @@ fn aborted_handshakes_free_their_flows_and_cap_slots() {
             p.inject(&tcp_frame(guest, peer(), TcpControl::Rst, 1001, None, &[]));
         } else {
             // The host connect finished; the guest resets the SYN-ACK.
-            p.stack.tcp_connected(flow);
+            p.stack.handle_host(p.at(), flow, HostEvent::Connected);
             p.poll_stack();
             p.inject(&tcp_frame(guest, peer(), TcpControl::Rst, 1001, None, &[]));
         }
         reset_close(&mut p, flow);
         // A late answer to the host connect changes nothing.
-        p.stack.tcp_connected(flow);
-        p.stack.tcp_connect_failed(flow, ConnectError::Refused);
+        p.stack.handle_host(p.at(), flow, HostEvent::Connected);
+        p.stack.handle_host(
+            p.at(),
+            flow,
+            HostEvent::ConnectFailed(ConnectError::Refused),
+        );
         p.poll_stack();
     }
     assert_eq!(p.stack.tcp_flow_count(), 0);
@@ -162,8 +170,8 @@ fn a_pending_host_connect_wants_no_polling() {
     let guest = sock(GUEST_V4, 40_000);
     p.inject(&tcp_syn(guest, peer(), 1));
     let flow = connect_request(&mut p);
-    let now = p.now;
-    let at = p.stack.poll_at(now);
+    let now = p.at();
+    let at = p.stack.poll_timeout();
     assert!(
         at.is_none_or(|at| at > now),
         "the stack asks to be polled at {at:?}, now is {now:?}"
@@ -171,10 +179,10 @@ fn a_pending_host_connect_wants_no_polling() {
     // The guest retransmits its SYN: held, not answered.
     p.advance(Duration::from_secs(1));
     assert!(p.inject(&tcp_syn(guest, peer(), 1)).is_empty());
-    let now = p.now;
-    assert!(p.stack.poll_at(now).is_none_or(|at| at > now));
+    let now = p.at();
+    assert!(p.stack.poll_timeout().is_none_or(|at| at > now));
     // The connect ends: the SYN-ACK goes out.
-    p.stack.tcp_connected(flow);
+    p.stack.handle_host(p.at(), flow, HostEvent::Connected);
     let out = p.poll_stack();
     assert!(out
         .iter()
@@ -192,11 +200,11 @@ fn the_queue_to_a_guest_that_stops_reading_is_bounded() {
     introduce_guest(&mut p);
     p.flush();
     let data = vec![0x5a; 60_000];
-    let now = p.now;
+    let now = p.at();
     for i in 0..3000u16 {
         let ping = echo_request(GUEST_V4.into(), GATEWAY_V4.into(), 7, i, &data);
-        p.stack.handle_frame(now, &ping);
-        p.stack.poll(now);
+        p.stack.handle_frame(now, &ping, RxMeta::default());
+        p.stack.handle_timeout(now);
     }
     let queued = p.stack.queued_frames();
     assert!(queued <= caps.max_queued_frames, "{queued} frames queued");
@@ -222,10 +230,10 @@ fn the_queue_to_a_guest_that_stops_reading_is_bounded() {
 fn discarding_the_queue_forgets_the_old_guests_frames() {
     let mut p = Pair::allow_all();
     introduce_guest(&mut p);
-    let now = p.now;
+    let now = p.at();
     for i in 0..10u16 {
         let ping = echo_request(GUEST_V4.into(), GATEWAY_V4.into(), 7, i, b"x");
-        p.stack.handle_frame(now, &ping);
+        p.stack.handle_frame(now, &ping, RxMeta::default());
     }
     assert!(p.stack.queued_frames() >= 10);
     p.stack.discard_transmit();
@@ -239,10 +247,11 @@ fn discarding_the_queue_forgets_the_old_guests_frames() {
 fn refusal_log_lines_are_rate_limited() {
     let mut p = Pair::new(StackConfig::default(), policy(&[], &["192.0.2.0/24"]));
     introduce_guest(&mut p);
-    let now = p.now;
+    let now = p.at();
     for i in 0..20_000u32 {
         let guest = sock(GUEST_V4, 10_000 + (i % 50_000) as u16);
-        p.stack.handle_frame(now, &tcp_syn(guest, peer(), i as i32));
+        p.stack
+            .handle_frame(now, &tcp_syn(guest, peer(), i as i32), RxMeta::default());
         while p.stack.poll_transmit().is_some() {}
     }
     let stats = p.stack.stats();
@@ -250,8 +259,11 @@ fn refusal_log_lines_are_rate_limited() {
     assert_eq!(stats.log_lines_suppressed, 20_000 - 50);
     // A second later the log speaks again.
     p.advance(Duration::from_secs(1));
-    let now = p.now;
-    p.stack
-        .handle_frame(now, &tcp_syn(sock(GUEST_V4, 9_999), peer(), 1));
+    let now = p.at();
+    p.stack.handle_frame(
+        now,
+        &tcp_syn(sock(GUEST_V4, 9_999), peer(), 1),
+        RxMeta::default(),
+    );
     assert_eq!(p.stack.stats().log_lines_suppressed, 20_000 - 50);
 }

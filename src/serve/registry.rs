@@ -11,8 +11,7 @@ use std::time::{Duration, SystemTime};
 use hyper::StatusCode;
 use ingress::{Directory, Route, RouteSpec, SandboxId};
 use netstack::driver::{DriverHandle, Parked, Snapshot};
-use netstack::stack::smol_instant;
-use netstack::{AddressPlan, EgressPolicy, PolicySpec, Stack};
+use netstack::{AddressPlan, Stack};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -138,18 +137,11 @@ impl Sandbox {
     /// Reset every flow (the guest and the host peers get RSTs), stop the
     /// driver and wait for it: its link, sockets and buffers are freed.
     async fn tear_down(&self) {
-        // A policy that denies everything resets every relayed flow; the
-        // driver takes it in the round it runs after being told to stop (see
-        // `drive`), sends the resets to the guest, and closes the host
-        // sockets with RST. A sandbox waiting for its VMM has no flows and
-        // stops at once.
-        let deny_all = PolicySpec {
-            allow_internet_access: false,
-            ..PolicySpec::new()
-        };
-        if let Ok(policy) = EgressPolicy::from_spec(&deny_all) {
-            self.handle.set_policy(policy);
-        }
+        // Every flow is reset: the driver takes the command in the round it
+        // runs after being told to stop (see `drive`), sends the RSTs to the
+        // guest, and closes the host sockets with RST. A sandbox waiting for
+        // its VMM has no flows and stops at once.
+        self.handle.reset_flows();
         if let Some(stop) = lock(&self.stop).take() {
             let _ = stop.send(());
         }
@@ -256,7 +248,7 @@ impl Registry {
         let mut cfg = defaults.stack.clone();
         cfg.random_seed = random_u64()?;
         let (plan, mtu) = (cfg.plan.clone(), cfg.mtu);
-        let stack = Stack::new(cfg, req.egress.policy.clone(), smol_instant(Duration::ZERO));
+        let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
         let parked = Parked::new(stack);
         let handle = parked.handle();
         let door = StackDoor {

@@ -30,6 +30,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::thread::JoinHandle;
 
 use netstack::driver::{DriverHandle, Link, Parked};
+use netstack::wire::RxMeta;
 use netstack::{EgressPolicy, Stack, StackConfig};
 
 /// The largest frame either side passes: a 64 KiB IP packet plus Ethernet.
@@ -121,8 +122,8 @@ impl SeqpacketLink {
 
 // SAFETY: the link owns its descriptor for as long as it lives.
 unsafe impl Link for SeqpacketLink {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.recv_frame(buf)
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
+        Ok((self.recv_frame(buf)?, RxMeta::default()))
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -147,11 +148,7 @@ impl SandboxNet {
     /// Start the stack for one sandbox with this address plan, caps and policy.
     pub fn start(cfg: StackConfig, policy: EgressPolicy) -> io::Result<SandboxNet> {
         let (vmm_end, stack_end) = SeqpacketLink::pair()?;
-        let parked = Parked::new(Stack::new(
-            cfg,
-            policy,
-            netstack::stack::smol_instant(std::time::Duration::ZERO),
-        ));
+        let parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
         let handle = parked.handle();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

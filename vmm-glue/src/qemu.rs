@@ -12,6 +12,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use netstack::driver::Link;
+use netstack::wire::RxMeta;
 
 /// The largest Ethernet frame either side may carry: a 65535-byte IP packet
 /// plus the Ethernet header (QEMU's own limit for these netdevs is 69632).
@@ -78,7 +79,7 @@ impl StreamLink {
 
 // SAFETY: the link owns its socket for as long as it lives.
 unsafe impl Link for StreamLink {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
         loop {
             if let Some((start, len)) = self.frame_ready()? {
                 if len > buf.len() {
@@ -89,7 +90,8 @@ unsafe impl Link for StreamLink {
                 buf[..len].copy_from_slice(&self.rx[start..start + len]);
                 self.rx.copy_within(start + len..self.rx_len, 0);
                 self.rx_len -= start + len;
-                return Ok(len);
+                // A stream carries no virtio-net header: nothing is vouched for.
+                return Ok((len, RxMeta::default()));
             }
             match self.sock.read(&mut self.rx[self.rx_len..]) {
                 Ok(0) => {
@@ -223,7 +225,7 @@ impl DgramLink {
 
 // SAFETY: the link owns its socket for as long as it lives.
 unsafe impl Link for DgramLink {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
         loop {
             let (n, from) = self.sock.recv_from(buf)?;
             if n < MIN_FRAME {
@@ -231,7 +233,7 @@ unsafe impl Link for DgramLink {
                 continue;
             }
             self.learn(&from);
-            return Ok(n);
+            return Ok((n, RxMeta::default()));
         }
     }
 
@@ -301,9 +303,9 @@ mod tests {
             );
         }
         vmm.write_all(&wire[10..]).unwrap();
-        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        assert_eq!(link.recv(&mut buf).unwrap().0, 60);
         assert_eq!(&buf[..60], &f1[..]);
-        assert_eq!(link.recv(&mut buf).unwrap(), 1514);
+        assert_eq!(link.recv(&mut buf).unwrap().0, 1514);
         assert_eq!(&buf[..1514], &f2[..]);
         assert_eq!(
             link.recv(&mut buf).unwrap_err().kind(),
@@ -384,7 +386,7 @@ mod tests {
         vmm.send_to(&[1, 2, 3], &ours).unwrap();
         vmm.send_to(&frame(60, 9), &ours).unwrap();
         let mut buf = vec![0; MAX_FRAME];
-        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        assert_eq!(link.recv(&mut buf).unwrap().0, 60);
         link.send(&frame(70, 4)).unwrap();
         let mut back = vec![0; 100];
         assert_eq!(vmm.recv(&mut back).unwrap(), 70);

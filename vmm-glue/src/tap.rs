@@ -518,11 +518,7 @@ fn set_iff_error(name: &str, source: io::Error) -> TapError {
 
 // SAFETY: the Tap owns its descriptor for as long as it lives.
 unsafe impl netstack::driver::Link for Tap {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Tap::recv(self, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
-    }
-
-    fn recv_meta(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
         Tap::recv_meta(self, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
     }
 

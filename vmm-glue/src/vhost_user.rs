@@ -77,6 +77,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use netstack::driver::Link;
+use netstack::wire::RxMeta;
 use socket2::{Domain, Socket, Type};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -585,7 +586,9 @@ pub struct VhostUserLink {
 // SAFETY: the link owns its descriptor (its own dup of the frame socket)
 // for as long as it lives.
 unsafe impl Link for VhostUserLink {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// The device finished the guest's checksums in software (or checked
+    /// them): nothing is left for the stack to trust blindly.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
         loop {
             match (&self.sock).read(buf)? {
                 0 => {
@@ -601,7 +604,7 @@ unsafe impl Link for VhostUserLink {
                     ))
                 }
                 n if n < MIN_FRAME => {}
-                n => return Ok(n),
+                n => return Ok((n, RxMeta::default())),
             }
         }
     }

@@ -191,7 +191,7 @@ impl Stack {
     }
 
     /// A datagram (UDP payload, or a whole ICMP echo reply) from the host side of `flow`.
-    pub fn datagram_from_host(&mut self, now: Instant, flow: FlowId, payload: &[u8]) {
+    pub(super) fn datagram_from_host(&mut self, now: Instant, flow: FlowId, payload: &[u8]) {
         let Some(f) = self.datagram.get_mut(&flow) else {
             return;
         };
@@ -231,7 +231,7 @@ impl Stack {
 
     /// The host reported an error on a datagram flow (e.g. ICMP port unreachable
     /// on a connected UDP socket); tell the guest the same.
-    pub fn datagram_host_error(&mut self, flow: FlowId, why: Unreachable) {
+    pub(super) fn datagram_host_error(&mut self, flow: FlowId, why: Unreachable) {
         let Some(f) = self.datagram.get(&flow) else {
             return;
         };
@@ -258,7 +258,7 @@ impl Stack {
                 dst = %f.key.peer,
                 to_host = f.to_host,
                 to_guest = f.to_guest,
-                secs = (self.iface_now() - f.started).secs(),
+                secs = (self.now - f.started).secs(),
                 why,
                 "datagram flow closed"
             );

@@ -3,11 +3,25 @@
 //! the next deadline come out. No sockets, no clock, no runtime in here.
 //!
 //! TCP is terminated by smoltcp. A guest SYN is decided before smoltcp sees
-//! it; an allowed one gets a listening socket for that exact endpoint whose
-//! SYN-ACK stays paused until the host connect succeeded. UDP and ICMP echo
-//! are relayed per flow without smoltcp.
+//! it; an allowed one waits for the host connect (the core times it out), and
+//! only then does smoltcp take the SYN and answer it. UDP and ICMP echo are
+//! relayed per flow without smoltcp.
+//!
+//! The API has the shape of quinn-proto's `Connection`:
+//! - getters (`stats`, `config`, counts, `tcp_send_capacity`, …);
+//! - inputs, each with the caller's `now`: `handle_frame`, `handle_host`,
+//!   `handle_timeout`, `connect_to_guest`;
+//! - mutators: `set_policy`, `set_offloads`, `reset_flows`, and the byte
+//!   moves `tcp_send_with` / `tcp_recv_with`;
+//! - outputs: `poll_transmit` (frames for the guest), `poll_request` (work
+//!   for the host), `poll_timeout` (when to call `handle_timeout` next).
+//!
+//! After a batch of inputs, drain every output, in any order: the first
+//! output call lets smoltcp send and settles the flows the inputs changed.
+//! Call `handle_timeout` when `poll_timeout`'s instant has come (calling it
+//! earlier is harmless). Outputs use the time of the last input.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -48,10 +62,31 @@ pub enum DatagramKind {
     IcmpEcho,
 }
 
+/// What the host tells the core about a flow's socket (`Stack::handle_host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostEvent<'a> {
+    /// The host connect of a TCP flow succeeded: the guest's SYN is answered.
+    Connected,
+    /// The host connect failed: the guest learns at once (RST or ICMP).
+    ConnectFailed(ConnectError),
+    /// The host closed its sending side: FIN to the guest after the data.
+    Eof,
+    /// The host reset the connection (or gave up on it): RST to the guest.
+    Reset,
+    /// A datagram arrived on a datagram flow: a UDP payload, or a whole
+    /// ICMP echo reply (8-byte header and data).
+    Datagram(&'a [u8]),
+    /// The host reported an error on a datagram flow (an ICMP error on a
+    /// connected UDP socket): the guest is told the same.
+    DatagramError(Unreachable),
+}
+
 /// What the core needs the host to do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HostRequest {
-    /// Connect to `dst`; answer with `tcp_connected` or `tcp_connect_failed`.
+    /// Connect to `dst`; answer with `HostEvent::Connected` or
+    /// `ConnectFailed`. A connect not answered within the configured
+    /// timeout fails by itself, with a `TcpClose` for the host socket.
     TcpConnect {
         flow: FlowId,
         dst: SocketAddr,
@@ -160,7 +195,13 @@ pub struct Stack {
     next_ephemeral: u16,
     buffer_bytes: usize,
     next_sweep: Option<Instant>,
+    /// Host connects in flight, by deadline.
+    connect_deadlines: BTreeSet<(Instant, FlowId)>,
+    /// The caller's clock at `Instant::ZERO` of smoltcp's.
+    epoch: std::time::Instant,
     now: Instant,
+    /// An input changed something smoltcp may want to send or settle.
+    dirty: bool,
     stats: Stats,
     offloads: Offloads,
     refusal_log: RefusalLog,
@@ -173,17 +214,14 @@ pub struct Stack {
 #[cfg(feature = "fault-injection")]
 pub const PANIC_FRAME: &[u8] = b"slipway-fault-injection: panic";
 
-/// smoltcp's clock from the caller's; the core never reads a clock itself.
-pub fn smol_instant(since_start: Duration) -> Instant {
-    Instant::from_micros(since_start.as_micros() as i64)
-}
-
 impl Stack {
-    pub fn new(cfg: StackConfig, policy: EgressPolicy, now: Instant) -> Self {
+    /// A sandbox's network as of `now` (the caller's clock, which every
+    /// later input continues).
+    pub fn new(cfg: StackConfig, policy: EgressPolicy, now: std::time::Instant) -> Self {
         let gateway_mac = EthernetAddress(cfg.plan.gateway_mac);
         let mut tx = TxQueue::new(cfg.caps.max_queued_frames, cfg.caps.max_queued_bytes);
         let offloads = Offloads::default();
-        let iface = Self::new_iface(&cfg, &mut tx, offloads, now);
+        let iface = Self::new_iface(&cfg, &mut tx, offloads, Instant::ZERO);
         Self {
             policy,
             iface,
@@ -202,7 +240,10 @@ impl Stack {
             next_ephemeral: EPHEMERAL.start,
             buffer_bytes: 0,
             next_sweep: None,
-            now,
+            connect_deadlines: BTreeSet::new(),
+            epoch: now,
+            now: Instant::ZERO,
+            dirty: true,
             stats: Stats::default(),
             offloads,
             refusal_log: RefusalLog::default(),
@@ -222,6 +263,7 @@ impl Stack {
         let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ethernet(gateway_mac));
         // A remade interface must not replay the first one's sequence numbers.
         iface_cfg.random_seed = cfg.random_seed ^ now.total_micros() as u64;
+        // (`now` only varies the seed: smoltcp's clock is the core's own.)
         let mut dev = OneFrame {
             rx: None,
             tx,
@@ -321,20 +363,16 @@ impl Stack {
 
     // ----- guest side -------------------------------------------------------
 
-    /// Take one Ethernet frame from the guest.
-    pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
-        self.handle_frame_meta(now, frame, RxMeta::default());
-    }
-
-    /// Take one guest frame with what its link said about it (an offloaded
-    /// checksum). A TSO super-frame is one TCP segment like any other.
-    pub fn handle_frame_meta(&mut self, now: Instant, frame: &[u8], meta: RxMeta) {
-        self.now = now;
+    /// Take one Ethernet frame from the guest, with what its link said about
+    /// it (an offloaded checksum). A TSO super-frame is one TCP segment like
+    /// any other.
+    pub fn handle_frame(&mut self, now: std::time::Instant, frame: &[u8], meta: RxMeta) {
+        let now = self.clock(now);
         #[cfg(feature = "fault-injection")]
         if frame.get(12..14) == Some(&[0x88, 0xb5]) && frame[14..].starts_with(PANIC_FRAME) {
             panic!("fault injection: a guest frame asked the stack to panic");
         }
-        let parsed = wire::classify_with(frame, meta);
+        let parsed = wire::classify(frame, meta);
         if parsed.src_mac.is_unicast() {
             self.guest_mac = parsed.src_mac;
         }
@@ -371,6 +409,7 @@ impl Stack {
                 tracing::trace!(why, len = frame.len(), "dropped guest frame");
             }
         }
+        self.count_tx_drops();
     }
 
     fn ingest(&mut self, now: Instant, frame: &[u8]) {
@@ -401,15 +440,26 @@ impl Stack {
 
     // ----- policy -----------------------------------------------------------
 
-    /// The time of the last input, as the caller's clock gave it.
-    pub fn elapsed(&self) -> Duration {
-        Duration::from_micros(self.now.total_micros().max(0) as u64)
+    /// smoltcp's clock from the caller's, never going back; every input
+    /// calls it first. The core never reads a clock itself.
+    fn clock(&mut self, now: std::time::Instant) -> Instant {
+        let since = now.saturating_duration_since(self.epoch);
+        let t = Instant::from_micros(i64::try_from(since.as_micros()).unwrap_or(i64::MAX));
+        self.now = self.now.max(t);
+        self.dirty = true;
+        self.now
+    }
+
+    /// The caller's clock at smoltcp's `at`.
+    fn caller_time(&self, at: Instant) -> std::time::Instant {
+        self.epoch + Duration::from_micros(u64::try_from(at.total_micros()).unwrap_or(0))
     }
 
     /// Reset every flow: the link to the guest was replaced, so its
     /// connections are void. TCP flows get an RST (a guest restored from a
     /// snapshot learns at once); datagram flows are forgotten.
-    pub fn reset_flows(&mut self) {
+    pub fn reset_flows(&mut self, now: std::time::Instant) {
+        self.clock(now);
         let tcp: Vec<FlowId> = self.tcp.keys().copied().collect();
         for id in tcp {
             self.tcp_host_reset(id);
@@ -418,14 +468,14 @@ impl Stack {
         for id in datagrams {
             self.close_datagram(id, "link replaced");
         }
-        let now = self.now;
-        self.poll(now);
+        self.flush();
         // What the old link's host sockets were asked to do is moot now.
         self.requests.clear();
     }
 
     /// Replace the policy atomically; live flows it now denies are reset.
-    pub fn set_policy(&mut self, policy: EgressPolicy) {
+    pub fn set_policy(&mut self, now: std::time::Instant, policy: EgressPolicy) {
+        self.clock(now);
         self.policy = policy;
         let tcp_denied: Vec<FlowId> = self
             .tcp
@@ -455,16 +505,46 @@ impl Stack {
         }
     }
 
-    fn iface_now(&self) -> Instant {
-        self.now
-    }
-
     // ----- driving ----------------------------------------------------------
 
+    /// Time passed: connects past their deadline fail, idle datagram flows
+    /// are forgotten, smoltcp's timers (retransmits, delayed ACKs, …) run
+    /// at the next output.
+    pub fn handle_timeout(&mut self, now: std::time::Instant) {
+        let now = self.clock(now);
+        while let Some(&(at, flow)) = self.connect_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.connect_deadlines.pop_first();
+            self.handle_connect_failed(flow, ConnectError::TimedOut);
+        }
+        if self.next_sweep.is_some_and(|t| now >= t) {
+            self.sweep_datagrams(now);
+        }
+    }
+
+    /// What the host says about `flow`'s socket.
+    pub fn handle_host(&mut self, now: std::time::Instant, flow: FlowId, event: HostEvent<'_>) {
+        let now = self.clock(now);
+        match event {
+            HostEvent::Connected => self.handle_connected(flow),
+            HostEvent::ConnectFailed(err) => self.handle_connect_failed(flow, err),
+            HostEvent::Eof => self.host_eof(flow),
+            HostEvent::Reset => self.tcp_host_reset(flow),
+            HostEvent::Datagram(payload) => self.datagram_from_host(now, flow, payload),
+            HostEvent::DatagramError(why) => self.datagram_host_error(flow, why),
+        }
+    }
+
     /// Let smoltcp send what it has (segments, ACKs, window updates) and
-    /// settle flows whose state changed. Call after a batch of input.
-    pub fn poll(&mut self, now: Instant) {
-        self.now = now;
+    /// settle flows whose state changed, once per batch of inputs.
+    fn flush(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let now = self.now;
         let mut dev = OneFrame {
             rx: None,
             tx: &mut self.tx,
@@ -474,6 +554,11 @@ impl Stack {
         self.iface.poll_maintenance(now);
         self.iface.poll_egress(now, &mut dev, &mut self.sockets);
         self.settle_tcp(now);
+        self.count_tx_drops();
+    }
+
+    /// Frames the full queue to the guest refused, into the counters.
+    fn count_tx_drops(&mut self) {
         let dropped = self.tx.take_dropped();
         if dropped > 0 {
             self.stats.tx_dropped += dropped;
@@ -484,32 +569,35 @@ impl Stack {
                 .entry("guest link not draining")
                 .or_default() += dropped;
         }
-        if self.next_sweep.is_some_and(|t| now >= t) {
-            self.sweep_datagrams(now);
-        }
     }
 
-    /// When the core next needs `poll`, if nothing else happens first.
+    /// When `handle_timeout` is next due, if nothing else happens first.
     /// While the queue to the guest is full, smoltcp's wish to send waits
-    /// for the link: poll again once frames were taken with `poll_transmit`.
-    pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
+    /// for the link: call `poll_transmit` again once the link takes frames.
+    pub fn poll_timeout(&mut self) -> Option<std::time::Instant> {
+        self.flush();
+        let now = self.now;
         let smol = self
             .iface
             .poll_at(now, &self.sockets)
             .filter(|&at| at > now || !self.tx.is_full());
-        match (smol, self.next_sweep) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let connect = self.connect_deadlines.first().map(|&(at, _)| at);
+        let at = [smol, self.next_sweep, connect]
+            .into_iter()
+            .flatten()
+            .min()?;
+        Some(self.caller_time(at))
     }
 
     /// The next request for the host, in order.
     pub fn poll_request(&mut self) -> Option<HostRequest> {
+        self.flush();
         self.requests.pop_front()
     }
 
     /// The next frame for the guest. Hand spent buffers back with `recycle`.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.flush();
         self.tx.pop()
     }
 

@@ -34,6 +34,8 @@ pub(super) struct TcpFlow {
     /// We reset the flow: what the guest still had buffered goes too.
     pub(super) aborted: bool,
     pub(super) host_eof: bool,
+    /// While `Connecting`: when the host connect is given up.
+    pub(super) connect_deadline: Option<Instant>,
     pub(super) started: Instant,
     pub(super) to_host: u64,
     pub(super) to_guest: u64,
@@ -86,6 +88,7 @@ impl TcpFlow {
             guest_fin_reported: false,
             aborted: false,
             host_eof: false,
+            connect_deadline: None,
             started: now,
             to_host: 0,
             to_guest: 0,
@@ -176,6 +179,9 @@ impl Stack {
         let mut entry = TcpFlow::new((src, dst), handle, TcpPhase::Connecting, verdict.rule, now);
         entry.syn = ip.to_vec();
         entry.syn_frame = frame.to_vec();
+        let deadline = now + self.cfg.connect_timeout.into();
+        entry.connect_deadline = Some(deadline);
+        self.connect_deadlines.insert((deadline, flow));
         self.insert_flow(flow, entry);
         self.half_open += 1;
         self.requests.push_back(HostRequest::TcpConnect {
@@ -258,11 +264,11 @@ impl Stack {
     /// the same calls as for outbound flows.
     pub fn connect_to_guest(
         &mut self,
-        now: Instant,
+        now: std::time::Instant,
         port: u16,
         v6: bool,
     ) -> Result<FlowId, InboundError> {
-        self.now = now;
+        let now = self.clock(now);
         let caps = &self.cfg.caps;
         let need = 2 * self.cfg.tcp_buffer;
         let over = if self.inbound >= caps.max_inbound {
@@ -315,15 +321,28 @@ impl Stack {
         Ok(flow)
     }
 
+    /// A connecting flow's connect ended (either way): it no longer times out.
+    fn connect_ended(&mut self, flow: FlowId) {
+        if let Some(at) = self
+            .tcp
+            .get_mut(&flow)
+            .and_then(|f| f.connect_deadline.take())
+        {
+            self.connect_deadlines.remove(&(at, flow));
+        }
+    }
+
     /// The host connect for `flow` succeeded: smoltcp takes the guest's SYN
     /// now and answers it with a SYN-ACK.
-    pub fn tcp_connected(&mut self, flow: FlowId) {
-        let Some(f) = self.tcp.get_mut(&flow) else {
+    pub(super) fn handle_connected(&mut self, flow: FlowId) {
+        let Some(f) = self.tcp.get(&flow) else {
             return;
         };
         if f.phase != TcpPhase::Connecting || f.aborted {
             return;
         }
+        self.connect_ended(flow);
+        let f = self.tcp.get_mut(&flow).expect("flow just found");
         f.phase = TcpPhase::Open;
         self.half_open -= 1;
         let (handle, dst) = (f.handle, f.key.1);
@@ -342,7 +361,12 @@ impl Stack {
     }
 
     /// The host connect failed: the guest learns at once (RST or ICMP).
-    pub fn tcp_connect_failed(&mut self, flow: FlowId, err: ConnectError) {
+    pub(super) fn handle_connect_failed(&mut self, flow: FlowId, err: ConnectError) {
+        match self.tcp.get(&flow) {
+            Some(f) if f.phase == TcpPhase::Connecting && !f.aborted => {}
+            _ => return,
+        }
+        self.connect_ended(flow);
         let Some(f) = self.tcp.get(&flow) else {
             return;
         };
@@ -396,6 +420,7 @@ impl Stack {
         flow: FlowId,
         fill: impl FnOnce(&mut [u8]) -> (usize, R),
     ) -> Option<R> {
+        self.dirty = true;
         let (s, f) = self.open_socket(flow)?;
         if f.host_eof {
             return None;
@@ -426,6 +451,7 @@ impl Stack {
         flow: FlowId,
         drain: impl FnOnce(&[u8]) -> (usize, R),
     ) -> Option<R> {
+        self.dirty = true;
         let (s, f) = self.open_socket(flow)?;
         let (n, r) = s
             .recv(|buf| {
@@ -439,7 +465,7 @@ impl Stack {
     }
 
     /// The host closed its sending side: FIN to the guest after the data.
-    pub fn tcp_host_eof(&mut self, flow: FlowId) {
+    pub(super) fn host_eof(&mut self, flow: FlowId) {
         if let Some((s, f)) = self.open_socket(flow) {
             f.host_eof = true;
             s.close();
@@ -447,7 +473,7 @@ impl Stack {
     }
 
     /// The host reset the connection: RST to the guest.
-    pub fn tcp_host_reset(&mut self, flow: FlowId) {
+    pub(super) fn tcp_host_reset(&mut self, flow: FlowId) {
         let Some(f) = self.tcp.get_mut(&flow) else {
             return;
         };
@@ -510,6 +536,9 @@ impl Stack {
                 continue;
             };
             self.tcp_by_key.remove(&f.key);
+            if let Some(at) = f.connect_deadline {
+                self.connect_deadlines.remove(&(at, id));
+            }
             self.sockets.remove(f.handle);
             self.buffer_bytes -= 2 * self.cfg.tcp_buffer;
             if f.phase == TcpPhase::Connecting {

@@ -10,9 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use netstack::policy::{EgressPolicy, PolicySpec};
-use netstack::stack::smol_instant;
 use netstack::wire::RxMeta;
-use netstack::{FlowId, HostRequest, Offloads, Stack, StackConfig};
+use netstack::{FlowId, HostEvent, HostRequest, Offloads, Stack, StackConfig};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -151,7 +150,10 @@ pub struct Pair {
     pub iface: Interface,
     pub sockets: SocketSet<'static>,
     pub link: Link,
+    /// The guest interface's clock; the stack's runs on `base` (see `at`).
     pub now: Instant,
+    /// The caller's clock at the guest's `Instant::ZERO`.
+    pub base: std::time::Instant,
     pub requests: VecDeque<HostRequest>,
     /// Every frame the stack sent, oldest first, until the test clears it.
     pub sent: Vec<Vec<u8>>,
@@ -190,8 +192,13 @@ impl Pair {
     }
 
     fn with_link(cfg: StackConfig, policy: EgressPolicy, mut link: Link) -> Self {
-        let now = smol_instant(Duration::from_secs(1));
-        let stack = Stack::new(cfg, policy, now);
+        let now = Instant::from_secs(1);
+        let base = std::time::Instant::now();
+        let stack = Stack::new(
+            cfg,
+            policy,
+            base + Duration::from_micros(now.total_micros() as u64),
+        );
         let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ethernet(GUEST_MAC));
         iface_cfg.random_seed = 0x6e57;
         let mut iface = Interface::new(iface_cfg, &mut link, now);
@@ -218,11 +225,17 @@ impl Pair {
             guest_sent: Vec::new(),
             rx_meta: RxMeta::default(),
             next_port: 40_000,
+            base,
         }
     }
 
     pub fn allow_all() -> Self {
         Self::new(StackConfig::default(), EgressPolicy::allow_all())
+    }
+
+    /// The stack's clock, the same moment as the guest's `now`.
+    pub fn at(&self) -> std::time::Instant {
+        self.base + Duration::from_micros(self.now.total_micros() as u64)
     }
 
     pub fn advance(&mut self, by: Duration) {
@@ -248,15 +261,15 @@ impl Pair {
 
     /// Poll the stack alone (timers, host events) and deliver what it sends.
     pub fn poll_stack(&mut self) -> Vec<Vec<u8>> {
-        self.stack.poll(self.now);
+        self.stack.handle_timeout(self.at());
         self.collect(true)
     }
 
     /// A hand-built frame from the guest: returns what the stack sent because
     /// of it, which is kept from the guest interface.
     pub fn inject(&mut self, frame: &[u8]) -> Vec<Vec<u8>> {
-        self.stack.handle_frame(self.now, frame);
-        self.stack.poll(self.now);
+        self.stack.handle_frame(self.at(), frame, RxMeta::default());
+        self.stack.handle_timeout(self.at());
         self.collect(false)
     }
 
@@ -265,11 +278,11 @@ impl Pair {
         self.iface.poll(self.now, &mut self.link, &mut self.sockets);
         let mut moved = false;
         while let Some(frame) = self.link.from_guest.pop_front() {
-            self.stack.handle_frame_meta(self.now, &frame, self.rx_meta);
+            self.stack.handle_frame(self.at(), &frame, self.rx_meta);
             self.guest_sent.push(frame);
             moved = true;
         }
-        self.stack.poll(self.now);
+        self.stack.handle_timeout(self.at());
         moved |= !self.collect(true).is_empty();
         self.iface.poll(self.now, &mut self.link, &mut self.sockets);
         moved | !self.link.from_guest.is_empty()
@@ -373,7 +386,8 @@ impl Pair {
         let h = self.guest_connect(dst, buffer);
         let (flow, host_dst) = self.expect_connect();
         assert_eq!(host_dst, dst);
-        self.stack.tcp_connected(flow);
+        self.stack
+            .handle_host(self.at(), flow, HostEvent::Connected);
         self.run_until("the guest socket to establish", |p| {
             p.guest_state(h) == tcp::State::Established
         });

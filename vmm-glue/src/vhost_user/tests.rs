@@ -29,7 +29,7 @@ fn recv_within(link: &mut VhostUserLink, limit: Duration) -> io::Result<Vec<u8>>
     let mut buf = vec![0; MAX_FRAME + 64];
     loop {
         match link.recv(&mut buf) {
-            Ok(n) => return Ok(buf[..n].to_vec()),
+            Ok((n, _)) => return Ok(buf[..n].to_vec()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < until => {
                 std::thread::sleep(Duration::from_millis(10));
             }

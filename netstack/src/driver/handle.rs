@@ -1,0 +1,132 @@
+//! How the rest of the process reaches a running sandbox network: a cheap
+//! handle that sends commands to its driver, and a sandbox parked between
+//! two links.
+
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::policy::EgressPolicy;
+use crate::stack::{Stack, Stats};
+
+/// Why a connection into the guest failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GuestConnectError {
+    #[error("the sandbox's incoming-connection cap is reached")]
+    OverCap,
+    #[error("nothing listens on that port in the sandbox (the guest answered RST)")]
+    Refused,
+    #[error("the sandbox did not answer")]
+    TimedOut,
+    #[error("the sandbox's network is gone")]
+    Gone,
+}
+
+/// What the rest of the process may ask of a running sandbox network.
+pub enum Command {
+    ConnectGuest {
+        port: u16,
+        v6: bool,
+        reply: oneshot::Sender<Result<UnixStream, GuestConnectError>>,
+    },
+    SetPolicy(EgressPolicy),
+    /// Reset every flow (RSTs both ways), as when a sandbox is torn down.
+    ResetFlows,
+    Stats(oneshot::Sender<Snapshot>),
+}
+
+/// A sandbox network's counters at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub stats: Stats,
+    pub tcp_flows: usize,
+    pub datagram_flows: usize,
+}
+
+/// A cheap, cloneable way in to a running `Driver` from other tasks.
+#[derive(Clone)]
+pub struct DriverHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl DriverHandle {
+    pub(super) fn new(tx: mpsc::UnboundedSender<Command>) -> Self {
+        Self { tx }
+    }
+
+    /// Open a TCP connection from the gateway to the guest's `port`; the
+    /// stream carries the bytes both ways.
+    pub async fn connect_guest(
+        &self,
+        port: u16,
+        v6: bool,
+    ) -> Result<UnixStream, GuestConnectError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::ConnectGuest { port, v6, reply })
+            .map_err(|_| GuestConnectError::Gone)?;
+        answer.await.unwrap_or(Err(GuestConnectError::Gone))
+    }
+
+    /// Replace the egress policy; live flows it denies are reset.
+    pub fn set_policy(&self, policy: EgressPolicy) -> bool {
+        self.tx.send(Command::SetPolicy(policy)).is_ok()
+    }
+
+    /// Reset every flow: the guest and the host peers get RSTs.
+    pub fn reset_flows(&self) -> bool {
+        self.tx.send(Command::ResetFlows).is_ok()
+    }
+
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Command::Stats(reply)).ok()?;
+        answer.await.ok()
+    }
+}
+
+/// A sandbox's stack between two links: see `Driver::serve` and `Driver::resume`.
+pub struct Parked {
+    pub stack: Stack,
+    commands_tx: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
+}
+
+impl Parked {
+    /// A sandbox network with no link yet (the VMM has not connected): its
+    /// `DriverHandle` works already, and `Driver::resume` serves it once a
+    /// link exists.
+    pub fn new(stack: Stack) -> Self {
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        Self {
+            stack,
+            commands_tx,
+            commands,
+        }
+    }
+
+    pub fn handle(&self) -> DriverHandle {
+        DriverHandle::new(self.commands_tx.clone())
+    }
+
+    pub(super) fn from_parts(
+        stack: Stack,
+        commands_tx: mpsc::UnboundedSender<Command>,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Self {
+        Self {
+            stack,
+            commands_tx,
+            commands,
+        }
+    }
+
+    pub(super) fn into_parts(
+        self,
+    ) -> (
+        Stack,
+        mpsc::UnboundedSender<Command>,
+        mpsc::UnboundedReceiver<Command>,
+    ) {
+        (self.stack, self.commands_tx, self.commands)
+    }
+}

@@ -1,0 +1,208 @@
+//! The host side of a sandbox's flows: TCP connects in flight, open
+//! streams (a real socket, or one end of a pair for a gateway connection
+//! into the guest), datagram sockets, and the two byte pumps.
+
+use std::io;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::oneshot;
+
+use super::handle::GuestConnectError;
+use crate::stack::{ConnectError, DatagramKind, FlowId, HostEvent, Stack};
+
+pub(super) enum HostTcp {
+    /// A non-blocking host connect in flight (the core times it out).
+    Connecting(TcpStream),
+    /// A gateway connection into the guest, waiting for the guest to accept.
+    Inbound {
+        reply: oneshot::Sender<Result<UnixStream, GuestConnectError>>,
+        ours: UnixStream,
+        theirs: UnixStream,
+    },
+    Open(OpenTcp),
+}
+
+pub(super) struct OpenTcp {
+    pub(super) stream: HostStream,
+    pub(super) read_done: bool,
+}
+
+/// The host side of a TCP flow: a real socket for egress, one end of a
+/// socket pair for a connection the gateway opened into the guest.
+pub(super) enum HostStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl HostStream {
+    pub(super) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            HostStream::Tcp(s) => s.poll_read_ready(cx),
+            HostStream::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    pub(super) fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            HostStream::Tcp(s) => s.poll_write_ready(cx),
+            HostStream::Unix(s) => s.poll_write_ready(cx),
+        }
+    }
+
+    pub(super) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.try_read(buf),
+            HostStream::Unix(s) => s.try_read(buf),
+        }
+    }
+
+    pub(super) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.try_write(buf),
+            HostStream::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    pub(super) fn sock(&self) -> SockRef<'_> {
+        match self {
+            HostStream::Tcp(s) => SockRef::from(s),
+            HostStream::Unix(s) => SockRef::from(s),
+        }
+    }
+}
+
+pub(super) struct HostDatagram {
+    pub(super) socket: AsyncFd<Socket>,
+}
+
+/// Host → guest: read the host socket straight into the flow's send buffer.
+pub(super) fn host_to_guest(
+    stack: &mut Stack,
+    cx: &mut Context<'_>,
+    now: Instant,
+    flow: FlowId,
+    open: &mut OpenTcp,
+) -> bool {
+    let mut progress = false;
+    while !open.read_done && stack.tcp_send_capacity(flow) > 0 {
+        match open.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => {
+                stack.handle_host(now, flow, HostEvent::Reset);
+                return true;
+            }
+            Poll::Pending => break,
+        }
+        let stream = &open.stream;
+        let read = stack.tcp_send_with(flow, |buf| match stream.try_read(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match read {
+            None => break,
+            Some(Ok(0)) => {
+                open.read_done = true;
+                stack.handle_host(now, flow, HostEvent::Eof);
+                progress = true;
+            }
+            Some(Ok(_)) => progress = true,
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(Err(_)) => {
+                open.read_done = true;
+                stack.handle_host(now, flow, HostEvent::Reset);
+                return true;
+            }
+        }
+    }
+    progress
+}
+
+/// Guest → host: write what the guest sent straight from the flow's receive buffer.
+pub(super) fn guest_to_host(
+    stack: &mut Stack,
+    cx: &mut Context<'_>,
+    now: Instant,
+    flow: FlowId,
+    open: &mut OpenTcp,
+) -> bool {
+    let mut progress = false;
+    while stack.tcp_recv_pending(flow) > 0 {
+        match open.stream.poll_write_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => {
+                stack.handle_host(now, flow, HostEvent::Reset);
+                return true;
+            }
+            Poll::Pending => break,
+        }
+        let stream = &open.stream;
+        let wrote = stack.tcp_recv_with(flow, |buf| match stream.try_write(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match wrote {
+            None => break,
+            Some(Ok(_)) => progress = true,
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(Err(_)) => {
+                stack.handle_host(now, flow, HostEvent::Reset);
+                return true;
+            }
+        }
+    }
+    progress
+}
+
+/// Start a non-blocking connect; it finishes (or fails) later, see `connect_outcome`.
+pub(super) fn start_connect(dst: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    TcpStream::from_std(socket.into())
+}
+
+/// Whether a connect in flight has finished: `None` while it has not.
+pub(super) fn connect_outcome(stream: &TcpStream) -> Option<Result<(), ConnectError>> {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => Some(Err(connect_error(&e))),
+        Ok(None) => match stream.peer_addr() {
+            Ok(_) => Some(Ok(())),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+            Err(e) => Some(Err(connect_error(&e))),
+        },
+    }
+}
+
+pub(super) fn connect_error(e: &io::Error) -> ConnectError {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+        io::ErrorKind::TimedOut => ConnectError::TimedOut,
+        _ => ConnectError::Unreachable,
+    }
+}
+
+pub(super) fn open_datagram(kind: DatagramKind, dst: SocketAddr) -> io::Result<AsyncFd<Socket>> {
+    let domain = Domain::for_address(dst);
+    let protocol = match (kind, dst) {
+        (DatagramKind::Udp, _) => Protocol::UDP,
+        (DatagramKind::IcmpEcho, SocketAddr::V4(_)) => Protocol::ICMPV4,
+        (DatagramKind::IcmpEcho, SocketAddr::V6(_)) => Protocol::ICMPV6,
+    };
+    let socket = Socket::new(domain, Type::DGRAM.cloexec(), Some(protocol))?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&dst.into())?;
+    // SAFETY: the socket owns its descriptor, which lives as long as the AsyncFd.
+    unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)
+}
