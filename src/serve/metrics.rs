@@ -1,7 +1,8 @@
 //! Prometheus metrics on their own listener, in the text exposition format:
 //! per sandbox the flows by verdict, bytes each way, frames dropped, caps
 //! hit and whether its link runs; for the process the sandboxes, resident
-//! memory, open descriptors and gateway connections into guests.
+//! memory, open descriptors, gateway connections into guests, public
+//! connections and the ones the gateway refused.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -212,7 +213,47 @@ pub async fn render(shared: &Shared) -> String {
     ] {
         out.push_str(&f.text);
     }
+    if let Some(gw) = shared.gateway.get() {
+        out.push_str(&gateway_families(gw));
+    }
     out
+}
+
+/// The public gateway's connections and refusals.
+fn gateway_families(gw: &ingress::Gateway) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut conns = Family::new(
+        "slipway_gateway_connections",
+        "gauge",
+        "Public client connections open now (HTTP, upgrades, forwards).",
+    );
+    conns.sample("slipway_gateway_connections", "", gw.open_connections());
+    let mut clients = Family::new(
+        "slipway_gateway_clients",
+        "gauge",
+        "Client addresses (IPv6: /64s) with public connections open now.",
+    );
+    clients.sample("slipway_gateway_clients", "", gw.clients());
+    let mut refused = Family::new(
+        "slipway_gateway_connections_refused_total",
+        "counter",
+        "Public connections refused because a gateway cap was reached, by cap.",
+    );
+    let stats = gw.stats();
+    for (cap, n) in [
+        ("max_connections", stats.over_max_connections.load(Relaxed)),
+        (
+            "max_connections_per_client",
+            stats.over_max_connections_per_client.load(Relaxed),
+        ),
+    ] {
+        refused.sample(
+            "slipway_gateway_connections_refused_total",
+            &format!("cap=\"{cap}\""),
+            n,
+        );
+    }
+    [conns, clients, refused].map(|f| f.text).concat()
 }
 
 /// Resident set size, from /proc/self/statm.
