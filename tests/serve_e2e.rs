@@ -508,6 +508,69 @@ fn a_bearer_token_guards_the_api_and_sighup_replaces_it() {
     assert_eq!(serve.api("GET", "/sandboxes", None, Some("second")).0, 200);
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One request on a new connection to 127.0.0.1:PORT: the whole answer.
+fn raw_request(port: u16, request: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn scrape(port: u16) -> String {
+    raw_request(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n",
+    )
+}
+
+#[test]
+fn the_gateway_counts_clients_over_their_cap_in_metrics() {
+    let dir = Scratch::new("serve");
+    let (gateway, metrics) = (free_port(), free_port());
+    let serve = Serve::start(
+        None,
+        &dir.0,
+        &format!(
+            "[gateway]\nlisten = \"127.0.0.1:{gateway}\"\nmax_connections_per_client = 2\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+        ),
+    );
+    let held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", gateway)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = raw_request(
+        gateway,
+        b"GET / HTTP/1.1\r\nHost: 8000-a.localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 429") && answer.contains("too_many_client_connections"),
+        "{answer}\n{}",
+        serve.log()
+    );
+    let m = scrape(metrics);
+    for want in [
+        "slipway_gateway_connections 2\n",
+        "slipway_gateway_clients 1\n",
+        "slipway_gateway_connections_refused_total{cap=\"max_connections_per_client\"} 1\n",
+        "slipway_gateway_connections_refused_total{cap=\"max_connections\"} 0\n",
+    ] {
+        assert!(m.contains(want), "no {want:?} in {m}");
+    }
+    drop(held);
+}
+
 /// A sandbox whose guest is the kernel of a namespace of its own.
 struct Guest {
     ns: String,
