@@ -3,6 +3,10 @@
 //! hit and whether its link runs; for the process the sandboxes, resident
 //! memory, open descriptors, gateway connections into guests, public
 //! connections and the ones the gateway refused.
+//!
+//! The listener is bounded like the gateway, if smaller: scrapers are few
+//! and quick, so a handful of connections, a short header timeout and a
+//! small request are all it allows; junk connections cannot pile up.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -15,21 +19,45 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ingress::idle::{until_idle, Activity, Watched};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use super::Shared;
 
 /// How long one sandbox's driver may take to give its counters to a scrape.
 const SCRAPE_WAIT: Duration = Duration::from_millis(250);
+/// Connections at once; past them a new one is closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A request's head must be in within this (also the wait for the next
+/// request on a kept-alive connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection on which nothing moved this long is closed (a client that
+/// stopped reading its answer).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head: hyper's smallest buffer; a scrape's request is a
+/// few hundred bytes. Larger heads get 431.
+const MAX_REQUEST_BYTES: usize = 8 << 10;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .max_headers(32);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(client = %peer, "metrics: {MAX_CONNECTIONS} connections open; closing");
+            continue;
+        };
         let shared = shared.clone();
+        let http = http.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
@@ -49,9 +77,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     Ok::<_, Infallible>(reply)
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let activity = Activity::new();
+            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+            let _ = until_idle(activity, IDLE_TIMEOUT, http.serve_connection(io, service)).await;
+            drop(slot);
         });
     }
 }
