@@ -191,6 +191,11 @@ pub struct IngressOpts {
     #[arg(long = "ingress-max-connections", value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
+    /// Cap: public client connections at once from one client address (IPv6: one /64);
+    /// over it a new connection gets 429 (plain HTTP) or is closed.
+    #[arg(long = "ingress-max-connections-per-client", value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_client: u32,
     /// Seconds a client may take to send a request's headers.
     #[arg(
         long = "ingress-header-timeout",
@@ -244,6 +249,7 @@ impl IngressOpts {
             .collect::<Result<Vec<_>, _>>()?;
         let limits = ingress::Limits {
             max_connections: self.max_connections as usize,
+            max_connections_per_client: self.max_connections_per_client as usize,
             header_read_timeout: seconds("--ingress-header-timeout", self.header_timeout)?,
             idle_timeout: seconds("--ingress-idle-timeout", self.idle_timeout)?,
             ..ingress::Limits::default()

@@ -187,23 +187,28 @@ fn public_urls_reach_the_guest_over_http1_h2c_websocket_and_sse() {
     ] {
         assert!(seen.contains(&want), "guest did not see {want}: {seen:?}");
     }
-    // Clients cannot forge what the gateway says about them.
-    let (_, _, body) = curl(
-        &w,
-        18080,
-        &host,
-        "-H 'X-Forwarded-For: 203.0.113.9' -H 'X-Forwarded-Proto: https'",
-        "/headers",
-    );
-    let seen = seen_headers(&body);
-    assert!(
-        seen.contains(&"x-forwarded-for: 127.0.0.1".to_string()),
-        "{seen:?}"
-    );
-    assert!(
-        seen.contains(&"x-forwarded-proto: http".to_string()),
-        "{seen:?}"
-    );
+    // Clients cannot forge what the gateway says about them, in any of the
+    // headers servers read a client's address from, over HTTP/1.1 or h2c.
+    let forged = "-H 'X-Forwarded-For: 203.0.113.9' -H 'X-Forwarded-Proto: https' \
+                  -H 'Forwarded: for=203.0.113.9;proto=https' -H 'Forwarded: for=203.0.113.10' \
+                  -H 'X-Real-IP: 203.0.113.9' -H 'True-Client-IP: 203.0.113.9'";
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let (_, _, body) = curl(&w, 18080, &host, &format!("{version} {forged}"), "/headers");
+        let seen = seen_headers(&body);
+        for want in [
+            "x-forwarded-for: 127.0.0.1".to_string(),
+            "x-forwarded-proto: http".into(),
+            "x-real-ip: 127.0.0.1".into(),
+            format!("forwarded: for=127.0.0.1;host=\\\"{host}\\\";proto=http"),
+        ] {
+            assert!(seen.contains(&want), "{version}: no {want}: {seen:?}");
+        }
+        assert!(
+            !body.contains("203.0.113."),
+            "{version}: a forged address arrived: {body}"
+        );
+        assert!(!body.contains("true-client-ip"), "{version}: {body}");
+    }
 
     let (code, version, _) = curl(&w, 18080, &host, "--http2-prior-knowledge", "/headers");
     assert_eq!((code, version.as_str()), (200, "2"));
@@ -500,6 +505,166 @@ fn hostile_clients_are_cut_off() {
     assert_eq!(out.trim(), "closed 50 of 50 within 8", "{}", sb.log());
     // And the gateway still serves.
     assert_eq!(curl(&w, 18080, &host, "", "/headers").0, 200);
+}
+
+#[test]
+fn one_client_address_over_its_cap_gets_429_and_another_is_served() {
+    require_world!();
+    let w = World::new();
+    let sb = Sandbox::start(
+        &w,
+        &[
+            "--ingress",
+            "127.0.0.1:18080",
+            "--sandbox-id",
+            "cap1",
+            "--domain",
+            DOMAIN,
+            "--ingress-max-connections-per-client",
+            "4",
+        ],
+        None,
+    );
+    let out = client(&w, &format!("percap 127.0.0.1 18080 8000-cap1.{DOMAIN} 4"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(r#"over 429 {"code":429,"error":"too_many_client_connections""#)
+            && lines[0].contains("Too many connections from 127.0.0.1"),
+        "{out}\n{}",
+        sb.log()
+    );
+    assert_eq!(
+        lines[1..],
+        ["over-html 429 page", "other 200", "freed 200"],
+        "{out}"
+    );
+    assert!(
+        sb.log().contains("client over its connection cap"),
+        "{}",
+        sb.log()
+    );
+}
+
+#[test]
+fn the_per_client_cap_flag_refuses_0_and_text_with_exit_2() {
+    for bad in ["0", "many", "-3"] {
+        let out = Command::new(common::slipway())
+            .args([
+                "run",
+                "--ingress-max-connections-per-client",
+                bad,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--ingress-max-connections-per-client"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+/// Every byte but letters and digits as %XX, for a query value.
+fn pct(raw: &[u8]) -> String {
+    raw.iter()
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn guest_cookies_stay_on_their_sandbox_host() {
+    require_world!();
+    let w = World::new();
+    let sb = Sandbox::start(
+        &w,
+        &[
+            "--ingress",
+            "127.0.0.1:18080",
+            "--sandbox-id",
+            "cook1",
+            "--domain",
+            DOMAIN,
+        ],
+        None,
+    );
+    let own = format!("8000-cook1.{DOMAIN}");
+    // What the guest sets, and what must reach the client.
+    let rows: [(&[u8], &str); 6] = [
+        (b"parent=1; Domain=slipway.test; Path=/", "parent=1; Path=/"),
+        (
+            b"dotted=1; Domain=.SLIPWAY.test; Path=/",
+            "dotted=1; Path=/",
+        ),
+        (
+            b"other=1; Domain=8000-other.slipway.test; Path=/",
+            "other=1; Path=/",
+        ),
+        (
+            b"own=1; Domain=8000-cook1.slipway.test; Path=/; HttpOnly",
+            "own=1; Domain=8000-cook1.slipway.test; Path=/; HttpOnly",
+        ),
+        (b"plain=1; Path=/", "plain=1; Path=/"),
+        (b"raw=\xff; Domain=slipway.test", "raw=\u{fffd}"),
+    ];
+    let query: Vec<String> = rows.iter().map(|(c, _)| format!("c={}", pct(c))).collect();
+    let url = format!("http://{own}:18080/set-cookie?{}", query.join("&"));
+    let jar = w.dir.join("jar");
+    let resolve = |h: &str| format!("--resolve {h}:18080:127.0.0.1");
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let head = sh(
+            &w,
+            &format!(
+                "curl -sS --fail --max-time 30 {version} {} -c {} -D - -o /dev/null '{url}'",
+                resolve(&own),
+                jar.display()
+            ),
+        );
+        let got: Vec<&str> = head
+            .lines()
+            .filter_map(|l| {
+                l.trim_end()
+                    .split_once(": ")
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+                    .map(|(_, v)| v)
+            })
+            .collect();
+        let want: Vec<&str> = rows.iter().map(|(_, w)| *w).collect();
+        assert_eq!(got, want, "{version}\n{head}\n{}", sb.log());
+    }
+    // With that jar, curl sends the sandbox's cookies back to its own host
+    // only: a host that stands for any other sandbox's URL gets none.
+    let cookies_at = |host: &str, extra: &str| -> String {
+        let body = sh(
+            &w,
+            &format!(
+                "curl -sS --fail --max-time 30 {} -b {} {extra} http://{host}:18080/headers",
+                resolve(host),
+                jar.display()
+            ),
+        );
+        seen_headers(&body)
+            .into_iter()
+            .find_map(|h| h.strip_prefix("cookie: ").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let back = cookies_at(&own, "");
+    for c in ["parent=1", "dotted=1", "own=1", "plain=1"] {
+        assert!(back.contains(c), "{c} did not come back: {back}");
+    }
+    let elsewhere = cookies_at(
+        &format!("sandbox.{DOMAIN}"),
+        "-H 'E2b-Sandbox-Id: cook1' -H 'E2b-Sandbox-Port: 8000'",
+    );
+    assert_eq!(elsewhere, "", "cookies left their sandbox's host");
 }
 
 #[test]

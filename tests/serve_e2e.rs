@@ -512,6 +512,188 @@ fn a_bearer_token_guards_the_api_and_sighup_replaces_it() {
     assert_eq!(serve.api("GET", "/sandboxes", None, Some("second")).0, 200);
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sockets the process `pid` has open.
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// One request on a new connection to 127.0.0.1:PORT: the whole answer.
+fn raw_request(port: u16, request: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn scrape(port: u16) -> String {
+    raw_request(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n",
+    )
+}
+
+/// Whether the server has closed (or reset) this connection; anything it
+/// sent before is read and ignored.
+fn closed_by_server(mut s: &std::net::TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn the_metrics_listener_sheds_junk_connections_and_keeps_answering() {
+    const CAP: usize = 64; // metrics::MAX_CONNECTIONS
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(5); // metrics::HEADER_TIMEOUT
+    let dir = Scratch::new("serve");
+    let port = free_port();
+    let serve = Serve::start(
+        None,
+        &dir.0,
+        &format!("[gateway]\nlisten = \"off\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let pid = serve.child.as_ref().unwrap().id();
+    assert!(
+        scrape(port).contains("slipway_sandboxes 0"),
+        "{}",
+        serve.log()
+    );
+    let before = sockets_of(pid);
+    // Connections that send half a request head and then nothing.
+    let junk = |n: usize| -> Vec<std::net::TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nX-Slow: ")
+                    .unwrap();
+                s
+            })
+            .collect()
+    };
+    let opened = Instant::now();
+    let mut held = junk(40);
+    std::thread::sleep(Duration::from_millis(300));
+    // Under the cap, a scrape answers at once beside the junk.
+    let t = Instant::now();
+    let m = scrape(port);
+    assert!(
+        m.starts_with("HTTP/1.1 200") && m.contains("process_open_fds"),
+        "{m}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "scrape took {:?}",
+        t.elapsed()
+    );
+    // Past the cap, new connections are closed at once.
+    held.extend(junk(120));
+    std::thread::sleep(Duration::from_millis(500));
+    let open = held.iter().filter(|s| !closed_by_server(s)).count();
+    let sockets = sockets_of(pid);
+    eprintln!(
+        "{open} of {} junk connections open; serve has {sockets} sockets (before: {before})",
+        held.len()
+    );
+    assert!((40..=CAP).contains(&open), "{open} junk connections held");
+    assert!(
+        sockets <= before + CAP,
+        "serve holds {sockets} sockets (before: {before})"
+    );
+    // The header timeout closes the rest.
+    let until = opened + HEADER_TIMEOUT + Duration::from_secs(3);
+    while held.iter().any(|s| !closed_by_server(s)) {
+        assert!(
+            Instant::now() < until,
+            "junk connections still open {:?} after they came",
+            opened.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("all junk closed {:?} after it came", opened.elapsed());
+    assert!(scrape(port).starts_with("HTTP/1.1 200"));
+    // A request head past the bound is refused, not buffered.
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: metrics\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 << 10)
+    );
+    let answer = raw_request(port, big.as_bytes());
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    // And nothing is left behind once serve has closed that one too.
+    let until = Instant::now() + Duration::from_secs(3);
+    while sockets_of(pid) > before {
+        assert!(
+            Instant::now() < until,
+            "{} sockets left (before: {before})",
+            sockets_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_gateway_counts_clients_over_their_cap_in_metrics() {
+    let dir = Scratch::new("serve");
+    let (gateway, metrics) = (free_port(), free_port());
+    let serve = Serve::start(
+        None,
+        &dir.0,
+        &format!(
+            "[gateway]\nlisten = \"127.0.0.1:{gateway}\"\nmax_connections_per_client = 2\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+        ),
+    );
+    let held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", gateway)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = raw_request(
+        gateway,
+        b"GET / HTTP/1.1\r\nHost: 8000-a.localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 429") && answer.contains("too_many_client_connections"),
+        "{answer}\n{}",
+        serve.log()
+    );
+    let m = scrape(metrics);
+    for want in [
+        "slipway_gateway_connections 2\n",
+        "slipway_gateway_clients 1\n",
+        "slipway_gateway_connections_refused_total{cap=\"max_connections_per_client\"} 1\n",
+        "slipway_gateway_connections_refused_total{cap=\"max_connections\"} 0\n",
+    ] {
+        assert!(m.contains(want), "no {want:?} in {m}");
+    }
+    drop(held);
+}
+
 /// A sandbox whose guest is the kernel of a namespace of its own.
 struct Guest {
     ns: String,

@@ -6,6 +6,8 @@
 //! Hostile bytes (Host, headers) are parsed in `target` and `token` into
 //! validated types; the proxy only sees those. Nothing here panics on input.
 
+pub mod clients;
+pub mod cookie;
 pub mod directory;
 pub mod forward;
 pub mod idle;
@@ -23,7 +25,7 @@ pub use directory::{
 };
 pub use forward::{Forward, ForwardSpec};
 pub use refusal::Refusal;
-pub use server::{Gateway, GatewayConfig, Limits};
+pub use server::{Gateway, GatewayConfig, GatewayStats, Limits};
 pub use target::{Domain, GuestPort, SandboxId, Target};
 pub use token::{AccessToken, TokenCheck, TOKEN_HEADER};
 

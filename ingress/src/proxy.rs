@@ -25,10 +25,11 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::cookie;
 use crate::directory::{Directory, GuestError, Route};
 use crate::idle::{until_idle, Activity, Watched};
 use crate::refusal::{wants_html, Refusal};
-use crate::target::{authority_of, parse_target, Domain, GuestPort, SandboxId, Target};
+use crate::target::{authority_of, host_part, parse_target, Domain, GuestPort, SandboxId, Target};
 use crate::token::{TokenCheck, TOKEN_HEADER};
 use crate::Body;
 
@@ -43,6 +44,9 @@ pub(crate) struct Shared {
 pub(crate) struct Client {
     pub addr: SocketAddr,
     pub tls: bool,
+    /// The connection's place under the gateway's caps, held by whatever
+    /// holds the client: the connection, and a WebSocket it became.
+    pub _admission: crate::server::Admission,
 }
 
 /// hyper's service: never fails, a refusal is a response too.
@@ -54,7 +58,7 @@ pub(crate) async fn handle(
     let html = wants_html(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    Ok(match forward(&shared, &client, req).await {
+    Ok(match forward(&shared, client.clone(), req).await {
         Ok(resp) => resp,
         Err(refusal) => {
             tracing::info!(
@@ -73,7 +77,7 @@ pub(crate) async fn handle(
 
 async fn forward(
     shared: &Shared,
-    client: &Client,
+    client: Arc<Client>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let authority = authority_of(req.uri(), req.headers())
@@ -82,6 +86,8 @@ async fn forward(
     let target =
         parse_target(&authority, req.headers(), &shared.domain).map_err(Refusal::BadTarget)?;
     let Target { sandbox, port } = target;
+    // What cookies the guest sets may name as their Domain (see `cookie`).
+    let host = host_part(&authority).map_err(Refusal::BadTarget)?;
     let route = shared
         .directory
         .get(&sandbox)
@@ -109,7 +115,7 @@ async fn forward(
         Some(s) => s,
         None => open(&route, &sandbox, port, idle).await?,
     };
-    let upstream = to_guest(req, &authority, masked, client, upgrade.clone());
+    let upstream = to_guest(req, &authority, masked, &client, upgrade.clone());
     // A kept connection may be closed by the guest just as a request goes
     // out on it; a request that can safely go again (no body, idempotent
     // method) then goes once more on a new connection.
@@ -144,15 +150,18 @@ async fn forward(
             };
             crate::forward::splice(TokioIo::new(c), TokioIo::new(g), idle).await;
             drop(slot);
+            drop(client);
         });
         let mut out = Response::new(empty());
         *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *out.headers_mut() = resp.headers().clone();
+        cookie::confine(out.headers_mut(), &host);
         return Ok(out);
     }
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    cookie::confine(&mut parts.headers, &host);
     parts.version = Version::default();
     let keep = upgrade.is_none().then(|| (route.clone(), port, sender));
     let body = Held {
@@ -310,17 +319,60 @@ fn to_guest(
         }
         (None, None) => {}
     }
+    // Only the gateway may say who the client is: whatever the client
+    // claimed in any of these headers goes, and the ones we set are ours.
+    for name in CLIENT_CLAIMS {
+        h.remove(name);
+    }
+    let ip = client_ip(client.addr);
+    let proto = if client.tls { "https" } else { "http" };
+    if let Ok(v) = HeaderValue::from_str(&forwarded(&ip, authority, proto)) {
+        h.insert(header::FORWARDED, v);
+    }
     if let Some(o) = original {
         h.insert("x-forwarded-host", o);
     }
-    if let Ok(ip) = HeaderValue::from_str(&client_ip(client.addr)) {
-        h.insert("x-forwarded-for", ip);
+    if let Ok(v) = HeaderValue::from_str(&ip) {
+        h.insert("x-forwarded-for", v.clone());
+        h.insert("x-real-ip", v);
     }
-    h.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if client.tls { "https" } else { "http" }),
-    );
+    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     Request::from_parts(parts, body)
+}
+
+/// Headers in which a client could claim an address, host or scheme for
+/// itself: removed from every request, then the gateway sets `Forwarded`,
+/// `X-Real-IP` and `X-Forwarded-For/-Host/-Proto` itself.
+const CLIENT_CLAIMS: [&str; 12] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+];
+
+/// RFC 7239 `Forwarded`: `for` is the client (an IPv6 address bracketed and
+/// quoted), `host` the authority it asked for (quoted: it may hold a colon).
+fn forwarded(ip: &str, authority: &str, proto: &str) -> String {
+    let node = if ip.contains(':') {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    // The authority passed `parse_target`; a quote or backslash in it would
+    // still break the quoted-string, so such a host is left out.
+    if authority.is_empty() || authority.contains(['"', '\\']) {
+        format!("for={node};proto={proto}")
+    } else {
+        format!("for={node};host=\"{authority}\";proto={proto}")
+    }
 }
 
 fn client_ip(addr: SocketAddr) -> String {
@@ -410,6 +462,29 @@ mod tests {
         );
         assert_eq!(client_ip("[2001:db8::1]:5".parse().unwrap()), "2001:db8::1");
         assert_eq!(client_ip("127.0.0.1:5".parse().unwrap()), "127.0.0.1");
+    }
+
+    #[test]
+    fn forwarded_names_the_client_host_and_scheme() {
+        let rows = [
+            (
+                "192.0.2.1",
+                "8000-a.gw.test:8080",
+                "http",
+                r#"for=192.0.2.1;host="8000-a.gw.test:8080";proto=http"#,
+            ),
+            (
+                "2001:db8::1",
+                "8000-a.gw.test",
+                "https",
+                r#"for="[2001:db8::1]";host="8000-a.gw.test";proto=https"#,
+            ),
+            ("192.0.2.1", "a\"b", "http", "for=192.0.2.1;proto=http"),
+            ("192.0.2.1", "", "http", "for=192.0.2.1;proto=http"),
+        ];
+        for (ip, authority, proto, want) in rows {
+            assert_eq!(forwarded(ip, authority, proto), want);
+        }
     }
 
     #[test]

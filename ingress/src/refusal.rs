@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use crate::clients::ClientKey;
 use crate::target::{BadTarget, GuestPort, SandboxId};
 use crate::Body;
 
@@ -16,6 +17,8 @@ pub enum Refusal {
     TokenMissing(SandboxId),
     TokenInvalid(SandboxId),
     OverCap(SandboxId),
+    /// The client's address has its cap's worth of connections open.
+    ClientOverCap(ClientKey),
     PortNotOpen(SandboxId, GuestPort),
     GuestTimedOut(SandboxId, GuestPort),
     /// The guest's server closed or sent something that is not HTTP.
@@ -27,7 +30,7 @@ impl Refusal {
         match self {
             Refusal::BadTarget(_) => StatusCode::BAD_REQUEST,
             Refusal::TokenMissing(_) | Refusal::TokenInvalid(_) => StatusCode::FORBIDDEN,
-            Refusal::OverCap(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::OverCap(_) | Refusal::ClientOverCap(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::GuestTimedOut(..) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UnknownSandbox(_) | Refusal::PortNotOpen(..) | Refusal::GuestBroke(..) => {
                 StatusCode::BAD_GATEWAY
@@ -43,6 +46,7 @@ impl Refusal {
             Refusal::TokenMissing(_) => "missing_traffic_access_token",
             Refusal::TokenInvalid(_) => "invalid_traffic_access_token",
             Refusal::OverCap(_) => "too_many_connections",
+            Refusal::ClientOverCap(_) => "too_many_client_connections",
             Refusal::PortNotOpen(..) => "port_not_open",
             Refusal::GuestTimedOut(..) => "sandbox_timed_out",
             Refusal::GuestBroke(..) => "bad_upstream_response",
@@ -65,6 +69,10 @@ impl Refusal {
             Refusal::OverCap(id) => {
                 format!("The sandbox {id} has too many incoming connections; try again later.")
             }
+            Refusal::ClientOverCap(client) => format!(
+                "Too many connections from {client} are open at once; \
+                 close some and try again."
+            ),
             Refusal::PortNotOpen(id, port) => {
                 format!("The sandbox {id} is running but nothing listens on port {port}.")
             }
@@ -80,7 +88,7 @@ impl Refusal {
 
     fn ids(&self) -> (Option<&SandboxId>, Option<GuestPort>) {
         match self {
-            Refusal::BadTarget(_) => (None, None),
+            Refusal::BadTarget(_) | Refusal::ClientOverCap(_) => (None, None),
             Refusal::UnknownSandbox(id)
             | Refusal::TokenMissing(id)
             | Refusal::TokenInvalid(id)
@@ -126,13 +134,34 @@ impl Refusal {
         )
     }
 
-    /// The response, in the form the client asked for.
-    pub fn into_response(self, wants_html: bool) -> Response<Body> {
-        let (body, kind) = if wants_html {
+    /// The whole HTTP/1.1 response as bytes, `Connection: close`, for a
+    /// connection the gateway answers without serving it.
+    pub fn to_http1(&self, wants_html: bool) -> Vec<u8> {
+        let (body, kind) = self.body(wants_html);
+        let status = self.status();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {kind}\r\ncache-control: no-store\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error"),
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    }
+
+    fn body(&self, wants_html: bool) -> (String, &'static str) {
+        if wants_html {
             (self.to_html(), "text/html; charset=utf-8")
         } else {
             (self.to_json(), "application/json")
-        };
+        }
+    }
+
+    /// The response, in the form the client asked for.
+    pub fn into_response(self, wants_html: bool) -> Response<Body> {
+        let (body, kind) = self.body(wants_html);
         let mut resp = Response::new(
             Full::new(Bytes::from(body))
                 .map_err(|never| match never {})
@@ -153,6 +182,20 @@ pub fn wants_html(headers: &http::HeaderMap) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.to_ascii_lowercase().contains("text/html"))
+}
+
+/// `wants_html` over a raw HTTP/1.1 request head (or as much of it as came):
+/// any `Accept` line naming `text/html`. Bytes, any length; never panics.
+pub fn head_wants_html(head: &[u8]) -> bool {
+    const ACCEPT: &[u8] = b"accept:";
+    const HTML: &[u8] = b"text/html";
+    head.split(|&b| b == b'\n').any(|line| {
+        line.len() >= ACCEPT.len()
+            && line[..ACCEPT.len()].eq_ignore_ascii_case(ACCEPT)
+            && line[ACCEPT.len()..]
+                .windows(HTML.len())
+                .any(|w| w.eq_ignore_ascii_case(HTML))
+    })
 }
 
 fn json_string(s: &str) -> String {
@@ -194,6 +237,10 @@ mod tests {
             (Refusal::TokenMissing(id()), 403),
             (Refusal::TokenInvalid(id()), 403),
             (Refusal::OverCap(id()), 429),
+            (
+                Refusal::ClientOverCap(ClientKey::of([192, 0, 2, 1].into())),
+                429,
+            ),
             (Refusal::UnknownSandbox(id()), 502),
             (Refusal::PortNotOpen(id(), port), 502),
             (Refusal::GuestTimedOut(id(), port), 504),
@@ -233,6 +280,54 @@ mod tests {
             !h.contains("<script>") && h.contains("&lt;script&gt;"),
             "{h}"
         );
+    }
+
+    #[test]
+    fn a_connection_answered_without_hyper_gets_a_whole_response() {
+        let r = Refusal::ClientOverCap(ClientKey::of([192, 0, 2, 1].into()));
+        let bytes = r.to_http1(false);
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(
+            body.contains("\"error\":\"too_many_client_connections\""),
+            "{body}"
+        );
+        assert!(body.contains("192.0.2.1"), "{body}");
+        let page = String::from_utf8(r.to_http1(true)).unwrap();
+        assert!(page.contains("content-type: text/html"), "{page}");
+    }
+
+    #[test]
+    fn raw_heads_asking_for_html_are_seen() {
+        let rows: [(&[u8], bool); 7] = [
+            (
+                b"GET / HTTP/1.1\r\nHost: x\r\nAccept: text/html,*/*\r\n\r\n",
+                true,
+            ),
+            (b"GET / HTTP/1.1\r\nACCEPT:TEXT/HTML\r\n", true),
+            (b"GET / HTTP/1.1\r\nAccept: application/json\r\n\r\n", false),
+            (b"GET / HTTP/1.1\r\nX-Accept: text/html\r\n\r\n", false),
+            (b"GET /text/html HTTP/1.1\r\n\r\n", false),
+            (b"\xff\xfe\naccept:\xfftext/htm", false),
+            (b"", false),
+        ];
+        for (head, want) in rows {
+            assert_eq!(
+                head_wants_html(head),
+                want,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
     }
 
     #[test]

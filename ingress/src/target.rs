@@ -208,7 +208,7 @@ pub fn parse_target(
 }
 
 /// The host of an authority, lower case, without port, brackets or a final dot.
-fn host_part(authority: &str) -> Result<String, BadTarget> {
+pub(crate) fn host_part(authority: &str) -> Result<String, BadTarget> {
     let malformed = || BadTarget::MalformedHost(echo(authority));
     if authority.is_empty() {
         return Err(BadTarget::NoHost);

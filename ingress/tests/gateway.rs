@@ -36,7 +36,7 @@ impl GuestConnector for FakeSandbox {
 }
 
 /// The guest's server: answers with the headers it got, one per line;
-/// `/slow` answers after a second.
+/// `/slow` answers after a second; `/cookies` sets the cookies of `COOKIES`.
 async fn guest_server(accepted: Arc<AtomicUsize>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -53,7 +53,14 @@ async fn guest_server(accepted: Arc<AtomicUsize>) -> SocketAddr {
                     for (k, v) in req.headers() {
                         text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
                     }
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                    let mut resp = hyper::Response::new(Full::new(Bytes::from(text)));
+                    if req.uri().path() == "/cookies" {
+                        for (sent, _) in COOKIES {
+                            let v = hyper::header::HeaderValue::from_bytes(sent).unwrap();
+                            resp.headers_mut().append(hyper::header::SET_COOKIE, v);
+                        }
+                    }
+                    Ok::<_, Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
@@ -64,6 +71,22 @@ async fn guest_server(accepted: Arc<AtomicUsize>) -> SocketAddr {
     addr
 }
 
+/// What the guest's `/cookies` sets, and what the client must get of it
+/// through `8000-sbx.gw.test` (`None`: dropped).
+const COOKIES: [(&[u8], Option<&[u8]>); 5] = [
+    (
+        b"parent=1; Domain=gw.test; Path=/",
+        Some(b"parent=1; Path=/"),
+    ),
+    (b"dotted=1; Domain=.GW.test", Some(b"dotted=1")),
+    (b"sibling=1; Domain=8000-other.gw.test", Some(b"sibling=1")),
+    (
+        b"own=1; Domain=8000-sbx.gw.test; HttpOnly",
+        Some(b"own=1; Domain=8000-sbx.gw.test; HttpOnly"),
+    ),
+    (b"raw=\xff\xfe; domain=gw.test", Some(b"raw=\xff\xfe")),
+];
+
 async fn gateway(spec: RouteSpec) -> (SocketAddr, Arc<Route>, Option<String>) {
     gateway_counting(spec, Arc::default()).await
 }
@@ -72,6 +95,15 @@ async fn gateway_counting(
     spec: RouteSpec,
     accepted: Arc<AtomicUsize>,
 ) -> (SocketAddr, Arc<Route>, Option<String>) {
+    let (addr, route, token, _) = gateway_with(spec, accepted, Limits::default()).await;
+    (addr, route, token)
+}
+
+async fn gateway_with(
+    spec: RouteSpec,
+    accepted: Arc<AtomicUsize>,
+    limits: Limits,
+) -> (SocketAddr, Arc<Route>, Option<String>, Arc<Gateway>) {
     let guest = guest_server(accepted).await;
     let directory = Arc::new(Directory::new());
     let sandbox = FakeSandbox(HashMap::from([(8000, guest)]));
@@ -81,14 +113,14 @@ async fn gateway_counting(
         GatewayConfig {
             domain: Domain::parse("gw.test").unwrap(),
             tls: None,
-            limits: Limits::default(),
+            limits,
         },
         directory,
     );
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(gw.serve(l));
-    (addr, route, token.map(|t| t.as_str().to_string()))
+    tokio::spawn(gw.clone().serve(l));
+    (addr, route, token.map(|t| t.as_str().to_string()), gw)
 }
 
 fn public() -> RouteSpec {
@@ -101,7 +133,21 @@ fn public() -> RouteSpec {
 
 /// One HTTP/1.1 request; the status and the body.
 async fn get(addr: SocketAddr, host: &str, path: &str, headers: &[&str]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let (code, head, body) = get_from([127, 0, 0, 1].into(), addr, host, path, headers).await;
+    let _ = head;
+    (code, body)
+}
+
+/// One HTTP/1.1 request from the source address `from`: the status, the
+/// head's raw bytes and the body.
+async fn get_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, Vec<u8>, String) {
+    let mut s = connect_from(from, addr).await;
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for h in headers {
         req.push_str(h);
@@ -116,8 +162,16 @@ async fn get(addr: SocketAddr, host: &str, path: &str, headers: &[&str]) -> (u16
         .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     let code = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
-    (code, body)
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let body = String::from_utf8_lossy(&out[split + 4..]).into_owned();
+    (code, out[..split].to_vec(), body)
+}
+
+/// A TCP connection to `addr` from the loopback address `from`.
+async fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
 }
 
 #[tokio::test]
@@ -249,4 +303,143 @@ async fn one_sandbox_over_its_cap_leaves_the_others_alone() {
     assert_eq!(get(addr, "8000-busy.gw.test", "/", &[]).await.0, 429);
     assert_eq!(get(addr, "8000-calm.gw.test", "/", &[]).await.0, 200);
     assert_eq!(slow.await.unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn one_client_over_its_cap_gets_429_and_other_clients_are_untouched() {
+    let limits = Limits {
+        max_connections_per_client: 3,
+        ..Limits::default()
+    };
+    let (addr, _, _, gw) = gateway_with(public(), Arc::default(), limits).await;
+    let (one, two) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
+    // Three silent connections from 127.0.0.1 take its whole cap.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(one, addr).await);
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while gw.open_connections() < 3 {
+        assert!(tokio::time::Instant::now() < until, "not admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (code, head, body) = get_from(one, addr, "8000-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 429, "{body}");
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(
+        body.starts_with(r#"{"code":429,"error":"too_many_client_connections""#)
+            && body.contains("127.0.0.1"),
+        "{body}"
+    );
+    let (code, _, page) =
+        get_from(one, addr, "8000-sbx.gw.test", "/", &["Accept: text/html"]).await;
+    assert_eq!(code, 429);
+    assert!(page.starts_with("<!doctype html>"), "{page}");
+    // Another address is served as before.
+    let (code, _, body) = get_from(two, addr, "8000-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        gw.stats()
+            .over_max_connections_per_client
+            .load(Ordering::Relaxed),
+        2
+    );
+    assert_eq!(gw.stats().over_max_connections.load(Ordering::Relaxed), 0);
+    // A closed connection gives its client's slot back.
+    drop(held.pop());
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, _, _) = get_from(one, addr, "8000-sbx.gw.test", "/", &[]).await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn forwarded_and_x_real_ip_come_from_the_gateway_alone() {
+    let (addr, _, _) = gateway(public()).await;
+    let (code, body) = get(
+        addr,
+        "8000-sbx.gw.test",
+        "/",
+        &[
+            "Forwarded: for=203.0.113.9;proto=https",
+            "Forwarded: for=203.0.113.10",
+            "X-Real-IP: 203.0.113.9",
+            "True-Client-IP: 203.0.113.9",
+            "X-Forwarded-Port: 443",
+        ],
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !body.contains("203.0.113"),
+        "a claim reached the guest: {body}"
+    );
+    assert!(!body.contains("x-forwarded-port"), "{body}");
+    assert!(body.contains("x-real-ip: 127.0.0.1\n"), "{body}");
+    assert!(
+        body.contains("forwarded: for=127.0.0.1;host=\"8000-sbx.gw.test\";proto=http\n"),
+        "{body}"
+    );
+    assert_eq!(body.matches("forwarded:").count(), 1, "{body}");
+}
+
+#[tokio::test]
+async fn guest_cookies_stay_on_the_sandbox_host_over_http1() {
+    let (addr, _, _) = gateway(public()).await;
+    let (code, head, _) = get_from(
+        [127, 0, 0, 1].into(),
+        addr,
+        "8000-sbx.gw.test",
+        "/cookies",
+        &[],
+    )
+    .await;
+    assert_eq!(code, 200);
+    let got: Vec<&[u8]> = head
+        .split(|&b| b == b'\n')
+        .filter_map(|l| {
+            let l = l.strip_suffix(b"\r").unwrap_or(l);
+            l.len()
+                .checked_sub(12)
+                .filter(|_| l[..12].eq_ignore_ascii_case(b"set-cookie: "))
+                .map(|_| &l[12..])
+        })
+        .collect();
+    let want: Vec<&[u8]> = COOKIES.iter().filter_map(|(_, w)| *w).collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn guest_cookies_stay_on_the_sandbox_host_over_h2c() {
+    let (addr, _, _) = gateway(public()).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("http://8000-sbx.gw.test/cookies")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got: Vec<&[u8]> = resp
+        .headers()
+        .get_all(hyper::header::SET_COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let want: Vec<&[u8]> = COOKIES.iter().filter_map(|(_, w)| *w).collect();
+    assert_eq!(got, want);
 }

@@ -73,6 +73,8 @@ pub struct GatewayFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
     pub max_connections: u64,
+    /// Connections at once from one client address (IPv6: one /64).
+    pub max_connections_per_client: u64,
     pub header_timeout: f64,
     pub idle_timeout: f64,
     /// On SIGTERM, how long in-flight requests may take to finish.
@@ -146,6 +148,7 @@ impl Default for GatewayFile {
             tls_cert: None,
             tls_key: None,
             max_connections: limits.max_connections as u64,
+            max_connections_per_client: limits.max_connections_per_client as u64,
             header_timeout: limits.header_read_timeout.as_secs_f64(),
             idle_timeout: limits.idle_timeout.as_secs_f64(),
             drain_timeout: 10.0,
@@ -212,6 +215,7 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("gateway", "tls_cert", Kind::Str),
     ("gateway", "tls_key", Kind::Str),
     ("gateway", "max_connections", Kind::Int),
+    ("gateway", "max_connections_per_client", Kind::Int),
     ("gateway", "header_timeout", Kind::Float),
     ("gateway", "idle_timeout", Kind::Float),
     ("gateway", "drain_timeout", Kind::Float),
@@ -314,7 +318,8 @@ pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         .try_into::<FileConfig>()
         .map_err(|e| ConfigError::Syntax {
             path: origin,
-            message: e.message().to_string(),
+            // One line that names the key: "… expected u64 in `gateway.max_connections`".
+            message: e.to_string().trim_end().replace('\n', " "),
         })
 }
 

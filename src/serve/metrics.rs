@@ -1,7 +1,12 @@
 //! Prometheus metrics on their own listener, in the text exposition format:
 //! per sandbox the flows by verdict, bytes each way, frames dropped, caps
 //! hit and whether its link runs; for the process the sandboxes, resident
-//! memory, open descriptors and gateway connections into guests.
+//! memory, open descriptors, gateway connections into guests, public
+//! connections and the ones the gateway refused.
+//!
+//! The listener is bounded like the gateway, if smaller: scrapers are few
+//! and quick, so a handful of connections, a short header timeout and a
+//! small request are all it allows; junk connections cannot pile up.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -14,21 +19,45 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ingress::idle::{until_idle, Activity, Watched};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use super::Shared;
 
 /// How long one sandbox's driver may take to give its counters to a scrape.
 const SCRAPE_WAIT: Duration = Duration::from_millis(250);
+/// Connections at once; past them a new one is closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A request's head must be in within this (also the wait for the next
+/// request on a kept-alive connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection on which nothing moved this long is closed (a client that
+/// stopped reading its answer).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head: hyper's smallest buffer; a scrape's request is a
+/// few hundred bytes. Larger heads get 431.
+const MAX_REQUEST_BYTES: usize = 8 << 10;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .max_headers(32);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(client = %peer, "metrics: {MAX_CONNECTIONS} connections open; closing");
+            continue;
+        };
         let shared = shared.clone();
+        let http = http.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
@@ -48,9 +77,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     Ok::<_, Infallible>(reply)
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let activity = Activity::new();
+            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+            let _ = until_idle(activity, IDLE_TIMEOUT, http.serve_connection(io, service)).await;
+            drop(slot);
         });
     }
 }
@@ -222,7 +252,47 @@ pub async fn render(shared: &Shared) -> String {
     ] {
         out.push_str(&f.text);
     }
+    if let Some(gw) = shared.gateway.get() {
+        out.push_str(&gateway_families(gw));
+    }
     out
+}
+
+/// The public gateway's connections and refusals.
+fn gateway_families(gw: &ingress::Gateway) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut conns = Family::new(
+        "slipway_gateway_connections",
+        "gauge",
+        "Public client connections open now (HTTP, upgrades, forwards).",
+    );
+    conns.sample("slipway_gateway_connections", "", gw.open_connections());
+    let mut clients = Family::new(
+        "slipway_gateway_clients",
+        "gauge",
+        "Client addresses (IPv6: /64s) with public connections open now.",
+    );
+    clients.sample("slipway_gateway_clients", "", gw.clients());
+    let mut refused = Family::new(
+        "slipway_gateway_connections_refused_total",
+        "counter",
+        "Public connections refused because a gateway cap was reached, by cap.",
+    );
+    let stats = gw.stats();
+    for (cap, n) in [
+        ("max_connections", stats.over_max_connections.load(Relaxed)),
+        (
+            "max_connections_per_client",
+            stats.over_max_connections_per_client.load(Relaxed),
+        ),
+    ] {
+        refused.sample(
+            "slipway_gateway_connections_refused_total",
+            &format!("cap=\"{cap}\""),
+            n,
+        );
+    }
+    [conns, clients, refused].map(|f| f.text).concat()
 }
 
 /// Resident set size, from /proc/self/statm.

@@ -18,7 +18,7 @@ mod view;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use clap::Args;
@@ -45,6 +45,8 @@ pub struct ServeArgs {
 pub struct Shared {
     pub registry: Registry,
     settings: RwLock<Arc<Settings>>,
+    /// The public gateway, once started (for its counters in the metrics).
+    gateway: OnceLock<Arc<ingress::Gateway>>,
 }
 
 impl Shared {
@@ -205,6 +207,7 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
     let shared = Arc::new(Shared {
         registry: Registry::new(net.handle().clone()),
         settings: RwLock::new(Arc::new(settings.clone())),
+        gateway: OnceLock::new(),
     });
     let gateway = match (bound.gateway, &settings.gateway) {
         (Some(listener), Some(g)) => {
@@ -219,6 +222,7 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
                 },
                 shared.registry.directory.clone(),
             );
+            let _ = shared.gateway.set(gw.clone());
             Some(net.spawn(gw.serve(listener)))
         }
         _ => None,

@@ -73,6 +73,10 @@ impl FileConfig {
         let g = &self.gateway;
         let limits = ingress::Limits {
             max_connections: positive("gateway.max_connections", g.max_connections)?,
+            max_connections_per_client: positive(
+                "gateway.max_connections_per_client",
+                g.max_connections_per_client,
+            )?,
             header_read_timeout: seconds("gateway.header_timeout", g.header_timeout)?,
             idle_timeout: seconds("gateway.idle_timeout", g.idle_timeout)?,
             ..ingress::Limits::default()
@@ -367,6 +371,56 @@ mod tests {
             bad("[sandbox]\nallow_internal = [\"nope\"]\n").contains("invalid internal CIDR nope")
         );
         assert!(bad("[metrics]\nlisten = \"localhost\"\n").contains("metrics.listen"));
+    }
+
+    #[test]
+    fn the_per_client_connection_cap_is_a_gateway_key() {
+        let limits = |s: Settings| s.gateway.unwrap().limits;
+        let s = load(None, &no_env).unwrap().validate().unwrap();
+        assert_eq!(limits(s).max_connections_per_client, 256);
+        let f = load_text("[gateway]\nmax_connections_per_client = 8\n", &no_env).unwrap();
+        assert_eq!(limits(f.validate().unwrap()).max_connections_per_client, 8);
+        let env = |var: &str| {
+            (var == "SLIPWAY_GATEWAY_MAX_CONNECTIONS_PER_CLIENT").then(|| "9".to_string())
+        };
+        let s = load(None, &env).unwrap().validate().unwrap();
+        assert_eq!(limits(s).max_connections_per_client, 9);
+
+        // 0, text and a negative number are refused, naming the key.
+        let err = load_text("[gateway]\nmax_connections_per_client = 0\n", &no_env)
+            .unwrap()
+            .validate()
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid gateway.max_connections_per_client \"0\": give a whole number above 0"
+        );
+        let err = load_text(
+            "[gateway]\nmax_connections_per_client = \"lots\"\n",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.ends_with(
+                "invalid type: string \"lots\", expected u64 in `gateway.max_connections_per_client`"
+            ),
+            "{err}"
+        );
+        for bad in ["lots", "0", "-1"] {
+            let env = |var: &str| {
+                (var == "SLIPWAY_GATEWAY_MAX_CONNECTIONS_PER_CLIENT").then(|| bad.to_string())
+            };
+            let err = load(None, &env).and_then(|f| f.validate()).err();
+            let err = err.map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                err.contains("MAX_CONNECTIONS_PER_CLIENT")
+                    || err.contains("max_connections_per_client"),
+                "{bad}: {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ hostile clients. Standard library only; every socket has a timeout.
   double_length ADDR PORT HOST   two different Content-Lengths: "status CODE" (or "closed")
   idle ADDR PORT N SECS          N silent connections: "closed K of N within SECS"
   tcp ADDR PORT TEXT             send TEXT, print every line that comes back
+  percap ADDR PORT HOST N        hold N silent connections from 127.0.0.1, then ask from
+                                 127.0.0.1 (JSON, then HTML) and 127.0.0.2; free one, ask again
 """
 import base64
 import hashlib
@@ -279,6 +281,55 @@ def tcp(addr, port, text):
             break
         data += piece
     sys.stdout.write(data.decode(errors="replace"))
+    return 0
+
+
+def ask_from(src, addr, port, host, accept=None):
+    """One GET /headers from the source address SRC: (status, body)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.bind((src, 0))
+    s.connect((addr, int(port)))
+    extra = f"Accept: {accept}\r\n" if accept else ""
+    s.sendall(f"GET /headers HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode())
+    data = b""
+    try:
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            data += piece
+    except OSError as e:
+        return f"error-{type(e).__name__}", data.decode(errors="replace")
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return status_of(head.decode("latin-1")), body.decode(errors="replace").strip()
+
+
+def percap(addr, port, host, n):
+    held = []
+    for _ in range(int(n)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.bind(("127.0.0.1", 0))
+        s.connect((addr, int(port)))
+        held.append(s)
+    time.sleep(0.3)
+    print("over", *ask_from("127.0.0.1", addr, port, host))
+    code, page = ask_from("127.0.0.1", addr, port, host, "text/html")
+    print("over-html", code, "page" if page.startswith("<!doctype html>") else page)
+    print("other", ask_from("127.0.0.2", addr, port, host)[0])
+    held.pop().close()
+    code, deadline = "none", time.monotonic() + 5
+    while time.monotonic() < deadline:
+        code = ask_from("127.0.0.1", addr, port, host)[0]
+        if code == "200":
+            break
+        time.sleep(0.05)
+    print("freed", code)
+    for s in held:
+        s.close()
     return 0
 
 

@@ -7,6 +7,7 @@ Standard library only. Prints "ready" once every socket listens.
             GET /blob           -> the file given by --blob
             PUT|POST /upload    -> "<sha256> <bytes>" of the body it streamed
             GET /sse?n=N&ms=M   -> N server-sent events, M ms apart, each flushed
+            GET /set-cookie?c=C&c=…  -> "ok", with one Set-Cookie: C per c (latin-1, so any byte)
             GET /ws             -> WebSocket echo (text, binary, ping; close ends it)
   TCP 7000  reads a PROXY protocol v2 header, answers "proxy SRC -> DST\\n", then echoes
   TCP 7001  echo
@@ -90,6 +91,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if url.path == "/ws":
             return self.websocket()
+        if url.path == "/set-cookie":
+            body = b"ok\n"
+            self.send_response(200)
+            for name, value in urllib.parse.parse_qsl(url.query, encoding="latin-1"):
+                if name == "c":
+                    self.send_header("Set-Cookie", value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self.send_text(404, "no such path\n")
 
     def do_PUT(self):
