@@ -322,7 +322,7 @@ impl NetOpts {
         cfg.caps.max_buffer_bytes = self.max_buffer_bytes;
         cfg.dns_upstream = match &self.dns_upstream {
             Some(s) => Some(parse_upstream(s)?),
-            None => netstack::config::host_resolver(),
+            None => vmm_glue::netns::host_resolver(),
         };
         Ok(cfg)
     }

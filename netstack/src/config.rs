@@ -163,16 +163,3 @@ impl StackConfig {
         })
     }
 }
-
-/// The host's own resolver: the first `nameserver` of /etc/resolv.conf, the
-/// default upstream for the stack's DNS address.
-pub fn host_resolver() -> Option<SocketAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next()? == "nameserver")
-            .then(|| words.next()?.parse::<IpAddr>().ok())
-            .flatten()
-            .map(|ip| SocketAddr::new(ip, 53))
-    })
-}

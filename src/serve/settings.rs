@@ -175,7 +175,7 @@ impl SandboxFile {
         // ones that serve requests (which its own cap counts).
         stack.caps.max_inbound = max_inbound + ingress::pool::MAX_IDLE;
         stack.dns_upstream = if self.dns_upstream.is_empty() {
-            netstack::config::host_resolver()
+            vmm_glue::netns::host_resolver()
         } else {
             Some(upstream(&self.dns_upstream)?)
         };

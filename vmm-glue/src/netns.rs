@@ -423,3 +423,40 @@ mod tests {
         assert_eq!(err.exit_code(), 127);
     }
 }
+
+/// The host's own resolver: the first `nameserver` of /etc/resolv.conf, the
+/// default upstream for the stack's DNS address. (The host's configuration
+/// is read here, not in the sans-IO core.)
+pub fn host_resolver() -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    first_nameserver(&text)
+}
+
+fn first_nameserver(resolv_conf: &str) -> Option<std::net::SocketAddr> {
+    resolv_conf.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next()? == "nameserver")
+            .then(|| words.next()?.parse::<std::net::IpAddr>().ok())
+            .flatten()
+            .map(|ip| std::net::SocketAddr::new(ip, 53))
+    })
+}
+
+#[cfg(test)]
+mod resolver_tests {
+    use super::first_nameserver;
+
+    #[test]
+    fn the_first_nameserver_line_with_an_address_wins() {
+        let conf = "# a comment\nsearch test\nnameserver not-an-ip\nnameserver 192.0.2.53\nnameserver 2001:db8::53\n";
+        assert_eq!(
+            first_nameserver(conf),
+            Some("192.0.2.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            first_nameserver("nameserver 2001:db8::53"),
+            Some("[2001:db8::53]:53".parse().unwrap())
+        );
+        assert_eq!(first_nameserver("search test\n"), None);
+    }
+}

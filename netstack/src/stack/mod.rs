@@ -175,7 +175,10 @@ impl Stats {
     }
 }
 
-/// One sandbox's network core.
+/// One sandbox's network core. Feed it inputs (`handle_frame`,
+/// `handle_host`, `handle_timeout`, `connect_to_guest`, each with `now`),
+/// then drain every output (`poll_transmit`, `poll_request`) and sleep
+/// until `poll_timeout`, or the next input, whichever comes first.
 pub struct Stack {
     cfg: StackConfig,
     policy: EgressPolicy,
