@@ -1141,7 +1141,7 @@ fn regressions() -> Vec<(&'static str, Vec<u8>)> {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let regressions_dir = root.join("../netstack/tests/fuzz-regressions");
+    let regressions_dir = root.join("regressions");
     for (name, bytes) in regressions() {
         std::fs::write(regressions_dir.join(name), bytes).expect("write a regression input");
     }

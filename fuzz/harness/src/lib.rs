@@ -1,21 +1,24 @@
-//! Fuzz harnesses for slipway's netstack. Each target is a plain
-//! `fn(&[u8])`, so the regression test in `netstack/tests/fuzz_regressions.rs`
-//! replays crash inputs and seeds through exactly the code the fuzzer ran
-//! (it includes this file with `#[path]`; keep paths here `self`/`super`-relative).
+//! Fuzz harnesses for slipway. Each target is a plain `fn(&[u8])` that
+//! panics on a broken promise: cargo-fuzz's targets (`fuzz/fuzz_targets/`)
+//! call it, and `tests/replay.rs` runs every seed and crash input through
+//! exactly the same code in `cargo test`.
 
 pub mod check;
 pub mod classify;
 pub mod frames;
+pub mod gateway;
 pub mod input;
 pub mod policy;
+pub mod qemu_stream;
 pub mod services;
 pub mod stack_frames;
 pub mod tcp_segments;
+pub mod vnet;
 
-/// Every target by name, as `fuzz/fuzz_targets/NAME.rs` and the seed folders call it.
 /// A harness: takes the fuzzer's bytes, panics on a broken promise.
 pub type Harness = fn(&[u8]);
 
+/// Every target by name, as `fuzz/fuzz_targets/NAME.rs` and the seed folders call it.
 pub const TARGETS: &[(&str, Harness)] = &[
     ("stack_frames", stack_frames::run),
     ("tcp_segments", tcp_segments::run),
@@ -23,6 +26,9 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("policy_parse", policy::run),
     ("dhcp", services::dhcp),
     ("dns", services::dns),
+    ("gateway", gateway::gateway),
+    ("qemu_stream", qemu_stream::stream),
+    ("vnet", vnet::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.
@@ -35,10 +41,3 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         None => false,
     }
 }
-// gateway, qemu_stream and vnet need ingress and vmm-glue, which the netstack replay test (tests/fuzz_regressions.rs) cannot link.
-#[cfg(fuzzing)]
-pub mod gateway;
-#[cfg(fuzzing)]
-pub mod qemu_stream;
-#[cfg(fuzzing)]
-pub mod vnet;

@@ -1,11 +1,10 @@
-//! Every input a fuzzer ever crashed on (`tests/fuzz-regressions/<target>-<name>`)
-//! and every committed seed (`fuzz/seeds/<target>/`), replayed through the very
-//! harness code the fuzz targets run, as a plain `cargo test`: no cargo-fuzz,
-//! no nightly. A harness assertion or a panic in the stack fails the test.
+//! Every input a fuzzer ever crashed on (`fuzz/regressions/<target>-<name>`)
+//! and every committed seed (`fuzz/seeds/<target>/`), of every target,
+//! replayed through the very harness code the fuzz targets run, as a plain
+//! `cargo test`: no cargo-fuzz, no nightly. A harness assertion or a panic
+//! in the stack fails the test.
 
-#[path = "../../fuzz/src/lib.rs"]
-#[allow(dead_code)]
-mod harness;
+use slipway_fuzz as harness;
 
 use std::panic;
 use std::path::{Path, PathBuf};
@@ -48,7 +47,7 @@ fn manifest() -> PathBuf {
 
 #[test]
 fn crash_inputs_found_by_fuzzing_stay_fixed() {
-    let inputs = files(&manifest().join("tests/fuzz-regressions"))
+    let inputs = files(&manifest().join("../regressions"))
         .into_iter()
         .map(|p| {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
@@ -66,7 +65,7 @@ fn crash_inputs_found_by_fuzzing_stay_fixed() {
 
 #[test]
 fn seed_corpora_run_clean() {
-    let seeds = manifest().join("../fuzz/seeds");
+    let seeds = manifest().join("../seeds");
     let mut inputs = Vec::new();
     for (target, _) in harness::TARGETS {
         let found = files(&seeds.join(target));
