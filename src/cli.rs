@@ -32,13 +32,10 @@ pub enum Command {
         net: NetOpts,
         #[command(flatten)]
         ingress: IngressOpts,
-        /// The command and its arguments (after `--`).
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        /// The command and its arguments: everything after `--`, or from the
+        /// first word that is not a flag on. A mistyped flag before it is an
+        /// error, never the command.
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
     /// Serve one VMM's link: a tap device (the kind Firecracker uses), QEMU's
@@ -278,6 +275,26 @@ fn random_sandbox_id() -> ingress::SandboxId {
         })
         .collect();
     ingress::SandboxId::parse(&id).expect("the alphabet is valid")
+}
+
+/// Flags clap cannot place. A mistyped flag is one line naming it (and the
+/// flag it resembles), exit code 2, before anything starts; `--help`,
+/// `--version` and the rest keep clap's own words.
+pub fn parse_failed(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        e.exit();
+    }
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => e.exit(),
+    };
+    let hint = match e.get(ContextKind::SuggestedArg) {
+        Some(ContextValue::String(s)) => format!(" (did you mean {s}?)"),
+        _ => String::new(),
+    };
+    eprintln!("slipway: unknown flag {flag}{hint}");
+    std::process::ExitCode::from(2)
 }
 
 /// A user error: printed as one line, exit code 2.

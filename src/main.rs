@@ -37,7 +37,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::parse_failed(e),
+    };
     raise_fd_limit();
     match cli.command {
         Command::Run {
