@@ -32,6 +32,8 @@ pub enum Command {
         net: NetOpts,
         #[command(flatten)]
         ingress: IngressOpts,
+        #[command(flatten)]
+        confine: ConfineOpts,
         /// The command and its arguments: everything after `--`, or from the
         /// first word that is not a flag on. A mistyped flag before it is an
         /// error, never the command.
@@ -59,6 +61,8 @@ pub enum Command {
         net: NetOpts,
         #[command(flatten)]
         ingress: IngressOpts,
+        #[command(flatten)]
+        confine: ConfineOpts,
     },
     /// Serve many sandboxes in one process: a control API on a unix socket,
     /// the public URL gateway, Prometheus metrics.
@@ -147,6 +151,15 @@ pub struct NetOpts {
     /// [default: `warn` for run, `info` for attach; env SLIPWAY_LOG]
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfineOpts {
+    /// Confine slipway itself after set-up: seccomp allowlist, no_new_privs,
+    /// capabilities dropped, Landlock. `false` turns it all off (debugging).
+    #[arg(long = "confine", value_name = "BOOL", default_value_t = true,
+          action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub confine: bool,
 }
 
 #[derive(Args, Debug, Clone)]
