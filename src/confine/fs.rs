@@ -73,14 +73,6 @@ impl Rules {
         self.0.push((path.to_owned(), access));
     }
 
-    pub fn socket_dirs(&self) -> Vec<PathBuf> {
-        self.0
-            .iter()
-            .filter(|(_, a)| matches!(a, Access::Sockets | Access::Scratch))
-            .map(|(p, _)| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-            .collect()
-    }
-
     /// Restrict this thread (and the threads and processes it starts from
     /// now on) to the rules.
     pub fn restrict(&self) -> Result<Outcome> {

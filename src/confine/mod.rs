@@ -140,11 +140,6 @@ impl Plan {
         self.take_fds = true;
         self
     }
-
-    /// The directories sockets may be made in, for messages.
-    pub fn socket_dirs(&self) -> Vec<PathBuf> {
-        self.fs.socket_dirs()
-    }
 }
 
 /// Step one, while the process has no thread of its own yet: Landlock,

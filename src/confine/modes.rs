@@ -87,8 +87,15 @@ pub fn serve(paths: &ServePaths<'_>) -> (Plan, ServeFence) {
     for dir in paths.socket_dirs {
         plan = plan.sockets(dir);
     }
+    // The API holds VMM sockets to the configured directories, although
+    // Landlock must also let sockets be made in the control socket's and
+    // the temp directory.
     let fence = ServeFence {
-        socket_dirs: plan.socket_dirs(),
+        socket_dirs: paths
+            .socket_dirs
+            .iter()
+            .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()))
+            .collect(),
         tap_fd: paths.tap_fd,
     };
     (plan, fence)
