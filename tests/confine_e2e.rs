@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::{Scratch, World};
 
-/// CAP_NET_ADMIN alone, the one serve keeps.
+/// CAP_NET_ADMIN alone: serve with confine.tap_fd = false.
 const NET_ADMIN_ONLY: &str = "0000000000001000";
+/// CAP_NET_ADMIN and CAP_SYS_PTRACE: serve by default (tapFd).
+const NET_ADMIN_AND_PTRACE: &str = "0000000000081000";
 const NONE: &str = "0000000000000000";
 
 /// The confinement lines of a status file: Seccomp, NoNewPrivs, CapEff, CapBnd.
@@ -158,7 +160,7 @@ fn serve_config(dir: &Path, extra: &str) -> PathBuf {
         &config,
         format!(
             "[control]\nsocket = \"{}\"\n[gateway]\nlisten = \"off\"\n[metrics]\nlisten = \"off\"\n\
-             [confine]\nsocket_dirs = [\"{}\"]\n{extra}",
+             [confine]\nsocket_dirs = [\"{}\"]\ntap_fd = false\n{extra}",
             dir.join("control.sock").display(),
             dir.join("vmm").display()
         ),
@@ -236,6 +238,22 @@ fn serve_keeps_net_admin_only_and_its_socket_dirs() {
     assert_eq!(st.code(), Some(0), "{err}");
     assert!(err.contains("slipway: reloaded"), "{err}");
     assert!(!dir.0.join("control.sock").exists(), "{err}");
+
+    // By default tapFd works: CAP_SYS_PTRACE is kept for pidfd_getfd.
+    let default = dir.0.join("default.toml");
+    std::fs::write(
+        &default,
+        format!(
+            "[control]\nsocket = \"{}\"\n[gateway]\nlisten = \"off\"\n[metrics]\nlisten = \"off\"\n",
+            dir.0.join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Running::start(&["serve", "--config", default.to_str().unwrap()], &[]);
+    let [seccomp, nnp, eff, _] = confinement(&serve.status_when(&dir.0.join("control.sock")));
+    assert_eq!([seccomp, nnp], ["2", "1"]);
+    assert_eq!(eff, NET_ADMIN_AND_PTRACE);
+    assert_eq!(serve.stop().code(), Some(0));
 
     let mut serve = Running::start(
         &[

@@ -59,7 +59,8 @@ pub struct ConfineFile {
     /// (qemuStream, qemuDgram, vhostUser).
     pub socket_dirs: Vec<PathBuf>,
     /// Allow `tapFd`: needs pidfd_getfd on the caller, which Landlock
-    /// forbids, so Landlock is off then.
+    /// forbids, so Landlock is off then. On by default so the API keeps
+    /// every transport it had; false buys Landlock.
     pub tap_fd: bool,
 }
 
@@ -68,7 +69,7 @@ impl Default for ConfineFile {
         Self {
             enabled: true,
             socket_dirs: vec![PathBuf::from("/tmp"), PathBuf::from("/run")],
-            tap_fd: false,
+            tap_fd: true,
         }
     }
 }
