@@ -55,7 +55,10 @@ pub struct Rules(Vec<(PathBuf, Access)>);
 pub enum Outcome {
     Full,
     Partly(&'static str),
+    /// The kernel has no Landlock.
     Skipped(&'static str),
+    /// The settings ask for something Landlock forbids.
+    Declined(&'static str),
 }
 
 impl fmt::Display for Outcome {
@@ -63,7 +66,7 @@ impl fmt::Display for Outcome {
         f.write_str(match self {
             Outcome::Full => "enforced",
             Outcome::Partly(_) => "partly enforced",
-            Outcome::Skipped(_) => "off",
+            Outcome::Skipped(_) | Outcome::Declined(_) => "off",
         })
     }
 }

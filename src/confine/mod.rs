@@ -152,7 +152,7 @@ pub fn begin(plan: &Plan) -> Result<()> {
         // Landlock forbids ptrace-class access (pidfd_getfd among them) to
         // processes outside the domain: a serve that takes tap descriptors
         // from its callers goes without it.
-        fs::Outcome::Skipped("confine.tap_fd = true needs pidfd_getfd on the caller")
+        fs::Outcome::Declined("confine.tap_fd = true needs pidfd_getfd on the caller")
     } else {
         plan.fs.restrict()?
     };
@@ -198,12 +198,16 @@ fn report(plan: &Plan, landlock: &fs::Outcome) {
         "confined: no_new_privs, seccomp allowlist"
     );
     static WARNED: OnceLock<()> = OnceLock::new();
-    if let fs::Outcome::Partly(why) | fs::Outcome::Skipped(why) = landlock {
-        if WARNED.set(()).is_ok() {
+    match landlock {
+        fs::Outcome::Partly(why) | fs::Outcome::Skipped(why) if WARNED.set(()).is_ok() => {
             tracing::warn!(
                 "filesystem confinement (Landlock) is {landlock}: {why}; seccomp, capabilities and no_new_privs still apply"
-            );
+            )
         }
+        fs::Outcome::Declined(why) => tracing::info!(
+            "filesystem confinement (Landlock) is off: {why}; set confine.tap_fd = false to have it"
+        ),
+        _ => {}
     }
 }
 
