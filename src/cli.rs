@@ -32,13 +32,12 @@ pub enum Command {
         net: NetOpts,
         #[command(flatten)]
         ingress: IngressOpts,
-        /// The command and its arguments (after `--`).
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        #[command(flatten)]
+        confine: ConfineOpts,
+        /// The command and its arguments: everything after `--`, or from the
+        /// first word that is not a flag on. A mistyped flag before it is an
+        /// error, never the command.
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
     /// Serve one VMM's link: a tap device (the kind Firecracker uses), QEMU's
@@ -62,6 +61,8 @@ pub enum Command {
         net: NetOpts,
         #[command(flatten)]
         ingress: IngressOpts,
+        #[command(flatten)]
+        confine: ConfineOpts,
     },
     /// Serve many sandboxes in one process: a control API on a unix socket,
     /// the public URL gateway, Prometheus metrics.
@@ -150,6 +151,15 @@ pub struct NetOpts {
     /// [default: `warn` for run, `info` for attach; env SLIPWAY_LOG]
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfineOpts {
+    /// Confine slipway itself after set-up: seccomp allowlist, no_new_privs,
+    /// capabilities dropped, Landlock. `false` turns it all off (debugging).
+    #[arg(long = "confine", value_name = "BOOL", default_value_t = true,
+          action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub confine: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -284,6 +294,26 @@ fn random_sandbox_id() -> ingress::SandboxId {
         })
         .collect();
     ingress::SandboxId::parse(&id).expect("the alphabet is valid")
+}
+
+/// Flags clap cannot place. A mistyped flag is one line naming it (and the
+/// flag it resembles), exit code 2, before anything starts; `--help`,
+/// `--version` and the rest keep clap's own words.
+pub fn parse_failed(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        e.exit();
+    }
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => e.exit(),
+    };
+    let hint = match e.get(ContextKind::SuggestedArg) {
+        Some(ContextValue::String(s)) => format!(" (did you mean {s}?)"),
+        _ => String::new(),
+    };
+    eprintln!("slipway: unknown flag {flag}{hint}");
+    std::process::ExitCode::from(2)
 }
 
 /// A user error: printed as one line, exit code 2.

@@ -3,6 +3,7 @@
 //! dgram, vhost-user); `serve` runs many sandboxes behind a control API.
 
 mod cli;
+mod confine;
 mod ctl;
 mod gateway;
 mod serve;
@@ -36,24 +37,31 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::parse_failed(e),
+    };
     raise_fd_limit();
     match cli.command {
         Command::Run {
             net,
             ingress,
+            confine,
             command,
-        } => exit_with(run(&net, &ingress, &command)),
+        } => exit_with(run(&net, &ingress, confine.confine, &command)),
         Command::Attach {
             link,
             connect,
             peer,
             net,
             ingress,
+            confine,
         } => {
             init_logging(&net, "info");
-            let transport = open_transport(link, connect, peer, net.offload_mtu());
-            exit_with(transport.and_then(|t| attach(&net, &ingress, t)))
+            let plan = confine
+                .confine
+                .then(|| confine::modes::attach(&link, connect));
+            exit_with(attach(&net, &ingress, plan, (link, connect, peer)))
         }
         Command::Serve(args) => serve::main(args),
         Command::Ctl(args) => ctl::main(args),
@@ -146,6 +154,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 fn run(
     net: &NetOpts,
     ingress: &IngressOpts,
+    confined: bool,
     command: &[std::ffi::OsString],
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
@@ -168,6 +177,13 @@ fn run(
     let netns::Sandboxed { pid, tap, gate } =
         netns::spawn(&guest, command).map_err(|e| Failure::Other(chain(&e)))?;
     let tap = transport::offload(tap, net.offload_mtu());
+    // Set-up is over and no thread runs yet: confine before the runtime.
+    if confined {
+        let plan = confine::modes::run();
+        confine::begin(&plan)
+            .and_then(|()| confine::finish(&plan))
+            .map_err(|e| Failure::Other(chain(&e)))?;
+    }
     let rt = runtime()?;
     let code = rt.block_on(async move {
         let stack = Stack::new(cfg, policy, std::time::Instant::now());
@@ -267,9 +283,23 @@ fn open_transport(
     )))
 }
 
-fn attach(net: &NetOpts, ingress: &IngressOpts, link: transport::Transport) -> Result<u8, Failure> {
+fn attach(
+    net: &NetOpts,
+    ingress: &IngressOpts,
+    confined: Option<confine::Plan>,
+    (link, connect, peer): (cli::AttachLink, bool, Option<std::path::PathBuf>),
+) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
     let ingress = prepare_ingress(ingress)?;
+    // Confined in two steps around opening the link: vhost-user starts
+    // threads there, which must inherit Landlock and the capabilities left.
+    let confine = |step: fn(&confine::Plan) -> confine::Result<()>| match &confined {
+        Some(plan) => step(plan).map_err(|e| Failure::Other(chain(&e))),
+        None => Ok(()),
+    };
+    confine(confine::begin)?;
+    let link = open_transport(link, connect, peer, net.offload_mtu())?;
+    confine(confine::finish)?;
     tracing::info!(link = %link.describe(), "serving");
     let rt = runtime()?;
     rt.block_on(async move {

@@ -444,3 +444,85 @@ fn run_works_for_an_ordinary_user() {
     let names: Vec<String> = results(&stdout).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["reply", "ECONNREFUSED"], "{stdout}\n{stderr}");
 }
+
+/// Run as root, the command is root only inside a user namespace of its
+/// own: it cannot enter slipway's network namespace (where the policy does
+/// not apply) nor any other of the host's, although it still configures its
+/// own links and binds low ports.
+#[test]
+fn run_as_root_confines_the_command() {
+    require_world!();
+    let w = World::new();
+    // $PPID is slipway: the sandbox process it forked became `sh`.
+    let script = r#"
+        id -u
+        readlink /proc/self/ns/user
+        nsenter --net=/proc/$PPID/ns/net true 2>/dev/null; echo "enter slipway's netns: $?"
+        nsenter --mount=/proc/1/ns/mnt true 2>/dev/null; echo "enter the host's mounts: $?"
+        nsenter --net=/proc/1/ns/net true 2>/dev/null; echo "enter the host's netns: $?"
+        ip link set lo mtu 1500 && echo "own links: ok"
+        python3 -c 'import socket; s = socket.socket(); s.bind(("10.0.2.15", 80)); print("port 80: ok")'
+        grep CapEff /proc/self/status
+    "#;
+    let run = w.run_default(script);
+    run.ok();
+    let out = run.stdout();
+    let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("0"), "{out}");
+    let inner_userns = lines.next().unwrap_or_default();
+    assert_ne!(inner_userns, host_userns.to_string_lossy(), "{out}");
+    for what in [
+        "enter slipway's netns",
+        "enter the host's mounts",
+        "enter the host's netns",
+    ] {
+        let line = lines.next().unwrap_or_default();
+        assert!(line.starts_with(what), "{out}");
+        assert!(!line.ends_with(": 0"), "the command could {what}:\n{out}");
+    }
+    assert_eq!(
+        lines.next(),
+        Some("own links: ok"),
+        "{out}\n{}",
+        run.stderr()
+    );
+    assert_eq!(lines.next(), Some("port 80: ok"), "{out}\n{}", run.stderr());
+    // Its capabilities (all of them) are over its own user namespace only.
+    assert!(
+        lines.next().unwrap_or_default().starts_with("CapEff:"),
+        "{out}"
+    );
+}
+
+/// A mistyped flag is refused before anything starts, never run as the
+/// command; words after `--` or after the command's first word are the
+/// command's own.
+#[test]
+fn a_mistyped_flag_exits_2_naming_it() {
+    let out = std::process::Command::new(common::slipway())
+        .args(["run", "--no-internt", "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim(),
+        "slipway: unknown flag --no-internt (did you mean --no-internet?)"
+    );
+    let out = std::process::Command::new(common::slipway())
+        .args(["run", "--frobnicate", "echo", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "slipway: unknown flag --frobnicate"
+    );
+    let out = std::process::Command::new(common::slipway())
+        .args(["attach", "--tap", "x", "--no-internt"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("slipway: unknown flag --no-internt"));
+}

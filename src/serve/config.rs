@@ -46,6 +46,32 @@ pub struct FileConfig {
     pub metrics: MetricsFile,
     pub runtime: RuntimeFile,
     pub sandbox: SandboxFile,
+    pub confine: ConfineFile,
+}
+
+/// Confinement of the serve process itself once its sockets are bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfineFile {
+    /// seccomp allowlist, no_new_privs, capabilities, Landlock; false: none.
+    pub enabled: bool,
+    /// Directories (and below) where the API may place VMM sockets
+    /// (qemuStream, qemuDgram, vhostUser).
+    pub socket_dirs: Vec<PathBuf>,
+    /// Allow `tapFd`: needs pidfd_getfd on the caller, which Landlock
+    /// forbids, so Landlock is off then. On by default so the API keeps
+    /// every transport it had; false buys Landlock.
+    pub tap_fd: bool,
+}
+
+impl Default for ConfineFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket_dirs: vec![PathBuf::from("/tmp"), PathBuf::from("/run")],
+            tap_fd: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +150,7 @@ impl Default for FileConfig {
             metrics: MetricsFile::default(),
             runtime: RuntimeFile::default(),
             sandbox: SandboxFile::default(),
+            confine: ConfineFile::default(),
         }
     }
 }
@@ -200,6 +227,8 @@ enum Kind {
     Float,
     /// Comma-separated.
     List,
+    /// true or false.
+    Bool,
 }
 
 /// Every key an environment variable can set: `SLIPWAY_<SECTION>_<KEY>`
@@ -234,6 +263,9 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("sandbox", "dns_upstream", Kind::Str),
     ("sandbox", "allow_internal", Kind::List),
     ("sandbox", "map_host_loopback", Kind::List),
+    ("confine", "enabled", Kind::Bool),
+    ("confine", "socket_dirs", Kind::List),
+    ("confine", "tap_fd", Kind::Bool),
 ];
 
 pub fn env_var_name(section: &str, key: &str) -> String {
@@ -282,6 +314,9 @@ pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
                     .parse()
                     .map_err(|_| bad("give a number of seconds"))?,
             ),
+            Kind::Bool => {
+                toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("give true or false"))?)
+            }
             Kind::List => toml::Value::Array(
                 raw.split(',')
                     .map(str::trim)

@@ -25,6 +25,9 @@ pub fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Tra
             .map(Transport::Tap)
             .map_err(|e| tap_error("transport.tap", e)),
         TransportSpec::TapFd(fd) => {
+            if let Some(why) = crate::confine::tap_fd_refusal() {
+                return Err(ApiError::bad("transport.tapFd", why));
+            }
             let pid = caller.ok_or_else(|| {
                 ApiError::bad(
                     "transport.tapFd",
@@ -65,6 +68,9 @@ pub fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Tra
 /// The QEMU links replace a stale socket file at their path: make sure
 /// that is all they can replace.
 fn not_clobbering(field: &'static str, path: &Path) -> Result<(), ApiError> {
+    if let Some(why) = crate::confine::socket_refusal(path) {
+        return Err(ApiError::bad(field, why));
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => Err(ApiError::bad(
             field,

@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// Print the settings in effect (defaults, file and environment merged) as TOML and exit.
     #[arg(long = "print-config")]
     pub print_config: bool,
+    /// Confine slipway after set-up (seccomp, no_new_privs, capabilities,
+    /// Landlock); overrides confine.enabled. `false`: off, for debugging.
+    #[arg(long = "confine", value_name = "BOOL", action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub confine: Option<bool>,
 }
 
 /// What the control API, the metrics and the signal handlers share.
@@ -67,7 +72,12 @@ pub fn main(args: ServeArgs) -> ExitCode {
         .clone()
         .or_else(|| std::env::var_os("SLIPWAY_CONFIG").map(PathBuf::from));
     let settings = match load(path.as_deref()) {
-        Ok(s) => s,
+        Ok(mut s) => {
+            if let Some(on) = args.confine {
+                s.confine.enabled = on;
+            }
+            s
+        }
         Err(e) => {
             eprintln!("slipway: {e}");
             return ExitCode::from(2);
@@ -193,8 +203,14 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
     let bound = bind(&settings)?;
     let mut net = tokio::runtime::Builder::new_multi_thread();
     net.enable_all().thread_name("slipway-net");
-    if settings.worker_threads > 0 {
-        net.worker_threads(settings.worker_threads);
+    // Counted before confinement: std reads the cgroup's CPU quota to do it.
+    let workers = match settings.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    net.worker_threads(workers);
+    if settings.confine.enabled {
+        confine(path.as_deref(), &settings)?;
     }
     let net = net
         .build()
@@ -266,6 +282,30 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
     let _ = std::fs::remove_file(&socket);
     net.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Sockets bound, nothing running yet: confine the process before the
+/// runtimes start their threads.
+fn confine(path: Option<&Path>, settings: &Settings) -> Result<(), String> {
+    let file = &settings.file;
+    let paths = crate::confine::modes::ServePaths {
+        config: path,
+        token_file: file.control.token_file.as_deref(),
+        tls: [&file.gateway.tls_cert, &file.gateway.tls_key]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect(),
+        control_socket: &settings.control.socket,
+        socket_dirs: &settings.confine.socket_dirs,
+        tap_fd: settings.confine.tap_fd,
+    };
+    let (plan, fence) = crate::confine::modes::serve(&paths);
+    crate::confine::begin(&plan)
+        .and_then(|()| crate::confine::finish(&plan))
+        .map_err(|e| crate::chain(&e))?;
+    crate::confine::set_fence(fence);
+    Ok(())
 }
 
 /// Serve until SIGTERM or SIGINT, reloading on SIGHUP; then drain.

@@ -24,6 +24,14 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     pub worker_threads: usize,
     pub sandbox: SandboxDefaults,
+    pub confine: ConfineSettings,
+}
+
+#[derive(Clone)]
+pub struct ConfineSettings {
+    pub enabled: bool,
+    pub socket_dirs: Vec<PathBuf>,
+    pub tap_fd: bool,
 }
 
 #[derive(Clone)]
@@ -119,6 +127,16 @@ impl FileConfig {
         Ok(Settings {
             file: self.clone(),
             log: self.log.clone(),
+            confine: ConfineSettings {
+                enabled: self.confine.enabled,
+                socket_dirs: self
+                    .confine
+                    .socket_dirs
+                    .iter()
+                    .map(|d| absolute("confine.socket_dirs", d))
+                    .collect::<Result<_>>()?,
+                tap_fd: self.confine.tap_fd,
+            },
             control,
             gateway,
             drain_timeout,
@@ -226,6 +244,9 @@ impl Settings {
         }
         if a.runtime != b.runtime {
             keys.push("runtime.worker_threads");
+        }
+        if a.confine != b.confine {
+            keys.push("confine");
         }
         keys
     }

@@ -1,5 +1,5 @@
-//! `slipway run`'s sandbox: a command in a new network namespace (inside a
-//! new user namespace when not root) whose only link besides `lo` is a tap.
+//! `slipway run`'s sandbox: a command in new user, network and mount
+//! namespaces (for root too) whose only link besides `lo` is a tap.
 //! The caller keeps the tap's fd and serves its other end with the stack.
 //!
 //! ```no_run
@@ -163,9 +163,10 @@ impl Gate {
 /// Must be called while this process is still single-threaded: the forked
 /// child runs ordinary Rust code (it allocates) until it execs.
 ///
-/// Not root: the sandbox gets a user namespace too, mapping this user to
-/// root inside, and `/dev/net/tun` must be readable and writable by this
-/// user. Inside, `/sys` is a fresh sysfs (so `/sys/class/net` shows the
+/// The sandbox gets a user namespace, mapping this user to root inside,
+/// also when this user is root: the command has no capability outside its
+/// namespaces, so it cannot enter slipway's own. Not root, `/dev/net/tun`
+/// must be readable and writable by this user. Inside, `/sys` is a fresh sysfs (so `/sys/class/net` shows the
 /// sandbox's links; the host's cgroup mount is carried over) and
 /// `/etc/resolv.conf` lists `cfg.nameservers`. If this process dies, the
 /// sandbox process is killed.

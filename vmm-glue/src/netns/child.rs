@@ -32,7 +32,7 @@ pub(super) enum SetupError {
         source: io::Error,
     },
     #[error(
-        "cannot create network and mount namespaces although running as root; is this a container without CAP_SYS_ADMIN?"
+        "cannot create user, network and mount namespaces although running as root (user.max_user_namespaces=0, or a container without CAP_SYS_ADMIN?)"
     )]
     Namespaces(#[source] io::Error),
     #[error(
@@ -119,15 +119,20 @@ fn setup(plan: &Plan<'_>) -> Result<Tap, SetupError> {
     iface::configure(plan.cfg)
 }
 
-/// New network and mount namespaces; first a user namespace mapping this
-/// user to root when not root already.
+/// New user, network and mount namespaces, this user mapped to root inside.
+/// Root gets a user namespace too: without one the command would keep
+/// CAP_SYS_ADMIN and CAP_NET_ADMIN over the host and could setns() into
+/// slipway's own network namespace (or any other) and leave the policy
+/// behind. Inside its own user namespace it is root over the namespaces it
+/// owns (its links, its mounts, low ports, raw sockets) and has no
+/// capability in the initial one.
 fn enter_namespaces() -> Result<(), SetupError> {
     // SAFETY: geteuid and getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    if uid == 0 {
-        return unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS).map_err(SetupError::Namespaces);
-    }
     unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET | libc::CLONE_NEWNS).map_err(|source| {
+        if uid == 0 {
+            return SetupError::Namespaces(source);
+        }
         SetupError::UserNamespace {
             reason: userns_refusal(&source),
             source,
