@@ -37,6 +37,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    report_panics_in_one_line();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return cli::parse_failed(e),
@@ -66,6 +67,18 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::main(args),
         Command::Ctl(args) => ctl::main(args),
     }
+}
+
+/// A panic is reported in one line, without a backtrace: a sandbox's stack
+/// catches its own panics and logs them with the guest frame that caused
+/// them (`netstack::driver`), and after confinement the backtrace printer's
+/// file and path lookups are not allowed anyway.
+fn report_panics_in_one_line() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        eprintln!("slipway: thread '{name}' panicked: {info}");
+    }));
 }
 
 /// Every flow holds a host socket: lift the soft descriptor limit to the hard
