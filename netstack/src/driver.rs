@@ -25,7 +25,7 @@ use crate::policy::EgressPolicy;
 use crate::stack::{
     smol_instant, ConnectError, DatagramKind, FlowId, HostRequest, InboundError, Stack, Stats,
 };
-use crate::wire::{RxMeta, Unreachable};
+use crate::wire::{RxMeta, Unreachable, MAX_FRAME};
 
 /// Where the guest's frames come from and go to: a tap, a socket, a channel.
 /// Both calls are non-blocking and return `ErrorKind::WouldBlock` when they
@@ -35,7 +35,8 @@ use crate::wire::{RxMeta, Unreachable};
 /// `as_raw_fd` must return the same open descriptor for as long as the link
 /// lives (the driver registers it with the reactor): own it, do not lend it.
 pub unsafe trait Link: AsRawFd {
-    /// Read one whole frame.
+    /// Read one whole frame into `buf`, which holds
+    /// [`MAX_FRAME`](crate::wire::MAX_FRAME) bytes: no frame is longer.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Write one whole frame.
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
@@ -53,8 +54,6 @@ pub unsafe trait Link: AsRawFd {
     }
 }
 
-/// Largest frame a link may hand over: 64 KiB IP packets plus Ethernet.
-const FRAME_BUF: usize = 65536 + 64;
 /// Guest frames taken per round before the stack answers them.
 const FRAMES_PER_ROUND: usize = 64;
 /// Rounds of work before yielding to other tasks.
@@ -255,7 +254,7 @@ impl<L: Link> Driver<L> {
             commands,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
-            rx_buf: vec![0; FRAME_BUF],
+            rx_buf: vec![0; MAX_FRAME],
             rx_len: 0,
             icmp_warned: false,
         })
