@@ -77,6 +77,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use netstack::driver::Link;
+use netstack::wire::{MAX_FRAME, MIN_FRAME};
 use socket2::{Domain, Socket, Type};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -85,7 +86,6 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use device::{Counters, NetDevice, SOCKET_EVENT};
-pub use virtq::{MAX_FRAME, MIN_FRAME};
 
 /// The one-byte packet the backend sends the stack when a VMM disconnects.
 /// No frame is this short, so it cannot be mistaken for one.
