@@ -64,6 +64,7 @@
 //! alone and the next one is served.
 
 mod device;
+mod message;
 mod relay;
 mod virtq;
 

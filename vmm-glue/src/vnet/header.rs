@@ -288,7 +288,7 @@ impl Repr {
 
     /// The header as the bytes of a [`HDR_LEN_MRG`]-byte buffer, of which
     /// the first `buffer_len()` count.
-    pub fn to_bytes(&self) -> [u8; HDR_LEN_MRG] {
+    pub fn to_bytes(self) -> [u8; HDR_LEN_MRG] {
         let mut bytes = [0u8; HDR_LEN_MRG];
         self.emit(&mut Packet::new_unchecked(&mut bytes[..]));
         bytes
