@@ -35,10 +35,12 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         None => false,
     }
 }
-// gateway, qemu_stream and vnet need ingress and vmm-glue, which the netstack replay test (tests/fuzz_regressions.rs) cannot link.
+// gateway, qemu_stream, vnet and vhost_queues need ingress and vmm-glue, which the netstack replay test (tests/fuzz_regressions.rs) cannot link.
 #[cfg(fuzzing)]
 pub mod gateway;
 #[cfg(fuzzing)]
 pub mod qemu_stream;
+#[cfg(fuzzing)]
+pub mod vhost_queues;
 #[cfg(fuzzing)]
 pub mod vnet;

@@ -66,6 +66,12 @@
 mod device;
 mod message;
 mod relay;
+// Open to the fuzz target `vhost_queues` (fuzz/src/vhost_queues.rs), which
+// drives the queues over mock guest memory; private otherwise.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod virtq;
+#[cfg(not(fuzzing))]
 mod virtq;
 
 use std::io::{self, Read, Write};

@@ -146,6 +146,18 @@ pub struct Span {
     len: usize,
 }
 
+// For the fuzz target's oracle: what the walk took, to read back.
+#[cfg(fuzzing)]
+impl Span {
+    pub fn addr(&self) -> GuestAddress {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
 /// Walk a chain: every descriptor must go the wanted direction and lie in
 /// guest memory, the chain must end, and it may hold at most `limit` bytes.
 /// The spans are appended to `spans`; returns the chain's byte count.
