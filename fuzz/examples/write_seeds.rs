@@ -1178,6 +1178,7 @@ fn main() {
     write(&dir, "dns", dns_inputs());
     write(&dir, "vnet", vnet_inputs());
     write(&dir, "tcp_segments", tcp_segment_inputs());
+    write(&dir, "vhost_queues", vhost_queue_inputs());
 }
 
 /// The vnet target: a mode byte (bit 0: IPv6; the MTU grows with it), then
@@ -1190,5 +1191,282 @@ fn vnet_inputs() -> Vec<(&'static str, Vec<u8>)> {
         ("small-v4", with(0, b"hello")),
         ("empty", with(1, &[])),
         ("garbage-frame", with(0, &[0x45; 60])),
+    ]
+}
+
+// ----- vhost_queues -----------------------------------------------------------
+
+/// Where a descriptor points (fuzz/src/vhost_queues.rs: `Addr`).
+#[derive(Clone, Copy)]
+enum At {
+    /// Offset into the data region (guest address 0x4000 + offset).
+    Data(u32),
+    /// Offset into the ring region (the guest's own rings).
+    Ring(u16),
+    Hole(u16),
+    /// This far before the end of guest memory.
+    End(u16),
+    Raw(u64),
+}
+
+const VQ_DATA: u64 = 0x4000;
+const NEXT: u8 = 1;
+const WRITE: u8 = 2;
+const INDIRECT: u8 = 4;
+
+/// The vhost_queues input (`Input`): features, queue size, MTU, then steps
+/// in `Step`'s encoding.
+struct Vq {
+    head: Enc,
+    steps: Vec<Enc>,
+}
+
+impl Vq {
+    /// `features`: bit 0 VERSION_1, 1 MRG_RXBUF, 2 GUEST_CSUM, 3 GUEST_TSO4+6,
+    /// 4 HOST_TSO4, 5 EVENT_IDX; a queue of `1 << size_log2`; MTU 1500.
+    fn new(features: u8, size_log2: u8) -> Vq {
+        let mut head = Enc::default();
+        head.u8(features).u8(size_log2).u16(1500 - 576);
+        Vq {
+            head,
+            steps: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, variant: u32) -> &mut Enc {
+        let mut e = Enc::default();
+        e.variant(variant, 8);
+        self.steps.push(e);
+        self.steps.last_mut().unwrap()
+    }
+
+    fn desc(e: &mut Enc, at: At, len: u32, flags: u8, next: u16) {
+        match at {
+            At::Data(o) => e.variant(0, 5).u32(o),
+            At::Ring(o) => e.variant(1, 5).u16(o),
+            At::Hole(o) => e.variant(2, 5).u16(o),
+            At::End(b) => e.variant(3, 5).u16(b),
+            At::Raw(a) => e.variant(4, 5).u64(a),
+        };
+        match u16::try_from(len) {
+            Ok(small) => e.variant(0, 2).u16(small),
+            Err(_) => e.variant(1, 2).u32(len),
+        };
+        e.u8(flags).u16(next);
+    }
+
+    fn put(&mut self, tx: bool, index: u8, at: At, len: u32, flags: u8, next: u16) -> &mut Self {
+        let e = self.step(0);
+        e.bool(tx).u8(index);
+        Self::desc(e, at, len, flags, next);
+        self
+    }
+
+    fn post(&mut self, tx: bool, head: u16) -> &mut Self {
+        self.step(1).bool(tx).u16(head);
+        self
+    }
+
+    fn avail_idx(&mut self, tx: bool, idx: u16) -> &mut Self {
+        self.step(2).bool(tx).u16(idx);
+        self
+    }
+
+    fn write(&mut self, at: u32, bytes: &[u8]) -> &mut Self {
+        self.step(3).u32(at).bytes(bytes);
+        self
+    }
+
+    fn take(&mut self, budget: u8) -> &mut Self {
+        self.step(4).u8(budget);
+        self
+    }
+
+    fn deliver_raw(&mut self, len: u16, offload: bool) -> &mut Self {
+        self.step(5).variant(0, 3).u16(len).u8(0x77).bool(offload);
+        self
+    }
+
+    fn deliver_max(&mut self, offload: bool) -> &mut Self {
+        self.step(5).variant(1, 3).bool(offload);
+        self
+    }
+
+    fn deliver_tcp(&mut self, v6: bool, payload: u16, offload: bool) -> &mut Self {
+        self.step(5)
+            .variant(2, 3)
+            .bool(v6)
+            .u16(payload)
+            .u8(0x33)
+            .bool(offload);
+        self
+    }
+
+    fn reset(&mut self, tx: bool) -> &mut Self {
+        self.step(6).bool(tx);
+        self
+    }
+
+    /// A chain from `index` on, posted.
+    fn chain(&mut self, tx: bool, index: u8, descs: &[(At, u32, u8)]) -> &mut Self {
+        let e = self.step(7);
+        e.bool(tx).u8(index).u8(descs.len() as u8);
+        for &(at, len, flags) in descs {
+            Self::desc(e, at, len, flags, 0);
+        }
+        self
+    }
+
+    fn done(&mut self) -> Vec<u8> {
+        let mut out = self.head.0.clone();
+        out.push(self.steps.len() as u8);
+        for s in &self.steps {
+            out.extend_from_slice(&s.0);
+        }
+        out
+    }
+}
+
+/// A virtio-net header: flags, gso_type, csum_start/offset, num_buffers 0.
+fn vnet_header(flags: u8, gso: u8, csum: (u16, u16)) -> Vec<u8> {
+    let mut h = vec![flags, gso, 0, 0, 0, 0];
+    h.extend_from_slice(&csum.0.to_le_bytes());
+    h.extend_from_slice(&csum.1.to_le_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h
+}
+
+/// One split-ring descriptor as the guest lays it out in an indirect table.
+fn raw_desc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
+    let mut d = addr.to_le_bytes().to_vec();
+    d.extend_from_slice(&len.to_le_bytes());
+    d.extend_from_slice(&flags.to_le_bytes());
+    d.extend_from_slice(&next.to_le_bytes());
+    d
+}
+
+fn vhost_queue_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    let frame: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+    let v1_mrg = 0b11;
+    vec![
+        // A frame behind its header in three descriptors.
+        (
+            "tx-frame-in-pieces",
+            Vq::new(v1_mrg, 3)
+                .write(0, &vnet_header(0, 0, (0, 0)))
+                .write(0x100, &frame[..60])
+                .chain(
+                    true,
+                    0,
+                    &[
+                        (At::Data(0), 12, 0),
+                        (At::Data(0x100), 30, 0),
+                        (At::Data(0x11e), 30, 0),
+                    ],
+                )
+                .take(4)
+                .done(),
+        ),
+        // Header and frame in one descriptor, as Linux lays them out with
+        // VERSION_1; then the frame straddles two.
+        ("tx-header-and-frame-together", {
+            let mut one = vnet_header(0, 0, (0, 0));
+            one.extend_from_slice(&frame[..200]);
+            Vq::new(v1_mrg, 2)
+                .write(0, &one)
+                .chain(true, 0, &[(At::Data(0), 212, 0)])
+                .chain(true, 1, &[(At::Data(0), 100, 0), (At::Data(100), 112, 0)])
+                .take(4)
+                .done()
+        }),
+        // NEEDS_CSUM at 34+16; a TCPV4 super-frame with HOST_TSO; UDP GSO refused.
+        (
+            "tx-csum-and-gso",
+            Vq::new(v1_mrg | 1 << 4, 3)
+                .write(0, &vnet_header(1, 0, (34, 16)))
+                .write(0x20, &vnet_header(1, 1, (34, 16)))
+                .write(0x40, &vnet_header(0, 3, (0, 0)))
+                .write(0x100, &frame)
+                .chain(true, 0, &[(At::Data(0), 12, 0), (At::Data(0x100), 1000, 0)])
+                .chain(
+                    true,
+                    2,
+                    &[(At::Data(0x20), 12, 0), (At::Data(0x100), 1000, 0)],
+                )
+                .chain(
+                    true,
+                    4,
+                    &[(At::Data(0x40), 12, 0), (At::Data(0x100), 1000, 0)],
+                )
+                .take(8)
+                .done(),
+        ),
+        // 64 KiB into mergeable 4 KiB buffers; then a TSO segment finds no
+        // room (EVENT_IDX: the kick is armed), the guest posts more.
+        ("rx-mergeable-64k", {
+            let mut q = Vq::new(0b111111, 6);
+            for i in 0..20u8 {
+                q.chain(false, i, &[(At::Data(u32::from(i) * 0x1000), 4096, WRITE)]);
+            }
+            q.deliver_max(false).deliver_tcp(false, 60000, true);
+            for i in 20..40u8 {
+                q.chain(false, i, &[(At::Data(u32::from(i) * 0x1000), 4096, WRITE)]);
+            }
+            q.deliver_tcp(true, 60000, true).done()
+        }),
+        // Legacy 10-byte headers, no merging: too big for one buffer, then a fit.
+        (
+            "rx-legacy-one-buffer",
+            Vq::new(0, 1)
+                .chain(false, 0, &[(At::Data(0), 1526, WRITE)])
+                .chain(false, 1, &[(At::Data(0x1000), 1526, WRITE)])
+                .deliver_raw(9000, false)
+                .deliver_raw(60, false)
+                .deliver_tcp(false, 100, true)
+                .done(),
+        ),
+        // Every kind of bad transmit chain the virtq unit tests know.
+        (
+            "tx-hostile-chains",
+            Vq::new(v1_mrg, 4)
+                .put(true, 0, At::Data(0), 100, NEXT, 1)
+                .put(true, 1, At::Data(0x100), 100, NEXT, 0)
+                .post(true, 0)
+                .put(true, 2, At::Data(0), 100, NEXT, 5000)
+                .post(true, 2)
+                .chain(true, 3, &[(At::Raw(1 << 32), 1500, 0)])
+                .chain(true, 4, &[(At::Hole(0x10), 1500, 0)])
+                .chain(true, 5, &[(At::End(100), 1500, 0)])
+                .chain(true, 6, &[(At::Data(0), u32::MAX, 0)])
+                .chain(true, 7, &[(At::Data(0), 100, WRITE)])
+                .chain(true, 8, &[(At::Raw(u64::MAX - 10), 1500, INDIRECT)])
+                .post(true, 999)
+                .take(32)
+                .done(),
+        ),
+        // Receive buffers over the guest's own descriptor table, through an
+        // indirect table (and one outside memory), an available index that
+        // jumps, and a queue set up again.
+        ("rx-hostile-buffers", {
+            let mut table = raw_desc(VQ_DATA + 0x9000, 2048, 2 | 1, 1);
+            table.extend(raw_desc(VQ_DATA + 0xa000, 2048, 2, 0));
+            Vq::new(v1_mrg, 3)
+                .chain(false, 0, &[(At::Ring(0), 0x80, WRITE)])
+                .write(0x8000, &table)
+                .chain(false, 1, &[(At::Data(0x8000), 32, INDIRECT)])
+                .chain(false, 2, &[(At::Raw(1 << 40), 64, INDIRECT)])
+                .chain(false, 3, &[(At::Data(0x1000), 8, WRITE)])
+                .post(false, 200)
+                .chain(false, 4, &[(At::Data(0x2000), 4096, WRITE)])
+                .deliver_raw(60, false)
+                .deliver_raw(3000, false)
+                .deliver_raw(1000, false)
+                .avail_idx(false, 40000)
+                .deliver_raw(60, false)
+                .reset(false)
+                .avail_idx(false, 2)
+                .deliver_raw(60, false)
+                .done()
+        }),
     ]
 }

@@ -107,9 +107,6 @@ pub struct OneFrame<'a> {
     pub offloads: Offloads,
 }
 
-/// The largest IP packet of a TCP segment sent for the link to cut (TSO).
-const TSO_MAX_IP: usize = 65535;
-
 impl phy::Device for OneFrame<'_> {
     type RxToken<'b>
         = RxToken<'b>
@@ -145,9 +142,9 @@ impl phy::Device for OneFrame<'_> {
         } else {
             Checksum::Tx
         };
-        // With TSO smoltcp sends segments of up to 64 KiB, each marked with
-        // the MSS that the link cuts it to.
-        let tso = NonZeroUsize::new(TSO_MAX_IP + crate::wire::ETH_HEADER)
+        // With TSO smoltcp sends segments of up to 64 KiB (the largest
+        // frame), each marked with the MSS that the link cuts it to.
+        let tso = NonZeroUsize::new(crate::wire::MAX_FRAME)
             .filter(|_| self.offloads.tso && self.offloads.tx_checksum);
         caps.segmentation.tcpv4 = tso;
         caps.segmentation.tcpv6 = tso;
@@ -157,7 +154,7 @@ impl phy::Device for OneFrame<'_> {
             // size still follows the guest's MSS, which follows its MTU;
             // only the MSS smoltcp announces grows, and the guest takes the
             // smaller of the two.
-            caps.max_transmission_unit = TSO_MAX_IP + crate::wire::ETH_HEADER;
+            caps.max_transmission_unit = crate::wire::MAX_FRAME;
         }
         caps
     }

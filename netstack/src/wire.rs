@@ -15,7 +15,14 @@ use smoltcp::wire::{
     TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
+/// An Ethernet header (no VLAN tag).
 pub const ETH_HEADER: usize = 14;
+/// The smallest frame worth passing on: an Ethernet header.
+pub const MIN_FRAME: usize = ETH_HEADER;
+/// The largest Ethernet frame any link carries either way: a 65535-byte IP
+/// packet (the most its length field can say; TSO super-frames included)
+/// plus the Ethernet header. Every transport sizes its buffers with this.
+pub const MAX_FRAME: usize = 65535 + ETH_HEADER;
 const HOP_LIMIT: u8 = 64;
 /// RFC 1812 / RFC 4443: an ICMP error quotes as much of the offending packet as fits in this.
 const ICMP_ERROR_MAX: usize = 576;

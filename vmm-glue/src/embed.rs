@@ -33,8 +33,9 @@ use netstack::driver::{DriverHandle, Link, Parked};
 use netstack::wire::RxMeta;
 use netstack::{EgressPolicy, Stack, StackConfig};
 
-/// The largest frame either side passes: a 64 KiB IP packet plus Ethernet.
-pub const MAX_FRAME: usize = 65535 + 14;
+/// The largest frame either side passes: a 64 KiB IP packet plus Ethernet
+/// (the stack's own limit, re-exported for VMMs that do not depend on it).
+pub use netstack::wire::MAX_FRAME;
 
 /// One end of a `SOCK_SEQPACKET` pair carrying whole frames.
 pub struct SeqpacketLink {
@@ -180,8 +181,18 @@ impl SandboxNet {
 
     /// Hand the stack one Ethernet frame the guest sent. `WouldBlock` means
     /// the stack is behind: keep the frame in the guest's TX queue and retry
-    /// when `as_raw_fd()` is writable.
+    /// when `as_raw_fd()` is writable. A frame over [`MAX_FRAME`] is refused
+    /// (`InvalidInput`): the stack reads frames into buffers of that size.
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
+        if frame.len() > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a {}-byte frame from the guest (at most {MAX_FRAME})",
+                    frame.len()
+                ),
+            ));
+        }
         self.vmm_end.send_frame(frame)
     }
 

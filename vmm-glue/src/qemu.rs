@@ -13,12 +13,10 @@ use std::path::{Path, PathBuf};
 
 use netstack::driver::Link;
 use netstack::wire::RxMeta;
+// Frames either way are MIN_FRAME..=MAX_FRAME bytes (QEMU's own limit for
+// these netdevs is 69632).
+use netstack::wire::{MAX_FRAME, MIN_FRAME};
 
-/// The largest Ethernet frame either side may carry: a 65535-byte IP packet
-/// plus the Ethernet header (QEMU's own limit for these netdevs is 69632).
-pub const MAX_FRAME: usize = 65535 + 14;
-/// The smallest frame worth parsing: an Ethernet header.
-const MIN_FRAME: usize = 14;
 /// Frames' worth of bytes queued toward the VMM before `send` pushes back.
 const TX_LIMIT: usize = 4 * (MAX_FRAME + 4);
 

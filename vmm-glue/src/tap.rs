@@ -299,7 +299,7 @@ impl Tap {
             };
             match vnet::rx_meta(&hdr[..self.vnet_hdr_len]) {
                 Ok(meta) => return Ok(Some((len, meta))),
-                Err(why) => tracing::debug!(tap = %self.name, why, len, "skipped a frame"),
+                Err(why) => tracing::debug!(tap = %self.name, %why, len, "skipped a frame"),
             }
         }
     }
@@ -346,7 +346,8 @@ impl Tap {
         };
         let tx = self.offload_mtu.map(|mtu| vnet::tx_header(frame, mtu));
         if let Some(tx) = &tx {
-            hdr[..vnet::HDR_LEN].copy_from_slice(&tx.hdr);
+            tx.repr
+                .emit(&mut vnet::HeaderPacket::new_unchecked(&mut hdr[..]));
         }
         iov[0] = iov_of(&hdr[..self.vnet_hdr_len]);
         let count = match tx.as_ref().and_then(|tx| tx.patch.as_ref()) {

@@ -64,7 +64,14 @@
 //! alone and the next one is served.
 
 mod device;
+mod message;
 mod relay;
+// Open to the fuzz target `vhost_queues` (fuzz/src/vhost_queues.rs), which
+// drives the queues over mock guest memory; private otherwise.
+#[cfg(any(fuzzing, feature = "fuzz-api"))]
+#[doc(hidden)]
+pub mod virtq;
+#[cfg(not(any(fuzzing, feature = "fuzz-api")))]
 mod virtq;
 
 use std::io::{self, Read, Write};
@@ -78,6 +85,7 @@ use std::time::Duration;
 
 use netstack::driver::Link;
 use netstack::wire::RxMeta;
+use netstack::wire::{MAX_FRAME, MIN_FRAME};
 use socket2::{Domain, Socket, Type};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -86,7 +94,6 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use device::{Counters, NetDevice, SOCKET_EVENT};
-pub use virtq::{MAX_FRAME, MIN_FRAME};
 
 /// The one-byte packet the backend sends the stack when a VMM disconnects.
 /// No frame is this short, so it cannot be mistaken for one.

@@ -4,39 +4,37 @@
 //! a frame for it so that the kernel fills in TCP checksums and cuts 64 KiB
 //! segments to the MTU (TSO).
 //!
-//! Fields are little-endian; the tap is told so (TUNSETVNETLE).
+//! Fields are little-endian; the tap is told so (TUNSETVNETLE). The header's
+//! bytes are read and written only through [`header`], by tap and
+//! vhost-user alike.
 
-use netstack::wire::RxMeta;
+use netstack::wire::{RxMeta, ETH_HEADER};
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+};
 
-/// Bytes of `struct virtio_net_hdr` without `num_buffers`.
-pub const HDR_LEN: usize = 10;
+pub mod header;
 
-const F_NEEDS_CSUM: u8 = 1;
-const F_DATA_VALID: u8 = 2;
+pub use header::{
+    Gso, Packet as HeaderPacket, PartialCsum, Repr as HeaderRepr, HDR_LEN, HDR_LEN_MRG,
+};
 
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_ECN: u8 = 0x80;
-
-const ETH_HEADER: usize = 14;
-const TCP_CHECKSUM_AT: usize = 16;
+/// Where the checksum sits in a TCP header (RFC 9293 §3.1); smoltcp keeps
+/// its field offsets private, and the virtio-net header needs the number.
+const TCP_CHECKSUM_AT: u16 = 16;
 
 /// What the header in front of a frame from the guest's kernel says, or why
-/// the frame cannot be taken.
-pub fn rx_meta(hdr: &[u8]) -> Result<RxMeta, &'static str> {
-    let Some(&[flags, gso_type]) = hdr.get(..2) else {
+/// the frame cannot be taken. An empty `hdr` is a tap without IFF_VNET_HDR:
+/// nothing is vouched for.
+pub fn rx_meta(hdr: &[u8]) -> Result<RxMeta, header::Error> {
+    if hdr.is_empty() {
         return Ok(RxMeta::default());
-    };
-    match gso_type & !GSO_ECN {
-        // A TCP super-frame is one segment to the stack.
-        GSO_NONE | GSO_TCPV4 | GSO_TCPV6 => {}
-        // UDP segmentation was never offered (TUNSETOFFLOAD): such a frame
-        // would be taken for one huge datagram.
-        _ => return Err("virtio-net header with a segmentation type other than TCP"),
     }
+    // A TCP super-frame (GSO) is one segment to the stack; `parse` refuses
+    // the UDP kinds, which were never offered.
+    let repr = HeaderRepr::parse(&HeaderPacket::new_checked(hdr)?)?;
     Ok(RxMeta {
-        checksum_trusted: flags & (F_NEEDS_CSUM | F_DATA_VALID) != 0,
+        checksum_trusted: repr.partial_csum.is_some() || repr.data_valid,
     })
 }
 
@@ -45,13 +43,13 @@ pub fn rx_meta(hdr: &[u8]) -> Result<RxMeta, &'static str> {
 /// NEEDS_CSUM asks for), when the frame is a TCP segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxHeader {
-    pub hdr: [u8; HDR_LEN],
+    pub repr: HeaderRepr,
     pub patch: Option<(usize, [u8; 2])>,
 }
 
 impl TxHeader {
-    const PLAIN: TxHeader = TxHeader {
-        hdr: [0; HDR_LEN],
+    pub const PLAIN: TxHeader = TxHeader {
+        repr: HeaderRepr::PLAIN,
         patch: None,
     };
 }
@@ -65,60 +63,72 @@ pub fn tx_header(frame: &[u8], mtu: usize) -> TxHeader {
 }
 
 fn tcp_header(frame: &[u8], mtu: usize) -> Option<TxHeader> {
-    let ip = frame.get(ETH_HEADER..)?;
-    let (l3, ip_len, gso_type, mut sum) = match be16(frame, 12)? {
-        0x0800 => {
-            let ihl = usize::from(*ip.first()? & 0x0f) * 4;
-            if ip[0] >> 4 != 4 || ihl < 20 || *ip.get(9)? != 6 {
-                return None;
-            }
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    // Each arm: the IP header's length, the IP packet's, the GSO kind, the
+    // addresses' sum for the pseudo-header, and the TCP segment. The
+    // `new_checked`s hold the lengths to the frame.
+    let (l3, ip_len, gso, mut sum, segment) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
             // More fragments, or an offset: not a whole segment.
-            if be16(ip, 6)? & 0x3fff != 0 {
+            if ip.version() != 4
+                || ip.next_header() != IpProtocol::Tcp
+                || ip.more_frags()
+                || ip.frag_offset() != 0
+            {
                 return None;
             }
-            let total = usize::from(be16(ip, 2)?);
-            (ihl, total, GSO_TCPV4, ones_sum(ip.get(12..20)?))
+            let sum = ones_sum(&ip.src_addr().octets()) + ones_sum(&ip.dst_addr().octets());
+            let l3 = usize::from(ip.header_len());
+            (
+                l3,
+                usize::from(ip.total_len()),
+                Gso::TcpV4,
+                sum,
+                ip.payload(),
+            )
         }
-        0x86dd => {
-            if *ip.first()? >> 4 != 6 || *ip.get(6)? != 6 {
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            if ip.version() != 6 || ip.next_header() != IpProtocol::Tcp {
                 return None;
             }
-            let total = 40 + usize::from(be16(ip, 4)?);
-            (40, total, GSO_TCPV6, ones_sum(ip.get(8..40)?))
+            let sum = ones_sum(&ip.src_addr().octets()) + ones_sum(&ip.dst_addr().octets());
+            let l3 = ip.header_len();
+            let total = l3 + usize::from(ip.payload_len());
+            (l3, total, Gso::TcpV6, sum, ip.payload())
         }
         _ => return None,
     };
-    if ip_len > ip.len() || ip_len < l3 + 20 {
-        return None;
-    }
-    let tcp_len = ip_len - l3;
-    let l4 = ETH_HEADER + l3;
-    let doff = usize::from(*frame.get(l4 + 12)? >> 4) * 4;
-    if doff < 20 || doff > tcp_len {
-        return None;
-    }
-    sum += 6 + tcp_len as u64;
+    // At least a TCP header, its data offset inside the segment.
+    let tcp = TcpPacket::new_checked(segment).ok()?;
+    let doff = usize::from(tcp.header_len());
+    let tcp_len = segment.len();
+    sum += u64::from(u8::from(IpProtocol::Tcp)) + tcp_len as u64;
     let partial = fold(sum);
 
-    let mut hdr = [0u8; HDR_LEN];
-    hdr[0] = F_NEEDS_CSUM;
-    let (gso_type, gso_size) = match mtu.checked_sub(l3 + doff) {
-        Some(size) if ip_len > mtu && size > 0 => (gso_type, size),
-        _ => (GSO_NONE, 0),
+    let l4 = ETH_HEADER + l3;
+    let (gso, gso_size) = match mtu.checked_sub(l3 + doff) {
+        Some(size) if ip_len > mtu && size > 0 => (gso, size),
+        _ => (Gso::None, 0),
     };
-    hdr[1] = gso_type;
-    hdr[2..4].copy_from_slice(&((l4 + doff) as u16).to_le_bytes());
-    hdr[4..6].copy_from_slice(&(gso_size.min(usize::from(u16::MAX)) as u16).to_le_bytes());
-    hdr[6..8].copy_from_slice(&(l4 as u16).to_le_bytes());
-    hdr[8..10].copy_from_slice(&(TCP_CHECKSUM_AT as u16).to_le_bytes());
+    // l4 + doff is at most 14 + 60 + 60: the casts cannot truncate.
+    let repr = HeaderRepr {
+        partial_csum: Some(PartialCsum {
+            start: l4 as u16,
+            offset: TCP_CHECKSUM_AT,
+        }),
+        data_valid: false,
+        gso,
+        ecn: false,
+        hdr_len: (l4 + doff) as u16,
+        gso_size: gso_size.min(usize::from(u16::MAX)) as u16,
+        num_buffers: None,
+    };
     Some(TxHeader {
-        hdr,
-        patch: Some((l4 + TCP_CHECKSUM_AT, partial.to_be_bytes())),
+        repr,
+        patch: Some((l4 + usize::from(TCP_CHECKSUM_AT), partial.to_be_bytes())),
     })
-}
-
-fn be16(bytes: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
 }
 
 /// The one's-complement sum of big-endian 16-bit words (an odd last byte
@@ -150,6 +160,7 @@ pub fn fold(mut sum: u64) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    use super::header::{F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
     use super::*;
     use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::{
@@ -240,14 +251,14 @@ mod tests {
     /// What the kernel does with a NEEDS_CSUM frame: sum from `csum_start`
     /// to the end, the field (holding the pseudo-header sum) included, and
     /// store the complement at `csum_start + csum_offset`.
-    fn complete_like_the_kernel(frame: &mut [u8], hdr: &[u8; HDR_LEN]) {
+    fn complete_like_the_kernel(frame: &mut [u8], hdr: &[u8]) {
         let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
         let offset = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
         let sum = !fold(ones_sum(&frame[start..]));
         frame[start + offset..start + offset + 2].copy_from_slice(&sum.to_be_bytes());
     }
 
-    fn header_field(hdr: &[u8; HDR_LEN], at: usize) -> u16 {
+    fn header_field(hdr: &[u8], at: usize) -> u16 {
         u16::from_le_bytes([hdr[at], hdr[at + 1]])
     }
 
@@ -257,17 +268,19 @@ mod tests {
             let payload: Vec<u8> = (0..999u32).map(|i| (i * 7) as u8).collect();
             let original = tcp_frame(v6, &payload);
             let tx = tx_header(&original, 1500);
-            assert_eq!(tx.hdr[0], F_NEEDS_CSUM);
-            assert_eq!(tx.hdr[1], GSO_NONE, "fits the MTU: no TSO");
+            // The bytes on the wire, read here by offset to pin the layout.
+            let hdr = tx.repr.to_bytes();
+            assert_eq!(hdr[0], F_NEEDS_CSUM);
+            assert_eq!(hdr[1], GSO_NONE, "fits the MTU: no TSO");
             let l4 = ETH_HEADER + if v6 { 40 } else { 20 };
-            assert_eq!(header_field(&tx.hdr, 6), l4 as u16);
-            assert_eq!(header_field(&tx.hdr, 8), 16);
-            assert_eq!(header_field(&tx.hdr, 2), (l4 + 20) as u16);
+            assert_eq!(header_field(&hdr, 6), l4 as u16);
+            assert_eq!(header_field(&hdr, 8), 16);
+            assert_eq!(header_field(&hdr, 2), (l4 + 20) as u16);
             let (at, bytes) = tx.patch.expect("a TCP segment is patched");
             assert_eq!(at, l4 + 16);
             let mut sent = original.clone();
             sent[at..at + 2].copy_from_slice(&bytes);
-            complete_like_the_kernel(&mut sent, &tx.hdr);
+            complete_like_the_kernel(&mut sent, &hdr);
             assert_eq!(sent, original, "v6={v6}: the completed checksum differs");
         }
     }
@@ -278,9 +291,10 @@ mod tests {
             let payload = vec![0xab; 60000];
             let frame = tcp_frame(v6, &payload);
             let tx = tx_header(&frame, 1500);
-            assert_eq!(tx.hdr[1], gso);
+            let hdr = tx.repr.to_bytes();
+            assert_eq!(hdr[1], gso);
             let ip_header = if v6 { 40 } else { 20 };
-            assert_eq!(header_field(&tx.hdr, 4), (1500 - ip_header - 20) as u16);
+            assert_eq!(header_field(&hdr, 4), (1500 - ip_header - 20) as u16);
             assert!(tx.patch.is_some());
         }
     }

@@ -223,3 +223,25 @@ fn dropping_the_sandbox_net_stops_its_thread() {
         "the stack still runs"
     );
 }
+
+#[test]
+fn a_frame_over_max_frame_is_refused_and_the_stack_serves_on() {
+    let net = SandboxNet::start(StackConfig::default(), EgressPolicy::allow_all()).unwrap();
+    let err = net.send_frame(&vec![0u8; MAX_FRAME + 1]).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert!(
+        err.to_string().contains(&format!("{}-byte", MAX_FRAME + 1)),
+        "{err}"
+    );
+    // The largest frame goes (and is dropped as garbage inside): the stack,
+    // which reads into MAX_FRAME-byte buffers, is still there to answer.
+    net.send_frame(&vec![0u8; MAX_FRAME]).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        rt.block_on(net.handle().snapshot()).is_some(),
+        "the stack stopped"
+    );
+}

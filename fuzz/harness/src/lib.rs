@@ -13,6 +13,7 @@ pub mod qemu_stream;
 pub mod services;
 pub mod stack_frames;
 pub mod tcp_segments;
+pub mod vhost_queues;
 pub mod vnet;
 
 /// A harness: takes the fuzzer's bytes, panics on a broken promise.
@@ -29,6 +30,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("gateway", gateway::gateway),
     ("qemu_stream", qemu_stream::stream),
     ("vnet", vnet::run),
+    ("vhost_queues", vhost_queues::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.

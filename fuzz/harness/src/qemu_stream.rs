@@ -7,7 +7,8 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 
 use netstack::driver::Link;
-use vmm_glue::qemu::{StreamLink, MAX_FRAME};
+use netstack::wire::MAX_FRAME;
+use vmm_glue::qemu::StreamLink;
 
 pub fn stream(data: &[u8]) {
     let Ok((ours, mut vmm)) = UnixStream::pair() else {

@@ -9,7 +9,7 @@ use smoltcp::wire::{
     IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr,
     TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
-use vmm_glue::vnet::{fold, ones_sum, rx_meta, tx_header, HDR_LEN};
+use vmm_glue::vnet::{fold, ones_sum, rx_meta, tx_header, Gso, HeaderRepr, HDR_LEN};
 
 pub fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
@@ -22,8 +22,8 @@ pub fn run(data: &[u8]) {
     check_in_bounds(&frame, mtu);
     let tx = tx_header(&frame, mtu);
     let (at, partial) = tx.patch.expect("a well-formed TCP segment is offloaded");
-    let start = usize::from(u16::from_le_bytes([tx.hdr[6], tx.hdr[7]]));
-    let offset = usize::from(u16::from_le_bytes([tx.hdr[8], tx.hdr[9]]));
+    let csum = tx.repr.partial_csum.expect("NEEDS_CSUM with a patch");
+    let (start, offset) = (usize::from(csum.start), usize::from(csum.offset));
     assert_eq!(start + offset, at);
     let mut sent = frame.clone();
     sent[at..at + 2].copy_from_slice(&partial);
@@ -35,7 +35,7 @@ pub fn run(data: &[u8]) {
     );
     let ip_len = frame.len() - 14;
     assert_eq!(
-        tx.hdr[1] != 0,
+        tx.repr.gso != Gso::None,
         ip_len > mtu,
         "TSO marked on the wrong side of the MTU"
     );
@@ -45,13 +45,17 @@ fn check_in_bounds(frame: &[u8], mtu: usize) {
     let tx = tx_header(frame, mtu);
     if let Some((at, _)) = tx.patch {
         assert!(at + 2 <= frame.len(), "patch past the frame's end");
-        let hdr_len = usize::from(u16::from_le_bytes([tx.hdr[2], tx.hdr[3]]));
+        let hdr_len = usize::from(tx.repr.hdr_len);
         assert!(hdr_len <= frame.len(), "header length past the frame's end");
-        let gso_size = u16::from_le_bytes([tx.hdr[4], tx.hdr[5]]);
-        assert_eq!(tx.hdr[1] != 0, gso_size != 0, "GSO type and size disagree");
+        assert_eq!(
+            tx.repr.gso != Gso::None,
+            tx.repr.gso_size != 0,
+            "GSO type and size disagree"
+        );
     } else {
         assert_eq!(
-            tx.hdr, [0; HDR_LEN],
+            tx.repr,
+            HeaderRepr::PLAIN,
             "a header without a patch must be empty"
         );
     }
@@ -59,7 +63,7 @@ fn check_in_bounds(frame: &[u8], mtu: usize) {
 
 /// An Ethernet frame around a TCP segment whose options and payload come
 /// from `bytes`, its checksum complete.
-fn segment(v6: bool, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn segment(v6: bool, bytes: &[u8]) -> Vec<u8> {
     let (opts, payload) = bytes.split_at(bytes.len().min(1));
     let repr = TcpRepr {
         src_port: 443,

@@ -15,8 +15,10 @@ use crate::wire::RxMeta;
 /// `as_raw_fd` must return the same open descriptor for as long as the link
 /// lives (the driver registers it with the reactor): own it, do not lend it.
 pub unsafe trait Link: AsRawFd {
-    /// Read one whole frame, and what the link knows about it (a checksum
-    /// the guest's kernel vouched for); `RxMeta::default()` when nothing.
+    /// Read one whole frame into `buf`, which holds
+    /// [`MAX_FRAME`](crate::wire::MAX_FRAME) bytes (no frame is longer), and
+    /// what the link knows about it (a checksum the guest's kernel vouched
+    /// for); `RxMeta::default()` when nothing.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)>;
     /// Write one whole frame.
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;

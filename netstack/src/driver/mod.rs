@@ -36,10 +36,8 @@ pub use link::Link;
 use crate::stack::{
     ConnectError, DatagramKind, FlowId, HostEvent, HostRequest, InboundError, Stack,
 };
-use crate::wire::Unreachable;
+use crate::wire::{Unreachable, MAX_FRAME};
 
-/// Largest frame a link may hand over: 64 KiB IP packets plus Ethernet.
-const FRAME_BUF: usize = 65536 + 64;
 /// Guest frames taken per round before the stack answers them.
 const FRAMES_PER_ROUND: usize = 64;
 /// Rounds of work before yielding to other tasks.
@@ -76,7 +74,7 @@ impl<L: Link> Driver<L> {
             commands,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
-            rx_buf: vec![0; FRAME_BUF],
+            rx_buf: vec![0; MAX_FRAME],
             rx_len: 0,
             icmp_warned: false,
         })

@@ -112,11 +112,11 @@ impl phy::Device for Link {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = GUEST_MTU + 14;
+        caps.max_transmission_unit = GUEST_MTU + netstack::wire::ETH_HEADER;
         if self.offloaded {
             caps.checksum.tcp = phy::Checksum::None;
             // IPv4 only: smoltcp drops IPv6 super-frames over the MTU.
-            caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(65535 + 14);
+            caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(netstack::wire::MAX_FRAME);
         }
         caps
     }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use netstack::wire::{MAX_FRAME, MIN_FRAME};
 use socket2::Socket;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -29,8 +30,9 @@ use vmm_sys_util::event::{
 
 use super::virtq::{
     deliver_frame, kick_when_posted, read_frame, BadChain, Delivery, NetHeader, RxScratch, Span,
-    UsedRing, MAX_FRAME, MIN_FRAME,
+    UsedRing,
 };
+use crate::vnet::HeaderRepr;
 
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
@@ -136,7 +138,7 @@ struct DataPath {
     rx_buf: Vec<u8>,
     rx_len: Option<usize>,
     /// The virtio-net header (without `num_buffers`) of the frame in `rx_buf`.
-    rx_base: [u8; crate::vnet::HDR_LEN],
+    rx_base: HeaderRepr,
     rx_ring: UsedRing,
     rx_scratch: RxScratch,
     /// A frame from the guest waiting for room in the socket.
@@ -196,7 +198,7 @@ impl NetDevice {
             path: Mutex::new(DataPath {
                 rx_buf: vec![0; MAX_FRAME + 1],
                 rx_len: None,
-                rx_base: [0; crate::vnet::HDR_LEN],
+                rx_base: HeaderRepr::PLAIN,
                 rx_ring: UsedRing::default(),
                 rx_scratch: RxScratch::default(),
                 tx_buf: vec![0; MAX_FRAME],

@@ -17,49 +17,21 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// vhost-user message header: request, flags, payload size (all u32 LE).
-const HEADER: usize = 12;
-/// The vhost crate refuses larger payloads anyway (MAX_MSG_SIZE is 4 KiB).
-const MAX_BODY: usize = 64 << 10;
+use super::message::{
+    self, Packet, Repr, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION, HEADER_LEN, SET_FEATURES,
+    SET_VRING_ENABLE,
+};
+
 /// The vhost crate's MAX_ATTACHED_FD_ENTRIES.
 const MAX_FDS: usize = 32;
 
-const SET_FEATURES: u32 = 2;
-const SET_VRING_ENABLE: u32 = 18;
-const FLAG_VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// One message as read off a socket.
 struct Message {
-    header: [u8; HEADER],
+    header: Repr,
     body: Vec<u8>,
     fds: Vec<OwnedFd>,
-}
-
-impl Message {
-    fn request(&self) -> u32 {
-        u32::from_le_bytes([
-            self.header[0],
-            self.header[1],
-            self.header[2],
-            self.header[3],
-        ])
-    }
-
-    fn flags(&self) -> u32 {
-        u32::from_le_bytes([
-            self.header[4],
-            self.header[5],
-            self.header[6],
-            self.header[7],
-        ])
-    }
-
-    fn set_flags(&mut self, flags: u32) {
-        self.header[4..8].copy_from_slice(&flags.to_le_bytes());
-    }
 }
 
 /// The relay's two threads; both end when either side closes.
@@ -123,17 +95,19 @@ fn vmm_to_daemon(
     let mut protocol_acked = false;
     let mut held: Vec<Message> = Vec::new();
     while let Some(mut msg) = read_message(&mut vmm)? {
-        let request = msg.request();
+        let request = msg.header.request;
         if request == SET_VRING_ENABLE && !protocol_acked {
-            let flags = msg.flags();
-            if flags & FLAG_NEED_REPLY != 0 {
+            if msg.header.flags & FLAG_NEED_REPLY != 0 {
                 // REPLY_ACK: "done" (it will be, once the features are set).
-                let mut reply = [0u8; HEADER + 8];
-                reply[0..4].copy_from_slice(&request.to_le_bytes());
-                reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+                let ack = Repr {
+                    request,
+                    flags: FLAG_VERSION | FLAG_REPLY,
+                    size: 8,
+                };
+                let mut reply = [0u8; HEADER_LEN + 8];
+                ack.emit(&mut Packet::new_unchecked(&mut reply[..ack.buffer_len()]));
                 send_all(&lock(vmm_writer), &reply)?;
-                msg.set_flags(flags & !FLAG_NEED_REPLY);
+                msg.header.flags &= !FLAG_NEED_REPLY;
             }
             tracing::debug!(
                 "vhost-user relay: holding a SET_VRING_ENABLE sent before SET_FEATURES"
@@ -165,35 +139,32 @@ fn daemon_to_vmm(mut daemon: UnixStream, vmm: &Mutex<UnixStream>) -> io::Result<
 
 /// One whole message, or None at a clean end of stream.
 fn read_message(sock: &mut UnixStream) -> io::Result<Option<Message>> {
-    let mut header = [0u8; HEADER];
+    let mut bytes = [0u8; HEADER_LEN];
     let mut fds = Vec::new();
-    let n = recv_with_fds(sock, &mut header, &mut fds)?;
+    let n = recv_with_fds(sock, &mut bytes, &mut fds)?;
     if n == 0 {
         return Ok(None);
     }
-    if n < HEADER {
-        sock.read_exact(&mut header[n..])?;
+    if n < HEADER_LEN {
+        sock.read_exact(&mut bytes[n..])?;
     }
-    let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
-    if size > MAX_BODY {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a {size}-byte vhost-user message body (the limit is {MAX_BODY})"),
-        ));
-    }
-    let mut body = vec![0u8; size];
+    let invalid = |e: message::Error| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    let header =
+        Repr::parse(&Packet::new_checked(&bytes[..]).map_err(invalid)?).map_err(invalid)?;
+    let mut body = vec![0u8; header.body_len()];
     sock.read_exact(&mut body)?;
     Ok(Some(Message { header, body, fds }))
 }
 
 fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
-    let parts = [IoSlice::new(&msg.header), IoSlice::new(&msg.body)];
-    let total = HEADER + msg.body.len();
+    let header = msg.header.to_bytes();
+    let parts = [IoSlice::new(&header), IoSlice::new(&msg.body)];
+    let total = HEADER_LEN + msg.body.len();
     let sent = send_with_fds(sock, &parts, &msg.fds)?;
     if sent < total {
         // The descriptors went with the first bytes; the rest is plain data.
         let mut whole = Vec::with_capacity(total);
-        whole.extend_from_slice(&msg.header);
+        whole.extend_from_slice(&header);
         whole.extend_from_slice(&msg.body);
         send_all(sock, &whole[sent..])?;
     }
@@ -324,7 +295,7 @@ mod tests {
 
     fn read_plain(sock: &mut UnixStream) -> (u32, u32, Vec<u8>) {
         let msg = read_message(sock).unwrap().expect("a message");
-        (msg.request(), msg.flags(), msg.body)
+        (msg.header.request, msg.header.flags, msg.body)
     }
 
     #[test]
@@ -374,7 +345,7 @@ mod tests {
             "NEED_REPLY cleared"
         );
         let kick = read_message(&mut daemon).unwrap().unwrap();
-        assert_eq!((kick.request(), kick.fds.len()), (12, 1));
+        assert_eq!((kick.header.request, kick.fds.len()), (12, 1));
 
         // Replies flow back; closing one side ends the relay.
         daemon

@@ -14,22 +14,17 @@ use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::{fence, Ordering};
 
+use netstack::wire::{MAX_FRAME, MIN_FRAME};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
-    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// The largest Ethernet frame either way: a 65535-byte IP packet plus the
-/// Ethernet header.
-pub const MAX_FRAME: usize = 65535 + 14;
-/// The smallest frame worth passing on: an Ethernet header.
-pub const MIN_FRAME: usize = 14;
+use crate::vnet::{self, header, Gso, HeaderPacket, HeaderRepr, HDR_LEN, HDR_LEN_MRG};
 
 /// The virtio-net header in front of every frame, as the guest negotiated it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,9 +49,9 @@ impl NetHeader {
         let mergeable = has(VIRTIO_NET_F_MRG_RXBUF);
         NetHeader {
             len: if has(VIRTIO_F_VERSION_1) || mergeable {
-                12
+                HDR_LEN_MRG
             } else {
-                10
+                HDR_LEN
             },
             mergeable,
             data_valid: has(VIRTIO_NET_F_GUEST_CSUM),
@@ -74,42 +69,36 @@ impl NetHeader {
     /// finishes (NEEDS_CSUM, with GUEST_CSUM) or which is finished here;
     /// past the MTU it is marked for TSO. `None`: a segment over the MTU that
     /// the guest cannot take (no GUEST_TSO), to be dropped.
-    pub fn for_frame(
-        &self,
-        frame: &mut [u8],
-        offload_mtu: Option<usize>,
-    ) -> Option<[u8; crate::vnet::HDR_LEN]> {
-        let mut plain = [0u8; crate::vnet::HDR_LEN];
-        if self.data_valid {
-            plain[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
-        }
+    pub fn for_frame(&self, frame: &mut [u8], offload_mtu: Option<usize>) -> Option<HeaderRepr> {
+        let plain = HeaderRepr {
+            data_valid: self.data_valid,
+            ..HeaderRepr::PLAIN
+        };
         let Some(mtu) = offload_mtu else {
             return Some(plain);
         };
-        let tx = crate::vnet::tx_header(frame, mtu);
-        let Some((at, partial)) = tx.patch else {
+        let tx = vnet::tx_header(frame, mtu);
+        let (Some((at, partial)), Some(csum)) = (tx.patch, tx.repr.partial_csum) else {
             return Some(plain);
         };
-        let segmented = tx.hdr[1] != VIRTIO_NET_HDR_GSO_NONE as u8;
-        if segmented && !self.guest_tso {
+        if tx.repr.gso != Gso::None && !self.guest_tso {
             return None;
         }
         frame[at..at + 2].copy_from_slice(&partial);
         if self.data_valid {
-            return Some(tx.hdr);
+            return Some(tx.repr);
         }
-        let start = usize::from(u16::from_le_bytes([tx.hdr[6], tx.hdr[7]]));
-        complete_checksum(frame, start, at - start).ok()?;
-        Some([0; crate::vnet::HDR_LEN])
+        complete_checksum(frame, usize::from(csum.start), usize::from(csum.offset)).ok()?;
+        Some(HeaderRepr::PLAIN)
     }
 
-    /// `base` with `num_buffers`: the header of a received frame spread
-    /// over `buffers` receive buffers.
-    fn encode(&self, base: &[u8; crate::vnet::HDR_LEN], buffers: u16) -> [u8; 12] {
-        let mut h = [0u8; 12];
-        h[..crate::vnet::HDR_LEN].copy_from_slice(base);
-        h[10..12].copy_from_slice(&buffers.to_le_bytes());
-        h
+    /// `base` with `num_buffers` when the negotiated header has the field:
+    /// the header of a received frame spread over `buffers` receive buffers.
+    fn with_buffers(&self, base: &HeaderRepr, buffers: u16) -> HeaderRepr {
+        HeaderRepr {
+            num_buffers: (self.len >= HDR_LEN_MRG).then_some(buffers),
+            ..*base
+        }
     }
 }
 
@@ -141,11 +130,36 @@ pub enum BadChain {
     },
 }
 
+impl From<header::Error> for BadChain {
+    fn from(e: header::Error) -> Self {
+        match e {
+            header::Error::Truncated { len } => BadChain::TooShort { len, need: HDR_LEN },
+            header::Error::Gso(raw) => BadChain::Gso(raw),
+        }
+    }
+}
+
 /// One guest-memory span of a chain, already checked to lie in guest memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Span {
     addr: GuestAddress,
     len: usize,
+}
+
+// For the fuzz target's oracle: what the walk took, to read back.
+#[cfg(any(fuzzing, feature = "fuzz-api"))]
+impl Span {
+    pub fn addr(&self) -> GuestAddress {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Walk a chain: every descriptor must go the wanted direction and lie in
@@ -250,20 +264,20 @@ where
         return Err(BadChain::TooShort { len: total, need });
     }
     let frame = total - hdr.len;
-    let mut header = [0u8; 12];
-    gather(mem, spans, 0, &mut header[..hdr.len])?;
+    let mut header = [0u8; HDR_LEN_MRG];
+    let header = &mut header[..hdr.len];
+    gather(mem, spans, 0, header)?;
     gather(mem, spans, hdr.len, &mut buf[..frame])?;
-    // A TCP super-frame (HOST_TSO) is one segment to the stack.
-    let tcp_gso = matches!(
-        u32::from(header[1] & !(VIRTIO_NET_HDR_GSO_ECN as u8)),
-        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6
-    );
-    if header[1] != VIRTIO_NET_HDR_GSO_NONE as u8 && !(hdr.host_tso && tcp_gso) {
-        return Err(BadChain::Gso(header[1]));
+    let packet = HeaderPacket::new_checked(&*header)?;
+    let repr = HeaderRepr::parse(&packet)?;
+    // A TCP super-frame (HOST_TSO) is one segment to the stack. TCP without
+    // HOST_TSO, or the ECN bit without TCP, was never negotiated.
+    let segmented = repr.gso != Gso::None;
+    if (segmented || repr.ecn) && !(hdr.host_tso && segmented) {
+        return Err(BadChain::Gso(packet.gso_type()));
     }
-    if header[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0 {
-        let start = usize::from(u16::from_le_bytes([header[6], header[7]]));
-        let offset = usize::from(u16::from_le_bytes([header[8], header[9]]));
+    if let Some(csum) = repr.partial_csum {
+        let (start, offset) = (usize::from(csum.start), usize::from(csum.offset));
         complete_checksum(&mut buf[..frame], start, offset)?;
     }
     Ok(frame)
@@ -281,7 +295,7 @@ pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Resul
             len: frame.len(),
         });
     };
-    let sum = !crate::vnet::fold(crate::vnet::ones_sum(&frame[start..]));
+    let sum = !vnet::fold(vnet::ones_sum(&frame[start..]));
     let sum = if sum == 0 { 0xffff } else { sum };
     frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
     Ok(())
@@ -319,7 +333,7 @@ pub fn deliver_frame(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     hdr: NetHeader,
-    base: &[u8; crate::vnet::HDR_LEN],
+    base: &HeaderRepr,
     frame: &[u8],
     ring: &mut UsedRing,
     scratch: &mut RxScratch,
@@ -396,7 +410,7 @@ pub fn deliver_frame(
     }
 
     let buffers = chains.len() as u16;
-    let header = hdr.encode(base, buffers);
+    let header = hdr.with_buffers(base, buffers).to_bytes();
     let parts: [&[u8]; 2] = [&header[..hdr.len], frame];
     let mut part = 0;
     let mut off = 0;
