@@ -9,15 +9,14 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
 use netstack::{EgressPolicy, StackConfig};
-use smoltcp::phy::ChecksumCapabilities;
+// The guest's frames come from slipway's frame kit (fuzz/harness/src/kit.rs);
+// a real VMM gets them from its guest.
+use slipway_fuzz::kit;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, DhcpMessageType, DhcpPacket, DhcpRepr, EthernetAddress,
-    EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket,
-    UdpRepr,
+    ArpPacket, ArpRepr, DhcpMessageType, DhcpPacket, DhcpRepr, EthernetFrame, EthernetProtocol,
+    Ipv4Packet, UdpPacket,
 };
 use vmm_glue::embed::{SandboxNet, MAX_FRAME};
-
-const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 
 fn main() -> io::Result<()> {
     let net = SandboxNet::start(StackConfig::default(), EgressPolicy::allow_all())?;
@@ -36,7 +35,7 @@ fn main() -> io::Result<()> {
     );
 
     let gateway = offered.router.unwrap_or(Ipv4Addr::new(10, 0, 2, 2));
-    net.send_frame(&arp_request(offered.your_ip, gateway))?;
+    net.send_frame(&kit::arp_request(offered.your_ip, gateway))?;
     let arp = loop {
         let reply = wait_frame(&net)?;
         let eth = EthernetFrame::new_checked(&reply[..]).expect("an Ethernet frame");
@@ -81,72 +80,12 @@ fn wait_frame(net: &SandboxNet) -> io::Result<Vec<u8>> {
     }
 }
 
-fn ethernet(dst: EthernetAddress, ethertype: EthernetProtocol, payload: &[u8]) -> Vec<u8> {
-    let repr = EthernetRepr {
-        src_addr: GUEST_MAC,
-        dst_addr: dst,
-        ethertype,
-    };
-    let mut frame = vec![0; repr.buffer_len() + payload.len()];
-    let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
-    repr.emit(&mut eth);
-    eth.payload_mut().copy_from_slice(payload);
-    frame
-}
-
+/// What an unconfigured guest sends first: a DHCP discover, broadcast.
 fn dhcp_discover() -> Vec<u8> {
-    let dhcp = DhcpRepr {
-        message_type: DhcpMessageType::Discover,
-        transaction_id: 0x5eed,
-        secs: 0,
-        client_hardware_address: GUEST_MAC,
-        client_ip: Ipv4Addr::UNSPECIFIED,
-        your_ip: Ipv4Addr::UNSPECIFIED,
-        server_ip: Ipv4Addr::UNSPECIFIED,
-        router: None,
-        subnet_mask: None,
-        relay_agent_ip: Ipv4Addr::UNSPECIFIED,
+    kit::dhcp_frame(&DhcpRepr {
         broadcast: true,
-        requested_ip: None,
-        client_identifier: Some(GUEST_MAC),
-        server_identifier: None,
-        parameter_request_list: None,
-        dns_servers: None,
-        max_size: None,
-        lease_duration: None,
-        renew_duration: None,
-        rebind_duration: None,
-        additional_options: &[],
-    };
-    let mut body = vec![0; dhcp.buffer_len()];
-    dhcp.emit(&mut DhcpPacket::new_unchecked(&mut body[..]))
-        .expect("DHCP emit");
-    let (src, dst) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
-    let udp = UdpRepr {
-        src_port: 68,
-        dst_port: 67,
-    };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Udp,
-        payload_len: 8 + body.len(),
-        hop_limit: 64,
-    };
-    let mut packet = vec![0; ip.buffer_len() + 8 + body.len()];
-    ip.emit(
-        &mut Ipv4Packet::new_unchecked(&mut packet[..]),
-        &ChecksumCapabilities::default(),
-    );
-    udp.emit(
-        &mut UdpPacket::new_unchecked(&mut packet[ip.buffer_len()..]),
-        &src.into(),
-        &dst.into(),
-        body.len(),
-        |p| p.copy_from_slice(&body),
-        &ChecksumCapabilities::default(),
-    );
-    ethernet(EthernetAddress::BROADCAST, EthernetProtocol::Ipv4, &packet)
+        ..kit::dhcp_message(DhcpMessageType::Discover)
+    })
 }
 
 fn parse_dhcp(frame: &[u8]) -> Option<DhcpRepr<'static>> {
@@ -161,17 +100,4 @@ fn parse_dhcp(frame: &[u8]) -> Option<DhcpRepr<'static>> {
     let packet: &'static DhcpPacket<&'static [u8]> =
         Box::leak(Box::new(DhcpPacket::new_checked(payload).ok()?));
     DhcpRepr::parse(packet).ok()
-}
-
-fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    let repr = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: GUEST_MAC,
-        source_protocol_addr: sender,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: target,
-    };
-    let mut body = vec![0; repr.buffer_len()];
-    repr.emit(&mut ArpPacket::new_unchecked(&mut body[..]));
-    ethernet(EthernetAddress::BROADCAST, EthernetProtocol::Arp, &body)
 }

@@ -11,24 +11,16 @@ use arbitrary::Arbitrary;
 use super::input::{Bytes, List};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, DhcpMessageType, DhcpPacket, DhcpRepr, EthernetAddress,
-    EthernetFrame, EthernetProtocol, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress,
-    IpProtocol, Ipv4Packet, Ipv6Packet, NdiscRepr, RawHardwareAddress, TcpPacket, UdpPacket,
+    DhcpMessageType, DhcpPacket, DhcpRepr, EthernetAddress, EthernetProtocol, Icmpv4Packet,
+    Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, NdiscRepr,
+    RawHardwareAddress, TcpPacket, UdpPacket,
 };
 
-pub const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
-pub const GATEWAY_MAC: EthernetAddress = EthernetAddress([0x52, 0x55, 0x0a, 0x00, 0x02, 0x02]);
-pub const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-pub const DNS_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
-pub const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x15);
-pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
-pub const GATEWAY_V6_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
-pub const DNS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3);
-pub const GUEST_V6_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0x5054, 0x00ff, 0xfe12, 0x3456);
-/// Guest-visible addresses the harness maps to the host's loopback.
-pub const LOOPBACK_ALIAS_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 254);
-pub const LOOPBACK_ALIAS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+pub use super::kit::{
+    arp, ethernet_from as ethernet, DNS_V4, DNS_V6, GATEWAY_MAC, GATEWAY_V4, GATEWAY_V6,
+    GATEWAY_V6_LL, GUEST_MAC, GUEST_V4, GUEST_V6, GUEST_V6_LL, LOOPBACK_ALIAS_V4,
+    LOOPBACK_ALIAS_V6,
+};
 
 /// Largest IP packet a structured frame carries; keeps inputs cheap.
 const MAX_BODY: usize = 2048;
@@ -832,52 +824,6 @@ fn fix_checksums(ip: &mut [u8], src: IpAddr, dst: IpAddr, proto: IpProtocol) {
         }
         _ => {}
     }
-}
-
-pub fn ethernet(
-    src: EthernetAddress,
-    dst: EthernetAddress,
-    ty: EthernetProtocol,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut f = vec![0u8; 14 + body.len()];
-    let mut e = EthernetFrame::new_unchecked(&mut f[..]);
-    e.set_src_addr(src);
-    e.set_dst_addr(dst);
-    e.set_ethertype(ty);
-    e.payload_mut().copy_from_slice(body);
-    f
-}
-
-pub fn arp(
-    request: bool,
-    sender_mac: EthernetAddress,
-    sender: Ipv4Addr,
-    target: Ipv4Addr,
-) -> Vec<u8> {
-    let repr = ArpRepr::EthernetIpv4 {
-        operation: if request {
-            ArpOperation::Request
-        } else {
-            ArpOperation::Reply
-        },
-        source_hardware_addr: sender_mac,
-        source_protocol_addr: sender,
-        target_hardware_addr: if request {
-            EthernetAddress([0; 6])
-        } else {
-            GATEWAY_MAC
-        },
-        target_protocol_addr: target,
-    };
-    let mut body = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut ArpPacket::new_unchecked(&mut body[..]));
-    let dst = if request {
-        EthernetAddress::BROADCAST
-    } else {
-        GATEWAY_MAC
-    };
-    ethernet(sender_mac, dst, EthernetProtocol::Arp, &body)
 }
 
 /// A whole guest frame around an IP packet built from plain fields (for seeds and tests).

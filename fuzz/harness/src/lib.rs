@@ -8,6 +8,7 @@ pub mod classify;
 pub mod frames;
 pub mod gateway;
 pub mod input;
+pub mod kit;
 pub mod policy;
 pub mod qemu_stream;
 pub mod services;
