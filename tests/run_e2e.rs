@@ -353,8 +353,20 @@ fn invalid_policy_entries_exit_2_naming_the_entry() {
             "invalid denied CIDR 10.0.0.0/33",
         ),
         (
-            vec!["--allow-out", "not-an-address"],
-            "invalid allowed address not-an-address",
+            vec!["--allow-out", "not_an_address"],
+            "invalid allowed address not_an_address",
+        ),
+        (
+            vec!["--allow-out", "*.example.test"],
+            "When specifying allowed domains in allow out, you must include 'ALL_TRAFFIC' in deny out to block all other traffic.",
+        ),
+        (
+            vec!["--allow-out", "a..test", "--deny-out", "ALL_TRAFFIC"],
+            "invalid allowed address a..test",
+        ),
+        (
+            vec!["--deny-out", "example.test"],
+            "invalid denied CIDR example.test",
         ),
         (
             vec!["--allow-out", "1.2.3.4", "--deny-out", "300.1.1.1"],

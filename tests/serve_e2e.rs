@@ -239,12 +239,24 @@ fn bad_requests_get_their_code_and_message_and_leave_nothing_behind() {
             create(
                 "a",
                 &format!(
-                    r#"{}, "network": {{"allowOut": ["not-an-address"]}}"#,
+                    r#"{}, "network": {{"allowOut": ["not_an_address"]}}"#,
                     dgram("a.sock")
                 ),
             ),
             400,
-            "invalid allowed address not-an-address",
+            "invalid allowed address not_an_address",
+            "network.allowOut",
+        ),
+        (
+            create(
+                "a",
+                &format!(
+                    r#"{}, "network": {{"allowOut": ["api.example.test"]}}"#,
+                    dgram("a.sock")
+                ),
+            ),
+            400,
+            "When specifying allowed domains in allow out, you must include 'ALL_TRAFFIC' in deny out to block all other traffic.",
             "network.allowOut",
         ),
         (

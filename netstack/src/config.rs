@@ -83,6 +83,8 @@ pub struct Caps {
     pub max_queued_bytes: usize,
     /// Connections into the guest from the public gateway.
     pub max_inbound: usize,
+    /// Addresses pinned by DNS answers for allowed names (oldest dropped first).
+    pub max_pins: usize,
 }
 
 impl Default for Caps {
@@ -95,6 +97,7 @@ impl Default for Caps {
             max_queued_frames: 1024,
             max_queued_bytes: 8 << 20,
             max_inbound: 256,
+            max_pins: 4096,
         }
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod config;
 mod device;
+pub mod dns;
 pub mod driver;
+pub mod names;
 pub mod policy;
 mod services;
 pub mod stack;

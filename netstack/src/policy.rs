@@ -8,6 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::names::{NamePattern, NameSet};
+
 pub type Result<T> = std::result::Result<T, PolicyError>;
 
 /// The E2B literal meaning every destination, IPv4 and IPv6.
@@ -21,12 +23,17 @@ pub enum PolicyError {
     InvalidAllowed(String),
     #[error("invalid internal CIDR {0}")]
     InvalidInternal(String),
+    /// E2B's words for a name in `allowOut` while other traffic is allowed.
+    #[error("When specifying allowed domains in allow out, you must include 'ALL_TRAFFIC' in deny out to block all other traffic.")]
+    NamesNeedAllTrafficDenied,
 }
 
 /// What the sandbox asked for (E2B fields) plus the operator's overrides.
 #[derive(Debug, Clone)]
 pub struct PolicySpec {
-    /// Addresses, CIDRs or `ALL_TRAFFIC`; a match here beats any `deny_out`.
+    /// Addresses, CIDRs, `ALL_TRAFFIC`, or names (`example.com`,
+    /// `*.example.com`, `*`); a match here beats any `deny_out`. Names need
+    /// all other traffic denied.
     pub allow_out: Vec<String>,
     /// Addresses, CIDRs or `ALL_TRAFFIC`.
     pub deny_out: Vec<String>,
@@ -75,6 +82,10 @@ pub enum Rule {
     Default,
     /// An operator-chosen internal destination that no rule matched.
     OperatorExempt,
+    /// An address an allowed name resolved to (through the stack's resolver).
+    DnsPin,
+    /// The stack's filtering resolver forwarding an allowed name's query.
+    Resolver,
 }
 
 impl fmt::Display for Rule {
@@ -87,6 +98,8 @@ impl fmt::Display for Rule {
             Rule::AllTrafficAllowed => write!(f, "allow_out {ALL_TRAFFIC}"),
             Rule::Default => f.write_str("default allow"),
             Rule::OperatorExempt => f.write_str("operator exempt"),
+            Rule::DnsPin => f.write_str("dns pin"),
+            Rule::Resolver => f.write_str("filtering resolver"),
         }
     }
 }
@@ -266,20 +279,56 @@ pub struct EgressPolicy {
     deny: NetSet,
     /// Operator holes in the internal ranges.
     holes: NetSet,
+    /// Names `allow_out` holds.
+    names: NameSet,
 }
 
 impl EgressPolicy {
     /// Parses every list, even a `deny_out` that `allow_internet_access = false` overrides, so
     /// a typo is reported rather than hidden. The first bad entry is the error, named as given.
     pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
-        let allow = NetSet::parse(&spec.allow_out, true, PolicyError::InvalidAllowed)?;
+        let mut names = NameSet::default();
+        let mut addresses = Vec::new();
+        for entry in &spec.allow_out {
+            let is_address = entry.trim() == ALL_TRAFFIC || parse_net(entry).is_some();
+            match NamePattern::parse(entry).filter(|_| !is_address) {
+                Some(name) => names.push(name),
+                None => addresses.push(entry.clone()),
+            }
+        }
+        let allow = NetSet::parse(&addresses, true, PolicyError::InvalidAllowed)?;
         let mut deny = NetSet::parse(&spec.deny_out, true, PolicyError::InvalidDenied)?;
         let holes = NetSet::parse(&spec.allow_internal, false, PolicyError::InvalidInternal)?;
         if !spec.allow_internet_access {
             deny = NetSet::default();
             deny.all = true;
         }
-        Ok(Self { allow, deny, holes })
+        if !names.is_empty() && !deny.all {
+            return Err(PolicyError::NamesNeedAllTrafficDenied);
+        }
+        Ok(Self {
+            allow,
+            deny,
+            holes,
+            names,
+        })
+    }
+
+    /// The names `allow_out` holds; empty for an address-only policy.
+    pub fn names(&self) -> &NameSet {
+        &self.names
+    }
+
+    /// The pattern that allows `name` (canonical), if any.
+    pub fn allows_name(&self, name: &str) -> Option<&NamePattern> {
+        self.names.allows(name)
+    }
+
+    /// Whether an internal address was opened by the operator: a DNS answer
+    /// pointing there is kept (and pinned); any other internal one is not.
+    pub fn internal_allowed(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        internal_range(ip).is_none() || self.holes.net_for(ip).is_some()
     }
 
     /// The default spec: internet on, only the internal ranges denied.
@@ -633,6 +682,50 @@ mod tests {
     }
 
     #[test]
+    fn names_in_allow_out_need_all_traffic_denied() {
+        let names = "example.com, *.api.test,*";
+        for deny in ["ALL_TRAFFIC", "0.0.0.0/0", "192.0.2.0/24, ALL_TRAFFIC"] {
+            let p = build(&spec(names, deny));
+            assert_eq!(p.names().iter().count(), 3);
+            // Names never open an address by themselves.
+            assert!(!p.decide("203.0.113.9".parse().unwrap(), false).allowed);
+        }
+        let mut off = spec("example.com", "");
+        off.allow_internet_access = false;
+        assert_eq!(build(&off).names().iter().count(), 1);
+        for deny in ["", "192.0.2.0/24", "::/0"] {
+            let e = error(&spec("example.com", deny));
+            assert_eq!(e, PolicyError::NamesNeedAllTrafficDenied);
+            assert_eq!(
+                e.to_string(),
+                "When specifying allowed domains in allow out, you must include 'ALL_TRAFFIC' in deny out to block all other traffic."
+            );
+        }
+        // Addresses beside names keep their meaning exactly.
+        build(&spec("example.com, 198.51.100.0/24", "ALL_TRAFFIC")).check(
+            "198.51.100.7  allow (allow_out 198.51.100.0/24)
+             192.0.2.1     deny (deny_out ALL_TRAFFIC)",
+        );
+        // A name is never a denied entry; a bad name is a bad allowed entry.
+        assert_eq!(
+            error(&spec("", "example.com")),
+            PolicyError::InvalidDenied("example.com".into())
+        );
+        for bad in ["a..b", "*.", "exa mple.com", "-x.test", "*x.test"] {
+            assert_eq!(
+                error(&spec(bad, "ALL_TRAFFIC")),
+                PolicyError::InvalidAllowed(bad.into()),
+                "{bad}"
+            );
+        }
+        let p = build(&spec("Example.COM., *.api.test", "ALL_TRAFFIC"));
+        let allowed = |n: &str| p.allows_name(n).map(|x| x.to_string());
+        assert_eq!(allowed("example.com").as_deref(), Some("example.com"));
+        assert_eq!(allowed("v1.api.test").as_deref(), Some("*.api.test"));
+        assert_eq!(allowed("api.test"), None);
+    }
+
+    #[test]
     fn invalid_entries_name_the_entry() {
         let says = |s: &PolicySpec| error(s).to_string();
         let bad =
@@ -643,13 +736,18 @@ mod tests {
             assert_eq!(error(&s), PolicyError::InvalidDenied(entry.into()));
             assert_eq!(says(&s), format!("invalid denied CIDR {entry}"));
             (s.deny_out, s.allow_out) = (Vec::new(), vec![entry.into()]);
-            assert_eq!(says(&s), format!("invalid allowed address {entry}"));
+            if NamePattern::parse(entry).is_some() {
+                // `hello` is a name in allow_out, which then needs all else denied.
+                assert_eq!(error(&s), PolicyError::NamesNeedAllTrafficDenied, "{entry}");
+            } else {
+                assert_eq!(says(&s), format!("invalid allowed address {entry}"));
+            }
             (s.allow_out, s.allow_internal) = (Vec::new(), vec![entry.into()]);
             assert_eq!(says(&s), format!("invalid internal CIDR {entry}"));
         }
         // The first bad entry is the error, allow_out before deny_out.
-        let s = spec("192.0.2.1,bad-allow", "bad-deny-1,bad-deny-2");
-        assert_eq!(error(&s), PolicyError::InvalidAllowed("bad-allow".into()));
+        let s = spec("192.0.2.1,bad_allow", "bad-deny-1,bad-deny-2");
+        assert_eq!(error(&s), PolicyError::InvalidAllowed("bad_allow".into()));
         let s = spec("", "192.0.2.1,bad-deny-1,bad-deny-2");
         assert_eq!(error(&s), PolicyError::InvalidDenied("bad-deny-1".into()));
         // Overridden by allow_internet_access = false, but still a mistake worth reporting.

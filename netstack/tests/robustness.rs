@@ -151,6 +151,7 @@ fn garbage_frames_never_panic() {
         max_queued_frames: 64,
         max_queued_bytes: 1 << 20,
         max_inbound: 4,
+        max_pins: 16,
     };
     let cfg = StackConfig {
         tcp_buffer: 4096,

@@ -253,7 +253,9 @@ fn egress(
     let policy = EgressPolicy::from_spec(&spec).map_err(|e| {
         let field = match e {
             PolicyError::InvalidDenied(_) => "network.denyOut",
-            PolicyError::InvalidAllowed(_) => "network.allowOut",
+            PolicyError::InvalidAllowed(_) | PolicyError::NamesNeedAllTrafficDenied => {
+                "network.allowOut"
+            }
             // Checked when the settings were loaded.
             PolicyError::InvalidInternal(_) => "sandbox.allow_internal",
         };

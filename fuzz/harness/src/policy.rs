@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::input::{List, Text};
 use arbitrary::{Arbitrary, Unstructured};
 use ipnet::IpNet;
+use netstack::names::NamePattern;
 use netstack::policy::{
     canonical_ip, tunnelled_ipv4, EgressPolicy, PolicyError, PolicySpec, Rule, ALL_TRAFFIC,
 };
@@ -97,6 +98,22 @@ pub fn run(data: &[u8]) {
                 PolicyError::InvalidAllowed(x) => (&spec.allow_out, x),
                 PolicyError::InvalidDenied(x) => (&spec.deny_out, x),
                 PolicyError::InvalidInternal(x) => (&spec.allow_internal, x),
+                PolicyError::NamesNeedAllTrafficDenied => {
+                    let has_name = spec.allow_out.iter().any(|a| {
+                        NamePattern::parse(a).is_some()
+                            && parse_net(a).is_none()
+                            && a.trim() != ALL_TRAFFIC
+                    });
+                    assert!(has_name, "{e}, but allow_out holds no name");
+                    let denies_all = !spec.allow_internet_access
+                        || spec.deny_out.iter().any(|d| {
+                            d.trim() == ALL_TRAFFIC
+                                || parse_net(d)
+                                    .is_some_and(|n| n.prefix_len() == 0 && n.addr().is_ipv4())
+                        });
+                    assert!(!denies_all, "{e}, but all traffic is denied");
+                    return;
+                }
             };
             assert!(list.contains(entry), "error {e} names no entry of its list");
             assert!(

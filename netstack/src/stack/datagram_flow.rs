@@ -12,6 +12,8 @@ pub(super) struct DatagramKey {
 
 pub(super) struct DatagramFlow {
     pub(super) key: DatagramKey,
+    /// The name whose pin allowed the flow, if one did.
+    pub(super) pin_name: Option<String>,
     pub(super) deadline: Instant,
     pub(super) idle: Duration,
     pub(super) started: Instant,
@@ -44,6 +46,16 @@ impl Stack {
         if dns && !services::looks_like_dns_query(payload) {
             self.stats.dropped("not a DNS query");
             return;
+        }
+        if dns && self.filters_names() {
+            match self.filter_query(src, payload) {
+                QueryFate::Forward => {}
+                QueryFate::Answer(reply) => {
+                    let frame = self.builder().udp(dst, src, &reply);
+                    return self.emit(frame);
+                }
+                QueryFate::Drop => return,
+            }
         }
         let Some((host_dst, decided_on, exempt)) = self.redirect(dst) else {
             let from = dst.ip();
@@ -134,7 +146,17 @@ impl Stack {
         let flow = match self.datagram_by_key.get(&key) {
             Some(&flow) => flow,
             None => {
-                let verdict = self.policy.decide(decided_on, exempt);
+                let (verdict, pin_name) = if self.is_resolver(key.peer) && self.filters_names() {
+                    // The query was filtered by name: the resolver's own
+                    // upstream is no destination the guest chose.
+                    let resolver = Verdict {
+                        allowed: true,
+                        rule: Rule::Resolver,
+                    };
+                    (resolver, None)
+                } else {
+                    self.decide(decided_on, exempt)
+                };
                 let over_cap = self.datagram.len() >= self.cfg.caps.max_datagram_flows;
                 if !verdict.allowed || over_cap {
                     let cap = if verdict.allowed {
@@ -153,12 +175,23 @@ impl Stack {
                     return self.emit(err);
                 }
                 self.stats.datagram_allowed += 1;
-                log_decision(proto, key.guest, key.peer, verdict, None);
+                if pin_name.is_some() {
+                    self.stats.pinned_flows += 1;
+                }
+                log_decision(
+                    proto,
+                    key.guest,
+                    key.peer,
+                    verdict,
+                    None,
+                    pin_name.as_deref(),
+                );
                 let flow = self.alloc_flow();
                 self.datagram.insert(
                     flow,
                     DatagramFlow {
                         key,
+                        pin_name,
                         deadline: now + idle.into(),
                         idle,
                         started: now,
@@ -192,7 +225,7 @@ impl Stack {
 
     /// A datagram (UDP payload, or a whole ICMP echo reply) from the host side of `flow`.
     pub(super) fn datagram_from_host(&mut self, now: Instant, flow: FlowId, payload: &[u8]) {
-        let Some(f) = self.datagram.get_mut(&flow) else {
+        let Some(peer) = self.datagram.get(&flow).map(|f| f.key.peer) else {
             return;
         };
         // IPv6 header + UDP header is the most any reply adds to the payload.
@@ -205,6 +238,21 @@ impl Stack {
             self.stats.dropped("host datagram over the MTU");
             return;
         }
+        let filtered;
+        let payload = if self.is_resolver(peer) && self.filters_names() {
+            match self.filter_answer(payload) {
+                Some(p) => {
+                    filtered = p;
+                    &filtered[..]
+                }
+                None => return,
+            }
+        } else {
+            payload
+        };
+        let Some(f) = self.datagram.get_mut(&flow) else {
+            return;
+        };
         f.deadline = now + f.idle.into();
         f.to_guest += payload.len() as u64;
         self.stats.bytes_to_guest += payload.len() as u64;

@@ -38,9 +38,11 @@ use crate::services;
 use crate::wire::{self, FrameBuilder, GuestPacket, RxMeta, Unreachable};
 
 mod datagram_flow;
+mod resolver;
 mod tcp_flow;
 
 use datagram_flow::{DatagramFlow, DatagramKey};
+use resolver::{Pins, QueryFate};
 use tcp_flow::{TcpFlow, EPHEMERAL};
 
 /// Identifies one relayed flow between the core and its driver.
@@ -161,6 +163,13 @@ pub struct Stats {
     pub tx_dropped: u64,
     /// Times the stack panicked and was made anew (see `Driver`).
     pub stack_panics: u64,
+    /// Queries the filtering resolver forwarded / answered NXDOMAIN itself.
+    pub dns_forwarded: u64,
+    pub dns_blocked: u64,
+    /// Answers rewritten without addresses in the internal ranges.
+    pub dns_answers_rewritten: u64,
+    /// New flows allowed by a DNS pin.
+    pub pinned_flows: u64,
 }
 
 impl Stats {
@@ -208,6 +217,7 @@ pub struct Stack {
     stats: Stats,
     offloads: Offloads,
     refusal_log: RefusalLog,
+    pins: Pins,
 }
 
 /// Test builds only (feature `fault-injection`, never in a release): an
@@ -250,6 +260,7 @@ impl Stack {
             stats: Stats::default(),
             offloads,
             refusal_log: RefusalLog::default(),
+            pins: Pins::default(),
             cfg,
         }
     }
@@ -480,10 +491,11 @@ impl Stack {
     pub fn set_policy(&mut self, now: std::time::Instant, policy: EgressPolicy) {
         self.clock(now);
         self.policy = policy;
+        self.drop_stale_pins();
         let tcp_denied: Vec<FlowId> = self
             .tcp
             .iter()
-            .filter(|(_, f)| !self.flow_still_allowed(f.key.1))
+            .filter(|(_, f)| !self.still_allowed(f.key.1, f.pin_name.as_deref()))
             .map(|(id, _)| *id)
             .collect();
         for id in tcp_denied {
@@ -493,7 +505,7 @@ impl Stack {
         let dgram_denied: Vec<FlowId> = self
             .datagram
             .iter()
-            .filter(|(_, f)| !self.flow_still_allowed(f.key.peer))
+            .filter(|(_, f)| !self.still_allowed(f.key.peer, f.pin_name.as_deref()))
             .map(|(id, _)| *id)
             .collect();
         for id in dgram_denied {
@@ -501,11 +513,25 @@ impl Stack {
         }
     }
 
-    fn flow_still_allowed(&self, dst: SocketAddr) -> bool {
+    /// Whether a live flow to `dst` survives the policy in force: a flow a
+    /// pin allowed keeps going while its name is allowed, even after the
+    /// pin itself expired.
+    fn still_allowed(&self, dst: SocketAddr, pin_name: Option<&str>) -> bool {
+        if pin_name.is_some_and(|n| self.policy.allows_name(n).is_some()) {
+            return true;
+        }
+        if self.is_resolver(dst) && self.filters_names() {
+            return true;
+        }
         match self.redirect(dst) {
-            Some((_, on, exempt)) => self.policy.decide(on, exempt).allowed,
+            Some((_, on, exempt)) => self.decide(on, exempt).0.allowed,
             None => true,
         }
+    }
+
+    /// The stack's own DNS address and port, where the resolver answers.
+    fn is_resolver(&self, dst: SocketAddr) -> bool {
+        self.cfg.plan.is_dns(dst.ip()) && dst.port() == 53
     }
 
     // ----- driving ----------------------------------------------------------
@@ -695,8 +721,28 @@ impl Stack {
     }
 }
 
-fn log_decision(proto: &str, src: SocketAddr, dst: SocketAddr, v: Verdict, cap: Option<&str>) {
-    log_flow(proto, src, dst, v, cap, 0);
+fn log_decision(
+    proto: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    v: Verdict,
+    cap: Option<&str>,
+    name: Option<&str>,
+) {
+    match name {
+        // The name a pin stood for, and how it matched.
+        Some(name) => tracing::info!(
+            target: "slipway::flow",
+            proto,
+            %src,
+            %dst,
+            verdict = "allow",
+            rule = %v.rule,
+            name,
+            "new flow"
+        ),
+        None => log_flow(proto, src, dst, v, cap, 0),
+    }
 }
 
 fn log_flow(

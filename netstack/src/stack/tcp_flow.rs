@@ -36,6 +36,8 @@ pub(super) struct TcpFlow {
     pub(super) host_eof: bool,
     /// While `Connecting`: when the host connect is given up.
     pub(super) connect_deadline: Option<Instant>,
+    /// The name whose pin allowed the flow, if one did.
+    pub(super) pin_name: Option<String>,
     pub(super) started: Instant,
     pub(super) to_host: u64,
     pub(super) to_guest: u64,
@@ -89,6 +91,7 @@ impl TcpFlow {
             aborted: false,
             host_eof: false,
             connect_deadline: None,
+            pin_name: None,
             started: now,
             to_host: 0,
             to_guest: 0,
@@ -141,7 +144,18 @@ impl Stack {
             // The gateway's own ports: smoltcp has no socket there and answers RST.
             return self.ingest(now, frame);
         };
-        let verdict = self.policy.decide(decided_on, exempt);
+        if self.is_resolver(dst) && self.filters_names() {
+            // DNS over TCP is not filtered by name yet: refused rather
+            // than let a denied name out through it.
+            self.stats.tcp_denied += 1;
+            if self.refusal_log.admit(self.now).is_some() {
+                tracing::info!(target: "slipway::flow", proto = "tcp", %src, %dst, verdict = "deny",
+                    rule = "DNS over TCP is not filtered by name", "new flow");
+            }
+            let rst = self.builder().rst_for_syn(ip, src, dst);
+            return self.emit(rst);
+        }
+        let (verdict, pin_name) = self.decide(decided_on, exempt);
         if !verdict.allowed {
             self.stats.tcp_denied += 1;
             self.log_refusal("tcp", src, dst, verdict, None);
@@ -175,8 +189,12 @@ impl Stack {
         let handle = self.sockets.add(closed_socket());
         let flow = self.alloc_flow();
         self.stats.tcp_allowed += 1;
-        log_decision("tcp", src, dst, verdict, None);
+        if pin_name.is_some() {
+            self.stats.pinned_flows += 1;
+        }
+        log_decision("tcp", src, dst, verdict, None, pin_name.as_deref());
         let mut entry = TcpFlow::new((src, dst), handle, TcpPhase::Connecting, verdict.rule, now);
+        entry.pin_name = pin_name;
         entry.syn = ip.to_vec();
         entry.syn_frame = frame.to_vec();
         let deadline = now + self.cfg.connect_timeout.into();
