@@ -27,7 +27,15 @@ impl Dnsmasq {
         assert!(out.status.success(), "{out:?}");
         let log = w.dir.join("dnsmasq.log");
         let child = Command::new("ip")
-            .args(["netns", "exec", &w.name, "dnsmasq", "-k", "--no-resolv", "--no-hosts"])
+            .args([
+                "netns",
+                "exec",
+                &w.name,
+                "dnsmasq",
+                "-k",
+                "--no-resolv",
+                "--no-hosts",
+            ])
             .args(["--bind-interfaces", &format!("--listen-address={RESOLVER}")])
             .args([
                 "--host-record=app.allowed.test,198.51.100.1",
@@ -112,7 +120,10 @@ fn allowed_names_resolve_and_open_their_addresses_and_denied_ones_never_leave() 
     );
     let (out, log) = (run.stdout(), run.stderr());
     let both = format!("stdout:\n{out}\nstderr:\n{log}");
-    assert!(out.contains("198.51.100.1    STREAM app.allowed.test"), "{both}");
+    assert!(
+        out.contains("198.51.100.1    STREAM app.allowed.test"),
+        "{both}"
+    );
     assert!(out.contains("hello from world"), "{both}");
     assert!(out.contains("echo-ok"), "{both}");
     assert!(out.contains("reply"), "{both}");
@@ -122,7 +133,10 @@ fn allowed_names_resolve_and_open_their_addresses_and_denied_ones_never_leave() 
     assert!(!out.contains("10.9.9.9"), "{both}");
     // The flow log names the pin; the resolver logs what it blocked.
     assert!(log.contains("rule=dns pin"), "{both}");
-    assert!(log.contains("name=\"app.allowed.test\"") || log.contains("name=app.allowed.test"), "{both}");
+    assert!(
+        log.contains("name=\"app.allowed.test\"") || log.contains("name=app.allowed.test"),
+        "{both}"
+    );
     let queries = dns.log();
     assert!(queries.contains("app.allowed.test"), "{queries}");
     assert!(

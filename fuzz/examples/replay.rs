@@ -26,6 +26,10 @@ fn main() {
             println!("{input:#?}");
         }
     }
+    if target == "resolver" && std::env::var_os("SHOW_INPUT").is_some() {
+        let input = slipway_fuzz::resolver::Input::arbitrary_take_rest(Unstructured::new(&data));
+        println!("{input:#?}");
+    }
     if !slipway_fuzz::run_target(target, &data) {
         eprintln!("no target {target}");
         std::process::exit(2);

@@ -1087,6 +1087,112 @@ fn tcp_segment_inputs() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+// ----- resolver inputs ---------------------------------------------------------
+
+const RES_OPS: u32 = 7;
+
+struct Resolver(Enc);
+
+impl Resolver {
+    /// `names`: bit 0 `*.allowed.test`, bit 1 `exact.test`, bit 2 `*`.
+    fn new(names: u8) -> Self {
+        let mut e = Enc::default();
+        e.u8(names);
+        Resolver(e)
+    }
+    /// Ask for `NAMES[i]` (0 app.allowed.test, 3 exact.test, 4 evil.test, …).
+    fn ask(&mut self, i: u8, aaaa: bool) -> &mut Self {
+        self.0.more().variant(0, RES_OPS).u8(i).bool(aaaa);
+        self
+    }
+    /// Answer with A records: (variant of Addr: 0 public, 1 internal, 2 v6, 3 open; byte; ttl).
+    fn answer(&mut self, addrs: &[(u32, u8, u16)], cname: bool) -> &mut Self {
+        self.0
+            .more()
+            .variant(2, RES_OPS)
+            .variant(0, 2)
+            .u8(addrs.len() as u8);
+        for &(kind, x, ttl) in addrs {
+            self.0.variant(kind, 4).u8(x).u16(ttl);
+        }
+        self.0.bool(cname);
+        self
+    }
+    fn tcp(&mut self, kind: u32, x: u8) -> &mut Self {
+        self.0.more().variant(3, RES_OPS).variant(kind, 4).u8(x);
+        self
+    }
+    fn udp(&mut self, kind: u32, x: u8) -> &mut Self {
+        self.0.more().variant(4, RES_OPS).variant(kind, 4).u8(x);
+        self
+    }
+    fn secs(&mut self, s: u8) -> &mut Self {
+        self.0.more().variant(5, RES_OPS).u8(s);
+        self
+    }
+    fn names(&mut self, bits: u8) -> &mut Self {
+        self.0.more().variant(6, RES_OPS).u8(bits);
+        self
+    }
+    fn done(&self) -> Vec<u8> {
+        self.0 .0.clone()
+    }
+}
+
+fn resolver_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "allowed-answer-pins",
+            Resolver::new(1)
+                .ask(0, false)
+                .answer(&[(0, 7, 300)], false)
+                .tcp(0, 7)
+                .udp(0, 7)
+                .tcp(0, 8)
+                .done(),
+        ),
+        (
+            "denied-never-forwarded",
+            Resolver::new(3)
+                .ask(4, false)
+                .ask(5, true)
+                .ask(7, false)
+                .done(),
+        ),
+        (
+            "rebinding-answer",
+            Resolver::new(1)
+                .ask(1, false)
+                .answer(&[(1, 1, 60), (0, 9, 60), (1, 2, 60)], true)
+                .tcp(1, 1)
+                .tcp(0, 9)
+                .done(),
+        ),
+        (
+            "pin-expires",
+            Resolver::new(2)
+                .ask(3, false)
+                .answer(&[(0, 5, 1)], false)
+                .secs(59)
+                .tcp(0, 5)
+                .secs(2)
+                .tcp(0, 5)
+                .done(),
+        ),
+        (
+            "policy-swap",
+            Resolver::new(7)
+                .ask(4, false)
+                .answer(&[(0, 4, 600)], false)
+                .tcp(0, 4)
+                .names(1)
+                .tcp(0, 4)
+                .tcp(3, 1)
+                .done(),
+        ),
+    ]
+}
+
 fn write(dir: &Path, target: &str, seeds: Vec<(&str, Vec<u8>)>) {
     let d = dir.join(target);
     std::fs::create_dir_all(&d).expect("create the seed folder");
@@ -1178,6 +1284,7 @@ fn main() {
     write(&dir, "dns", dns_inputs());
     write(&dir, "vnet", vnet_inputs());
     write(&dir, "tcp_segments", tcp_segment_inputs());
+    write(&dir, "resolver", resolver_inputs());
     write(&dir, "vhost_queues", vhost_queue_inputs());
 }
 

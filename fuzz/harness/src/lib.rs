@@ -11,6 +11,7 @@ pub mod input;
 pub mod kit;
 pub mod policy;
 pub mod qemu_stream;
+pub mod resolver;
 pub mod services;
 pub mod stack_frames;
 pub mod tcp_segments;
@@ -32,6 +33,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("qemu_stream", qemu_stream::stream),
     ("vnet", vnet::run),
     ("vhost_queues", vhost_queues::run),
+    ("resolver", resolver::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.
