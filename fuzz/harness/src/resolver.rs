@@ -299,16 +299,14 @@ impl Harness {
                         self.assert_may_reach(dst.ip(), "a datagram flow");
                     }
                 }
-                HostRequest::DatagramSend { flow, payload } => {
-                    if Some(flow) == self.upstream {
-                        assert!(
-                            self.name_allowed(&payload).is_some(),
-                            "a query for a name the policy does not allow was forwarded: {payload:?}"
-                        );
-                        self.in_flight.push(payload);
-                        if self.in_flight.len() > 8 {
-                            self.in_flight.remove(0);
-                        }
+                HostRequest::DatagramSend { flow, payload } if Some(flow) == self.upstream => {
+                    assert!(
+                        self.name_allowed(&payload).is_some(),
+                        "a query for a name the policy does not allow was forwarded: {payload:?}"
+                    );
+                    self.in_flight.push(payload);
+                    if self.in_flight.len() > 8 {
+                        self.in_flight.remove(0);
                     }
                 }
                 HostRequest::TcpConnect { dst, .. } => {
