@@ -5,7 +5,8 @@
 mod cli;
 mod confine;
 mod ctl;
-mod gateway;
+mod door;
+mod public_url;
 mod serve;
 mod transport;
 
@@ -149,11 +150,11 @@ fn build(net: &NetOpts, ingress: &IngressOpts) -> Result<(StackConfig, EgressPol
 /// The gateway's plan and its bound listeners, before the sandbox starts.
 fn prepare_ingress(
     ingress: &IngressOpts,
-) -> Result<Option<(cli::IngressPlan, gateway::Listeners)>, Failure> {
+) -> Result<Option<(cli::IngressPlan, public_url::Listeners)>, Failure> {
     let Some(plan) = ingress.plan()? else {
         return Ok(None);
     };
-    let listeners = gateway::bind(&plan).map_err(Failure::Other)?;
+    let listeners = public_url::bind(&plan).map_err(Failure::Other)?;
     Ok(Some((plan, listeners)))
 }
 
@@ -203,7 +204,7 @@ fn run(
         let driver = Driver::new(stack, tap)
             .map_err(|e| Failure::Other(format!("cannot serve the tap: {e}")))?;
         if let Some((plan, listeners)) = ingress {
-            gateway::start(plan, listeners, driver.handle()).map_err(Failure::Other)?;
+            public_url::start(plan, listeners, driver.handle()).map_err(Failure::Other)?;
         }
         let child = tokio::task::spawn_blocking(move || netns::wait(pid));
         forward_signals(pid);
@@ -318,7 +319,7 @@ fn attach(
     rt.block_on(async move {
         let parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
         if let Some((plan, listeners)) = ingress {
-            gateway::start(plan, listeners, parked.handle()).map_err(Failure::Other)?;
+            public_url::start(plan, listeners, parked.handle()).map_err(Failure::Other)?;
         }
         let stop = async {
             use tokio::signal::unix::{signal, SignalKind};

@@ -443,3 +443,39 @@ async fn guest_cookies_stay_on_the_sandbox_host_over_h2c() {
     let want: Vec<&[u8]> = COOKIES.iter().filter_map(|(_, w)| *w).collect();
     assert_eq!(got, want);
 }
+
+/// A sandbox whose stack has no local port left toward the guest (every
+/// ephemeral port of the gateway address is in use), as the driver reports it.
+struct OutOfPorts;
+
+impl GuestConnector for OutOfPorts {
+    fn connect(&self, _port: GuestPort) -> ConnectFuture<'_> {
+        Box::pin(async { Err(GuestError::NoPort) })
+    }
+}
+
+#[tokio::test]
+async fn running_out_of_local_ports_is_503_not_429() {
+    let directory = Arc::new(Directory::new());
+    let (route, _) = Route::new(Arc::new(OutOfPorts), public()).unwrap();
+    directory.insert(SandboxId::parse("sbx").unwrap(), route);
+    let gw = Gateway::new(
+        GatewayConfig {
+            domain: Domain::parse("gw.test").unwrap(),
+            tls: None,
+            limits: Limits::default(),
+        },
+        directory,
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(gw.serve(l));
+    let (code, body) = get(addr, "8000-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("\"error\":\"gateway_out_of_ports\""),
+        "{body}"
+    );
+    assert!(body.contains("ran out of local ports"), "{body}");
+    assert!(!body.contains("too many"), "{body}");
+}

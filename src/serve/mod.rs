@@ -8,7 +8,6 @@
 mod api;
 pub mod config;
 mod control;
-mod door;
 mod links;
 mod metrics;
 mod registry;

@@ -17,10 +17,10 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::api::{ApiError, CreateSandbox, Egress, NetworkUpdate, TransportSpec};
-use super::door::StackDoor;
 use super::links;
 use super::settings::SandboxDefaults;
 use super::view::{CountersView, GuestView, NetworkView, SandboxView, TransportView};
+use crate::door::StackDoor;
 
 /// How long a sandbox's driver may take to answer a question or to stop.
 const DRIVER_ANSWER: Duration = Duration::from_secs(2);
@@ -251,10 +251,7 @@ impl Registry {
         let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
         let parked = Parked::new(stack);
         let handle = parked.handle();
-        let door = StackDoor {
-            handle: handle.clone(),
-            live: self.guest_connections.clone(),
-        };
+        let door = StackDoor::new(handle.clone(), self.guest_connections.clone());
         let spec = RouteSpec {
             allow_public_traffic: req.public.allow_public_traffic,
             mask_request_host: req.public.mask_request_host.as_ref().map(|m| m.1.clone()),

@@ -5,30 +5,11 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use ingress::{
-    BoxGuestStream, ConnectFuture, Directory, Forward, ForwardSpec, Gateway, GuestConnector,
-    GuestError, GuestPort, Route,
-};
-use netstack::driver::{DriverHandle, GuestConnectError};
+use ingress::{Directory, Forward, ForwardSpec, Gateway, Route};
+use netstack::driver::DriverHandle;
 
 use crate::cli::IngressPlan;
-
-/// The way into a sandbox's stack, as the gateway wants it.
-struct StackDoor(DriverHandle);
-
-impl GuestConnector for StackDoor {
-    fn connect(&self, port: GuestPort) -> ConnectFuture<'_> {
-        Box::pin(async move {
-            match self.0.connect_guest(port.get(), false).await {
-                Ok(stream) => Ok(Box::new(stream) as BoxGuestStream),
-                Err(GuestConnectError::OverCap) => Err(GuestError::OverCap),
-                Err(GuestConnectError::Refused) => Err(GuestError::Refused),
-                Err(GuestConnectError::TimedOut) => Err(GuestError::TimedOut),
-                Err(GuestConnectError::Gone) => Err(GuestError::Gone),
-            }
-        })
-    }
-}
+use crate::door::StackDoor;
 
 /// Sockets bound before the sandbox starts.
 pub struct Listeners {
@@ -67,8 +48,8 @@ pub fn bind(plan: &IngressPlan) -> Result<Listeners, String> {
 /// Put the sandbox in a directory and serve it. Call inside the runtime.
 pub fn start(plan: IngressPlan, listeners: Listeners, handle: DriverHandle) -> Result<(), String> {
     let directory = Arc::new(Directory::new());
-    let (route, token) =
-        Route::new(Arc::new(StackDoor(handle)), plan.route).map_err(|e| e.to_string())?;
+    let (route, token) = Route::new(Arc::new(StackDoor::new(handle, Arc::default())), plan.route)
+        .map_err(|e| e.to_string())?;
     let route = directory.insert(plan.sandbox.clone(), route);
     let domain = plan.gateway.domain.to_string();
     let gateway = Gateway::new(plan.gateway, directory);
