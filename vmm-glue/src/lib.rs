@@ -10,8 +10,28 @@ pub mod embed;
 mod ifreq;
 pub mod netns;
 pub mod qemu;
+pub mod sys;
 pub mod tap;
+pub mod transport;
 pub mod vhost_user;
 pub mod vnet;
 
 pub use tap::Tap;
+pub use transport::{Transport, TransportError, TransportSpec};
+
+/// An error and its causes on one line, `what failed: why: the OS error`; a
+/// cause whose text the line already holds is not repeated. The one printer
+/// for error chains in the workspace's binaries.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
