@@ -92,6 +92,32 @@ pub struct AttachLink {
     pub vhost_user: Option<std::path::PathBuf>,
 }
 
+impl AttachLink {
+    /// The transport these flags ask for (clap lets one through at most).
+    pub fn spec(
+        self,
+        connect: bool,
+        peer: Option<PathBuf>,
+    ) -> Result<vmm_glue::TransportSpec, UsageError> {
+        use vmm_glue::TransportSpec;
+        if let Some(name) = self.tap {
+            Ok(TransportSpec::Tap(name))
+        } else if let Some(fd) = self.tap_fd {
+            Ok(TransportSpec::TapFd(fd))
+        } else if let Some(path) = self.qemu_stream {
+            Ok(TransportSpec::QemuStream { path, connect })
+        } else if let Some(path) = self.qemu_dgram {
+            Ok(TransportSpec::QemuDgram { path, peer })
+        } else if let Some(path) = self.vhost_user {
+            Ok(TransportSpec::VhostUser { path })
+        } else {
+            Err(UsageError(
+                "give one of --tap, --tap-fd, --qemu-stream, --qemu-dgram, --vhost-user".into(),
+            ))
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct NetOpts {
     /// Allow new flows to ADDR, CIDR or ALL_TRAFFIC; beats --deny-out whatever the prefix lengths.
@@ -316,8 +342,10 @@ pub fn parse_failed(e: clap::Error) -> std::process::ExitCode {
     std::process::ExitCode::from(2)
 }
 
-/// A user error: printed as one line, exit code 2.
-#[derive(Debug)]
+/// A user error: printed as one line, exit code 2. The message is the domain
+/// value: it names the flag and the input.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct UsageError(pub String);
 
 impl NetOpts {

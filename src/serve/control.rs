@@ -16,7 +16,11 @@ use hyper_util::rt::TokioIo;
 use ingress::SandboxId;
 use tokio::net::UnixListener;
 
+use vmm_glue::tap::TapError;
+use vmm_glue::{TransportError, TransportSpec};
+
 use super::api::{self, ApiError};
+use super::registry::RegistryError;
 use super::Shared;
 
 /// Largest request body taken.
@@ -173,6 +177,64 @@ async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
             "body",
             format!("cannot read the request body: {e}"),
         )),
+    }
+}
+
+/// The one place registry outcomes become HTTP: 404 for a sandbox that is
+/// not there, 409 for a clash with one that is, 429 at the sandbox limit,
+/// 503 while draining, 400 for a transport the request got wrong and 500
+/// (or 409 for a busy tap) for the host's own troubles.
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let (status, field) = match &e {
+            RegistryError::Draining => (StatusCode::SERVICE_UNAVAILABLE, None),
+            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            RegistryError::Exists(_) => (StatusCode::CONFLICT, Some("sandboxID")),
+            RegistryError::Full(_) => (StatusCode::TOO_MANY_REQUESTS, None),
+            RegistryError::SocketTaken { .. } => (StatusCode::CONFLICT, Some("transport")),
+            RegistryError::Fenced { spec, .. } => (StatusCode::BAD_REQUEST, Some(field_of(spec))),
+            RegistryError::Transport { spec, source } => {
+                (transport_status(source), Some(field_of(spec)))
+            }
+            RegistryError::Route(_) | RegistryError::Random(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, None)
+            }
+            RegistryError::NotRunning { .. } | RegistryError::NoToken(_) => {
+                (StatusCode::CONFLICT, None)
+            }
+        };
+        ApiError {
+            status,
+            message: vmm_glue::chain(&e),
+            field,
+        }
+    }
+}
+
+/// The request field a transport came from.
+fn field_of(spec: &TransportSpec) -> &'static str {
+    match spec {
+        TransportSpec::Tap(_) => "transport.tap",
+        TransportSpec::TapFd(_) => "transport.tapFd",
+        TransportSpec::QemuStream { .. } => "transport.qemuStream",
+        TransportSpec::QemuDgram { .. } => "transport.qemuDgram",
+        TransportSpec::VhostUser { .. } => "transport.vhostUser",
+    }
+}
+
+fn transport_status(e: &TransportError) -> StatusCode {
+    // The host's own troubles are the operator's (500); the rest is the request's.
+    match e {
+        TransportError::Tap(
+            TapError::NoTunDevice(_)
+            | TapError::TunPermission(_)
+            | TapError::OpenTun(_)
+            | TapError::NotPermitted { .. }
+            | TapError::SetIff { .. }
+            | TapError::Configure { .. },
+        ) => StatusCode::INTERNAL_SERVER_ERROR,
+        TransportError::Tap(TapError::Busy { .. }) => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
     }
 }
 
