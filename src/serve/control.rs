@@ -264,3 +264,119 @@ fn error(e: &ApiError) -> Reply {
     }
     reply
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SandboxId {
+        SandboxId::parse(s).unwrap()
+    }
+
+    /// Each registry outcome, as the API answers it: status, field, message.
+    #[test]
+    fn registry_errors_become_statuses_here_alone() {
+        let dgram = TransportSpec::QemuDgram {
+            path: "/run/a.sock".into(),
+            peer: None,
+        };
+        let rows: Vec<(RegistryError, u16, Option<&str>, &str)> = vec![
+            (
+                RegistryError::Draining,
+                503,
+                None,
+                "slipway is shutting down",
+            ),
+            (
+                RegistryError::NotFound(id("a")),
+                404,
+                None,
+                "sandbox a not found",
+            ),
+            (
+                RegistryError::Exists(id("a")),
+                409,
+                Some("sandboxID"),
+                "sandbox a already exists",
+            ),
+            (
+                RegistryError::Full(3),
+                429,
+                None,
+                "this slipway serves its limit of 3 sandboxes (sandbox.max_sandboxes)",
+            ),
+            (
+                RegistryError::SocketTaken {
+                    path: "/run/a.sock".into(),
+                    owner: id("b"),
+                },
+                409,
+                Some("transport"),
+                "/run/a.sock is sandbox b's socket",
+            ),
+            (
+                RegistryError::Fenced {
+                    spec: dgram.clone(),
+                    why: "outside confine.socket_dirs".into(),
+                },
+                400,
+                Some("transport.qemuDgram"),
+                "outside confine.socket_dirs",
+            ),
+            (
+                RegistryError::Transport {
+                    spec: dgram,
+                    source: TransportError::Bind {
+                        path: "/run/a.sock".into(),
+                        source: std::io::Error::from_raw_os_error(libc::EACCES),
+                    },
+                },
+                400,
+                Some("transport.qemuDgram"),
+                "cannot bind /run/a.sock: Permission denied (os error 13)",
+            ),
+            (
+                RegistryError::Transport {
+                    spec: TransportSpec::Tap("tap0".into()),
+                    source: TransportError::Tap(TapError::OpenTun(
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    )),
+                },
+                500,
+                Some("transport.tap"),
+                "cannot open /dev/net/tun: Input/output error (os error 5)",
+            ),
+            (
+                RegistryError::Transport {
+                    spec: TransportSpec::TapFd(5),
+                    source: TransportError::NoCaller,
+                },
+                400,
+                Some("transport.tapFd"),
+                "tapFd needs a caller whose pid slipway can see (SO_PEERCRED)",
+            ),
+            (
+                RegistryError::NotRunning {
+                    id: id("a"),
+                    state: "stopped".into(),
+                },
+                409,
+                None,
+                "sandbox a's network is not running (stopped): delete it",
+            ),
+            (
+                RegistryError::NoToken(id("a")),
+                409,
+                None,
+                "sandbox a allows public traffic: it has no traffic access token",
+            ),
+        ];
+        for (e, status, field, message) in rows {
+            let api = ApiError::from(e);
+            assert_eq!(
+                (api.status.as_u16(), api.field, api.message.as_str()),
+                (status, field, message)
+            );
+        }
+    }
+}
