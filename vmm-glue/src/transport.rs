@@ -278,24 +278,15 @@ pub async fn serve<F: Future<Output = ()>>(
         Transport::VhostUser(net) => loop {
             // A fresh descriptor on the backend's socket pair for each resume.
             let link = net.link().map_err(TransportError::VhostUserLink)?;
-            let link_name = "the vhost-user backend";
-            let driver = Driver::resume(parked, link).map_err(|source| TransportError::Serve {
-                link: link_name,
-                source,
-            })?;
-            let (back, ended) = driver.serve(shutdown.as_mut()).await;
-            parked = back;
+            let what = "the vhost-user backend";
+            let ended;
+            (parked, ended) = resume(parked, link, shutdown.as_mut(), what).await?;
             match ended {
                 None => return Ok(()),
                 Some(e) if e.kind() == io::ErrorKind::ConnectionReset => tracing::warn!(
                     "the VMM left the vhost-user socket; its flows are reset and the sandbox waits for the next one"
                 ),
-                Some(source) => {
-                    return Err(TransportError::Failed {
-                        link: link_name,
-                        source,
-                    })
-                }
+                Some(source) => return Err(TransportError::Failed { link: what, source }),
             }
         },
         Transport::QemuStream(endpoint) => loop {
@@ -304,21 +295,31 @@ pub async fn serve<F: Future<Output = ()>>(
                 _ = shutdown.as_mut() => return Ok(()),
             };
             tracing::info!("the VMM connected");
-            let driver = Driver::resume(parked, link).map_err(|source| TransportError::Serve {
-                link: "the VMM's stream",
-                source,
-            })?;
-            let (back, ended) = driver.serve(shutdown.as_mut()).await;
-            parked = back;
-            match ended {
-                None => return Ok(()),
-                Some(e) => tracing::warn!(
+            let ended;
+            (parked, ended) = resume(parked, link, shutdown.as_mut(), "the VMM's stream").await?;
+            if let Some(e) = ended {
+                tracing::warn!(
                     error = %e,
                     "the VMM's stream ended; its flows are reset and the sandbox waits for it to come back"
-                ),
+                );
+            } else {
+                return Ok(());
             }
         },
     }
+}
+
+/// Serve `parked` over one link until `shutdown` or the link's end; the
+/// sandbox comes back parked, with why the link ended (`None`: shutdown).
+async fn resume<L: Link, F: Future<Output = ()>>(
+    parked: Parked,
+    link: L,
+    shutdown: Pin<&mut F>,
+    what: &'static str,
+) -> Result<(Parked, Option<io::Error>), TransportError> {
+    let driver = Driver::resume(parked, link)
+        .map_err(|source| TransportError::Serve { link: what, source })?;
+    Ok(driver.serve(shutdown).await)
 }
 
 async fn serve_once<L: Link, F: Future<Output = ()>>(
@@ -327,9 +328,7 @@ async fn serve_once<L: Link, F: Future<Output = ()>>(
     shutdown: Pin<&mut F>,
     what: &'static str,
 ) -> Result<(), TransportError> {
-    let driver = Driver::resume(parked, link)
-        .map_err(|source| TransportError::Serve { link: what, source })?;
-    match driver.serve(shutdown).await {
+    match resume(parked, link, shutdown, what).await? {
         (_, None) => Ok(()),
         (_, Some(source)) => Err(TransportError::Failed { link: what, source }),
     }
