@@ -1,7 +1,9 @@
 //! How a sandbox's frames get in and out of slipway: a Linux tap device
 //! (by name or inherited fd), QEMU's stream and dgram netdevs, and
 //! `slipway run`'s namespace, whose only link is a tap whose other end this
-//! process holds. Each transport is a `netstack::driver::Link`.
+//! process holds. Each transport is a `netstack::driver::Link`;
+//! `transport` is where one is described, opened and served across VMM
+//! reconnects, and `sys` holds the binary's process-level system calls.
 //!
 //! Error messages say what failed and what to do; the OS error behind one
 //! is its `source()`, so print the whole chain (`msg: cause: …`).
