@@ -229,7 +229,9 @@ pub struct IngressOpts {
     pub max_connections: u32,
     /// Cap: public client connections at once from one client address (IPv6: one /64);
     /// over it a new connection gets 429 (plain HTTP) or is closed.
+    // A negative count is a bad value of this flag, not an unknown flag `-3`.
     #[arg(long = "ingress-max-connections-per-client", value_name = "N", default_value_t = 256,
+          allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections_per_client: u32,
     /// Seconds a client may take to send a request's headers.
