@@ -92,6 +92,32 @@ pub struct AttachLink {
     pub vhost_user: Option<std::path::PathBuf>,
 }
 
+impl AttachLink {
+    /// The transport these flags ask for (clap lets one through at most).
+    pub fn spec(
+        self,
+        connect: bool,
+        peer: Option<PathBuf>,
+    ) -> Result<vmm_glue::TransportSpec, UsageError> {
+        use vmm_glue::TransportSpec;
+        if let Some(name) = self.tap {
+            Ok(TransportSpec::Tap(name))
+        } else if let Some(fd) = self.tap_fd {
+            Ok(TransportSpec::TapFd(fd))
+        } else if let Some(path) = self.qemu_stream {
+            Ok(TransportSpec::QemuStream { path, connect })
+        } else if let Some(path) = self.qemu_dgram {
+            Ok(TransportSpec::QemuDgram { path, peer })
+        } else if let Some(path) = self.vhost_user {
+            Ok(TransportSpec::VhostUser { path })
+        } else {
+            Err(UsageError(
+                "give one of --tap, --tap-fd, --qemu-stream, --qemu-dgram, --vhost-user".into(),
+            ))
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct NetOpts {
     /// Allow new flows to ADDR, CIDR or ALL_TRAFFIC; beats --deny-out whatever the prefix lengths.
@@ -203,7 +229,9 @@ pub struct IngressOpts {
     pub max_connections: u32,
     /// Cap: public client connections at once from one client address (IPv6: one /64);
     /// over it a new connection gets 429 (plain HTTP) or is closed.
+    // A negative count is a bad value of this flag, not an unknown flag `-3`.
     #[arg(long = "ingress-max-connections-per-client", value_name = "N", default_value_t = 256,
+          allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections_per_client: u32,
     /// Seconds a client may take to send a request's headers.
@@ -316,8 +344,10 @@ pub fn parse_failed(e: clap::Error) -> std::process::ExitCode {
     std::process::ExitCode::from(2)
 }
 
-/// A user error: printed as one line, exit code 2.
-#[derive(Debug)]
+/// A user error: printed as one line, exit code 2. The message is the domain
+/// value: it names the flag and the input.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct UsageError(pub String);
 
 impl NetOpts {

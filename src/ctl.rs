@@ -11,6 +11,9 @@ use clap::{ArgAction, Args, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use vmm_glue::TransportSpec;
+
+use crate::serve::api::transport_json;
 
 #[derive(Args, Debug)]
 pub struct CtlArgs {
@@ -91,8 +94,30 @@ pub struct EgressArgs {
     no_internet: bool,
 }
 
-fn path_str(p: &std::path::Path) -> String {
-    p.to_string_lossy().into_owned()
+impl TransportArgs {
+    /// The transport asked for; clap lets exactly one flag through.
+    fn spec(&self) -> Option<TransportSpec> {
+        let path = |p: &PathBuf| p.clone();
+        if let Some(name) = &self.tap {
+            Some(TransportSpec::Tap(name.clone()))
+        } else if let Some(fd) = self.tap_fd {
+            Some(TransportSpec::TapFd(fd))
+        } else if let Some(p) = &self.qemu_stream {
+            Some(TransportSpec::QemuStream {
+                path: path(p),
+                connect: false,
+            })
+        } else if let Some(p) = &self.qemu_dgram {
+            Some(TransportSpec::QemuDgram {
+                path: path(p),
+                peer: None,
+            })
+        } else {
+            self.vhost_user
+                .as_ref()
+                .map(|p| TransportSpec::VhostUser { path: path(p) })
+        }
+    }
 }
 
 impl CtlCommand {
@@ -107,19 +132,9 @@ impl CtlCommand {
                 public_traffic,
                 mask_request_host,
             } => {
-                let t = if let Some(name) = &transport.tap {
-                    json!({"tap": name})
-                } else if let Some(fd) = transport.tap_fd {
-                    json!({"tapFd": fd})
-                } else if let Some(p) = &transport.qemu_stream {
-                    json!({"qemuStream": path_str(p)})
-                } else if let Some(p) = &transport.qemu_dgram {
-                    json!({"qemuDgram": path_str(p)})
-                } else if let Some(p) = &transport.vhost_user {
-                    json!({"vhostUser": path_str(p)})
-                } else {
-                    serde_json::Value::Null
-                };
+                let t = transport
+                    .spec()
+                    .map_or(serde_json::Value::Null, |spec| transport_json(&spec));
                 let mut body = json!({
                     "transport": t,
                     "allowInternetAccess": !egress.no_internet,
@@ -196,7 +211,7 @@ pub fn main(args: CtlArgs) -> ExitCode {
     let sent = rt.block_on(call(&socket, token.as_deref(), method, &path, body));
     match sent {
         Err(e) => {
-            eprintln!("slipway: {e}");
+            eprintln!("slipway: {}", vmm_glue::chain(&e));
             ExitCode::from(1)
         }
         Ok((status, body)) if status.is_success() => {
@@ -219,21 +234,58 @@ pub fn main(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// Why a call to `slipway serve` got no answer. Each names the socket.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error("cannot reach slipway serve at {}: {source} (is it running? --socket or SLIPWAY_CONTROL_SOCKET)", socket.display())]
+    Reach {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot talk to slipway serve at {}", socket.display())]
+    Talk {
+        socket: PathBuf,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("cannot build the request")]
+    Build(#[source] hyper::http::Error),
+    #[error("slipway serve at {} did not answer", socket.display())]
+    NoAnswer {
+        socket: PathBuf,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("slipway serve at {} broke off its answer", socket.display())]
+    BrokeOff {
+        socket: PathBuf,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
 async fn call(
     socket: &std::path::Path,
     token: Option<&str>,
     method: Method,
     path: &str,
     body: Option<serde_json::Value>,
-) -> Result<(StatusCode, Bytes), String> {
-    let shown = socket.display();
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        format!("cannot reach slipway serve at {shown}: {e} (is it running? --socket or SLIPWAY_CONTROL_SOCKET)")
-    })?;
+) -> Result<(StatusCode, Bytes), CtlError> {
+    let at = || socket.to_owned();
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| CtlError::Reach {
+            socket: at(),
+            source,
+        })?;
     allow_server_to_take_fds(&stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("cannot talk to slipway serve at {shown}: {e}"))?;
+        .map_err(|source| CtlError::Talk {
+            socket: at(),
+            source,
+        })?;
     tokio::spawn(conn);
     let mut req = Request::builder()
         .method(method)
@@ -249,19 +301,23 @@ async fn call(
         }
         None => Bytes::new(),
     };
-    let req = req
-        .body(Full::new(body))
-        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let req = req.body(Full::new(body)).map_err(CtlError::Build)?;
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| format!("slipway serve at {shown} did not answer: {e}"))?;
+        .map_err(|source| CtlError::NoAnswer {
+            socket: at(),
+            source,
+        })?;
     let status = resp.status();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("slipway serve at {shown} broke off its answer: {e}"))?
+        .map_err(|source| CtlError::BrokeOff {
+            socket: at(),
+            source,
+        })?
         .to_bytes();
     Ok((status, body))
 }
@@ -270,7 +326,6 @@ async fn call(
 /// descriptors, so name the server (its pid from SO_PEERCRED) as allowed.
 fn allow_server_to_take_fds(stream: &tokio::net::UnixStream) {
     if let Some(pid) = stream.peer_cred().ok().and_then(|c| c.pid()) {
-        // SAFETY: prctl(PR_SET_PTRACER) takes a pid by value and touches no memory of ours.
-        unsafe { libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0) };
+        vmm_glue::sys::allow_ptracer(pid);
     }
 }

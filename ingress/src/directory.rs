@@ -28,6 +28,10 @@ pub type ConnectFuture<'a> =
 pub enum GuestError {
     #[error("the sandbox's incoming-connection cap is reached")]
     OverCap,
+    /// The gateway's side ran out of local ports to the sandbox: not the
+    /// sandbox's fault, and not a cap it could lower.
+    #[error("the gateway has no local port free for another connection to the sandbox")]
+    NoPort,
     #[error("nothing listens on that port in the sandbox")]
     Refused,
     #[error("the sandbox did not answer")]

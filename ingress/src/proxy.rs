@@ -185,6 +185,7 @@ async fn open(
 ) -> Result<SendRequest<Body>, Refusal> {
     let stream = route.connect(port).await.map_err(|e| match e {
         GuestError::OverCap => Refusal::OverCap(sandbox.clone()),
+        GuestError::NoPort => Refusal::NoLocalPort(sandbox.clone(), port),
         GuestError::Refused => Refusal::PortNotOpen(sandbox.clone(), port),
         GuestError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
         GuestError::Gone => Refusal::UnknownSandbox(sandbox.clone()),

@@ -17,6 +17,9 @@ pub enum Refusal {
     TokenMissing(SandboxId),
     TokenInvalid(SandboxId),
     OverCap(SandboxId),
+    /// The gateway has no local port left for another connection into the
+    /// sandbox: a 503 (the gateway's own shortage), never the guest's 429.
+    NoLocalPort(SandboxId, GuestPort),
     /// The client's address has its cap's worth of connections open.
     ClientOverCap(ClientKey),
     PortNotOpen(SandboxId, GuestPort),
@@ -31,6 +34,7 @@ impl Refusal {
             Refusal::BadTarget(_) => StatusCode::BAD_REQUEST,
             Refusal::TokenMissing(_) | Refusal::TokenInvalid(_) => StatusCode::FORBIDDEN,
             Refusal::OverCap(_) | Refusal::ClientOverCap(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::NoLocalPort(..) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::GuestTimedOut(..) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UnknownSandbox(_) | Refusal::PortNotOpen(..) | Refusal::GuestBroke(..) => {
                 StatusCode::BAD_GATEWAY
@@ -47,6 +51,7 @@ impl Refusal {
             Refusal::TokenInvalid(_) => "invalid_traffic_access_token",
             Refusal::OverCap(_) => "too_many_connections",
             Refusal::ClientOverCap(_) => "too_many_client_connections",
+            Refusal::NoLocalPort(..) => "gateway_out_of_ports",
             Refusal::PortNotOpen(..) => "port_not_open",
             Refusal::GuestTimedOut(..) => "sandbox_timed_out",
             Refusal::GuestBroke(..) => "bad_upstream_response",
@@ -69,6 +74,10 @@ impl Refusal {
             Refusal::OverCap(id) => {
                 format!("The sandbox {id} has too many incoming connections; try again later.")
             }
+            Refusal::NoLocalPort(id, port) => format!(
+                "The gateway ran out of local ports for connections to port {port} \
+                 of sandbox {id}; try again when some have closed."
+            ),
             Refusal::ClientOverCap(client) => format!(
                 "Too many connections from {client} are open at once; \
                  close some and try again."
@@ -94,6 +103,7 @@ impl Refusal {
             | Refusal::TokenInvalid(id)
             | Refusal::OverCap(id) => (Some(id), None),
             Refusal::PortNotOpen(id, p)
+            | Refusal::NoLocalPort(id, p)
             | Refusal::GuestTimedOut(id, p)
             | Refusal::GuestBroke(id, p) => (Some(id), Some(*p)),
         }
@@ -244,6 +254,7 @@ mod tests {
             (Refusal::UnknownSandbox(id()), 502),
             (Refusal::PortNotOpen(id(), port), 502),
             (Refusal::GuestTimedOut(id(), port), 504),
+            (Refusal::NoLocalPort(id(), port), 503),
         ];
         for (r, code) in rows {
             assert_eq!(r.status().as_u16(), code, "{r:?}");

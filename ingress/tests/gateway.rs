@@ -123,6 +123,22 @@ async fn gateway_with(
     (addr, route, token.map(|t| t.as_str().to_string()), gw)
 }
 
+/// A gateway for `gw.test` over `directory`, with default limits, on loopback.
+async fn serve_directory(directory: Arc<Directory>) -> SocketAddr {
+    let gw = Gateway::new(
+        GatewayConfig {
+            domain: Domain::parse("gw.test").unwrap(),
+            tls: None,
+            limits: Limits::default(),
+        },
+        directory,
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(gw.serve(l));
+    addr
+}
+
 fn public() -> RouteSpec {
     RouteSpec {
         allow_public_traffic: true,
@@ -287,17 +303,7 @@ async fn one_sandbox_over_its_cap_leaves_the_others_alone() {
         let (route, _) = Route::new(Arc::new(sandbox), spec).unwrap();
         directory.insert(SandboxId::parse(id).unwrap(), route);
     }
-    let gw = Gateway::new(
-        GatewayConfig {
-            domain: Domain::parse("gw.test").unwrap(),
-            tls: None,
-            limits: Limits::default(),
-        },
-        directory,
-    );
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(gw.serve(l));
+    let addr = serve_directory(directory).await;
     let slow = tokio::spawn(get(addr, "8000-busy.gw.test", "/slow", &[]));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(get(addr, "8000-busy.gw.test", "/", &[]).await.0, 429);
@@ -442,4 +448,30 @@ async fn guest_cookies_stay_on_the_sandbox_host_over_h2c() {
         .collect();
     let want: Vec<&[u8]> = COOKIES.iter().filter_map(|(_, w)| *w).collect();
     assert_eq!(got, want);
+}
+
+/// A sandbox whose stack has no local port left toward the guest (every
+/// ephemeral port of the gateway address is in use), as the driver reports it.
+struct OutOfPorts;
+
+impl GuestConnector for OutOfPorts {
+    fn connect(&self, _port: GuestPort) -> ConnectFuture<'_> {
+        Box::pin(async { Err(GuestError::NoPort) })
+    }
+}
+
+#[tokio::test]
+async fn running_out_of_local_ports_is_503_not_429() {
+    let directory = Arc::new(Directory::new());
+    let (route, _) = Route::new(Arc::new(OutOfPorts), public()).unwrap();
+    directory.insert(SandboxId::parse("sbx").unwrap(), route);
+    let addr = serve_directory(directory).await;
+    let (code, body) = get(addr, "8000-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("\"error\":\"gateway_out_of_ports\""),
+        "{body}"
+    );
+    assert!(body.contains("ran out of local ports"), "{body}");
+    assert!(!body.contains("too many"), "{body}");
 }

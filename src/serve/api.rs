@@ -9,6 +9,7 @@ use hyper::StatusCode;
 use ingress::{HostMask, SandboxId};
 use netstack::{EgressPolicy, PolicyError, PolicySpec};
 use serde::Deserialize;
+use vmm_glue::{Tap, TransportSpec};
 
 /// A refused request: the status and a `{"code", "message", "field"}` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,10 +35,6 @@ impl ApiError {
             message: message.into(),
             field: Some(field),
         }
-    }
-
-    pub fn not_found(id: &SandboxId) -> Self {
-        Self::new(StatusCode::NOT_FOUND, format!("sandbox {id} not found"))
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -69,49 +66,6 @@ pub struct Public {
     pub allow_public_traffic: bool,
     /// As given, and parsed.
     pub mask_request_host: Option<(String, HostMask)>,
-}
-
-/// Where a sandbox's frames come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TransportSpec {
-    /// A tap by name, opened (created if missing) in slipway's namespace.
-    Tap(String),
-    /// Descriptor N of the process that makes the request, taken with pidfd_getfd(2).
-    TapFd(i32),
-    /// QEMU `-netdev stream`: slipway listens on `path`, or connects to it.
-    QemuStream { path: PathBuf, connect: bool },
-    /// QEMU `-netdev dgram`: slipway binds `path`; `peer` is QEMU's socket.
-    QemuDgram {
-        path: PathBuf,
-        peer: Option<PathBuf>,
-    },
-    /// A vhost-user-net backend listening on `path` (QEMU, cloud-hypervisor).
-    VhostUser { path: PathBuf },
-}
-
-impl TransportSpec {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TransportSpec::Tap(_) => "tap",
-            TransportSpec::TapFd(_) => "tapFd",
-            TransportSpec::QemuStream { .. } => "qemuStream",
-            TransportSpec::QemuDgram { .. } => "qemuDgram",
-            TransportSpec::VhostUser { .. } => "vhostUser",
-        }
-    }
-
-    /// The socket file this transport owns, if any: no two sandboxes may share one.
-    pub fn socket_path(&self) -> Option<&PathBuf> {
-        match self {
-            TransportSpec::QemuStream {
-                path,
-                connect: false,
-            }
-            | TransportSpec::QemuDgram { path, .. }
-            | TransportSpec::VhostUser { path } => Some(path),
-            _ => None,
-        }
-    }
 }
 
 /// `POST /sandboxes`, validated.
@@ -294,23 +248,11 @@ fn parse_transport(raw: Option<serde_json::Value>) -> Result<TransportSpec> {
         ));
     };
     match (kind.as_str(), value) {
-        ("tap", Value::String(name)) => {
-            let ok = !name.is_empty()
-                && name.len() < 16
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-            if ok {
-                Ok(TransportSpec::Tap(name))
-            } else {
-                Err(ApiError::bad(
-                    "transport.tap",
-                    format!(
-                        "invalid tap name {name:?}: give 1 to 15 of a-z, A-Z, 0-9, '-', '_', '.'"
-                    ),
-                ))
-            }
-        }
+        // The kernel's rules, the same check `slipway attach --tap` meets.
+        ("tap", Value::String(name)) => match Tap::check_name(&name) {
+            Ok(()) => Ok(TransportSpec::Tap(name)),
+            Err(e) => Err(ApiError::bad("transport.tap", e.to_string())),
+        },
         ("tapFd", Value::Number(n)) => n
             .as_i64()
             .and_then(|n| i32::try_from(n).ok())
@@ -373,6 +315,34 @@ fn parse_transport(raw: Option<serde_json::Value>) -> Result<TransportSpec> {
             field,
             format!("unknown transport {other:?}: give one of {TRANSPORTS}"),
         )),
+    }
+}
+
+/// A transport as the API takes it: what `slipway ctl create` sends, read
+/// back by [`parse_create`] as the same spec.
+pub fn transport_json(spec: &TransportSpec) -> serde_json::Value {
+    use serde_json::json;
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    match spec {
+        TransportSpec::Tap(name) => json!({"tap": name}),
+        TransportSpec::TapFd(fd) => json!({"tapFd": fd}),
+        TransportSpec::QemuStream {
+            path: p,
+            connect: false,
+        } => json!({"qemuStream": path(p)}),
+        TransportSpec::QemuStream {
+            path: p,
+            connect: true,
+        } => json!({"qemuStream": {"path": path(p), "connect": true}}),
+        TransportSpec::QemuDgram {
+            path: p,
+            peer: None,
+        } => json!({"qemuDgram": path(p)}),
+        TransportSpec::QemuDgram {
+            path: p,
+            peer: Some(peer),
+        } => json!({"qemuDgram": {"path": path(p), "peer": path(peer)}}),
+        TransportSpec::VhostUser { path: p } => json!({"vhostUser": path(p)}),
     }
 }
 
@@ -530,6 +500,53 @@ mod tests {
         assert_eq!(f, Some("transport.tap"));
         let (f, _) = refusal(r#"{"transport": {"tapFd": -1}}"#);
         assert_eq!(f, Some("transport.tapFd"));
+    }
+
+    #[test]
+    fn tap_names_are_checked_by_the_kernels_rules() {
+        let c = create(r#"{"transport": {"tap": "tap@1+x"}}"#).unwrap();
+        assert_eq!(c.transport, TransportSpec::Tap("tap@1+x".into()));
+        for bad in [
+            r#""""#,
+            r#"".""#,
+            r#""a:b""#,
+            r#""a b""#,
+            r#""sixteen-chars-xx""#,
+        ] {
+            let (f, m) = refusal(&format!(r#"{{"transport": {{"tap": {bad}}}}}"#));
+            assert_eq!(f, Some("transport.tap"), "{bad}");
+            assert!(m.starts_with("invalid tap name"), "{bad}: {m}");
+        }
+    }
+
+    #[test]
+    fn every_transport_round_trips_through_the_json_ctl_sends() {
+        for spec in [
+            TransportSpec::Tap("tap0".into()),
+            TransportSpec::TapFd(7),
+            TransportSpec::QemuStream {
+                path: "/run/s.sock".into(),
+                connect: false,
+            },
+            TransportSpec::QemuStream {
+                path: "/run/s.sock".into(),
+                connect: true,
+            },
+            TransportSpec::QemuDgram {
+                path: "/run/d.sock".into(),
+                peer: None,
+            },
+            TransportSpec::QemuDgram {
+                path: "/run/d.sock".into(),
+                peer: Some("/run/q.sock".into()),
+            },
+            TransportSpec::VhostUser {
+                path: "/run/v.sock".into(),
+            },
+        ] {
+            let body = serde_json::json!({ "transport": transport_json(&spec) }).to_string();
+            assert_eq!(create(&body).unwrap().transport, spec, "{body}");
+        }
     }
 
     #[test]

@@ -16,7 +16,11 @@ use hyper_util::rt::TokioIo;
 use ingress::SandboxId;
 use tokio::net::UnixListener;
 
+use vmm_glue::tap::TapError;
+use vmm_glue::{TransportError, TransportSpec};
+
 use super::api::{self, ApiError};
+use super::registry::RegistryError;
 use super::Shared;
 
 /// Largest request body taken.
@@ -176,6 +180,64 @@ async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     }
 }
 
+/// The one place registry outcomes become HTTP: 404 for a sandbox that is
+/// not there, 409 for a clash with one that is, 429 at the sandbox limit,
+/// 503 while draining, 400 for a transport the request got wrong and 500
+/// (or 409 for a busy tap) for the host's own troubles.
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let (status, field) = match &e {
+            RegistryError::Draining => (StatusCode::SERVICE_UNAVAILABLE, None),
+            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            RegistryError::Exists(_) => (StatusCode::CONFLICT, Some("sandboxID")),
+            RegistryError::Full(_) => (StatusCode::TOO_MANY_REQUESTS, None),
+            RegistryError::SocketTaken { .. } => (StatusCode::CONFLICT, Some("transport")),
+            RegistryError::Fenced { spec, .. } => (StatusCode::BAD_REQUEST, Some(field_of(spec))),
+            RegistryError::Transport { spec, source } => {
+                (transport_status(source), Some(field_of(spec)))
+            }
+            RegistryError::Route(_) | RegistryError::Random(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, None)
+            }
+            RegistryError::NotRunning { .. } | RegistryError::NoToken(_) => {
+                (StatusCode::CONFLICT, None)
+            }
+        };
+        ApiError {
+            status,
+            message: vmm_glue::chain(&e),
+            field,
+        }
+    }
+}
+
+/// The request field a transport came from.
+fn field_of(spec: &TransportSpec) -> &'static str {
+    match spec {
+        TransportSpec::Tap(_) => "transport.tap",
+        TransportSpec::TapFd(_) => "transport.tapFd",
+        TransportSpec::QemuStream { .. } => "transport.qemuStream",
+        TransportSpec::QemuDgram { .. } => "transport.qemuDgram",
+        TransportSpec::VhostUser { .. } => "transport.vhostUser",
+    }
+}
+
+fn transport_status(e: &TransportError) -> StatusCode {
+    // The host's own troubles are the operator's (500); the rest is the request's.
+    match e {
+        TransportError::Tap(
+            TapError::NoTunDevice(_)
+            | TapError::TunPermission(_)
+            | TapError::OpenTun(_)
+            | TapError::NotPermitted { .. }
+            | TapError::SetIff { .. }
+            | TapError::Configure { .. },
+        ) => StatusCode::INTERNAL_SERVER_ERROR,
+        TransportError::Tap(TapError::Busy { .. }) => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Reply {
     let mut text = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     text.push(b'\n');
@@ -201,4 +263,120 @@ fn error(e: &ApiError) -> Reply {
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SandboxId {
+        SandboxId::parse(s).unwrap()
+    }
+
+    /// Each registry outcome, as the API answers it: status, field, message.
+    #[test]
+    fn registry_errors_become_statuses_here_alone() {
+        let dgram = TransportSpec::QemuDgram {
+            path: "/run/a.sock".into(),
+            peer: None,
+        };
+        let rows: Vec<(RegistryError, u16, Option<&str>, &str)> = vec![
+            (
+                RegistryError::Draining,
+                503,
+                None,
+                "slipway is shutting down",
+            ),
+            (
+                RegistryError::NotFound(id("a")),
+                404,
+                None,
+                "sandbox a not found",
+            ),
+            (
+                RegistryError::Exists(id("a")),
+                409,
+                Some("sandboxID"),
+                "sandbox a already exists",
+            ),
+            (
+                RegistryError::Full(3),
+                429,
+                None,
+                "this slipway serves its limit of 3 sandboxes (sandbox.max_sandboxes)",
+            ),
+            (
+                RegistryError::SocketTaken {
+                    path: "/run/a.sock".into(),
+                    owner: id("b"),
+                },
+                409,
+                Some("transport"),
+                "/run/a.sock is sandbox b's socket",
+            ),
+            (
+                RegistryError::Fenced {
+                    spec: dgram.clone(),
+                    why: "outside confine.socket_dirs".into(),
+                },
+                400,
+                Some("transport.qemuDgram"),
+                "outside confine.socket_dirs",
+            ),
+            (
+                RegistryError::Transport {
+                    spec: dgram,
+                    source: TransportError::Bind {
+                        path: "/run/a.sock".into(),
+                        source: std::io::Error::from_raw_os_error(libc::EACCES),
+                    },
+                },
+                400,
+                Some("transport.qemuDgram"),
+                "cannot bind /run/a.sock: Permission denied (os error 13)",
+            ),
+            (
+                RegistryError::Transport {
+                    spec: TransportSpec::Tap("tap0".into()),
+                    source: TransportError::Tap(TapError::OpenTun(
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    )),
+                },
+                500,
+                Some("transport.tap"),
+                "cannot open /dev/net/tun: Input/output error (os error 5)",
+            ),
+            (
+                RegistryError::Transport {
+                    spec: TransportSpec::TapFd(5),
+                    source: TransportError::NoCaller,
+                },
+                400,
+                Some("transport.tapFd"),
+                "tapFd needs a caller whose pid slipway can see (SO_PEERCRED)",
+            ),
+            (
+                RegistryError::NotRunning {
+                    id: id("a"),
+                    state: "stopped".into(),
+                },
+                409,
+                None,
+                "sandbox a's network is not running (stopped): delete it",
+            ),
+            (
+                RegistryError::NoToken(id("a")),
+                409,
+                None,
+                "sandbox a allows public traffic: it has no traffic access token",
+            ),
+        ];
+        for (e, status, field, message) in rows {
+            let api = ApiError::from(e);
+            assert_eq!(
+                (api.status.as_u16(), api.field, api.message.as_str()),
+                (status, field, message)
+            );
+        }
+    }
 }

@@ -299,9 +299,7 @@ fn gateway_families(gw: &ingress::Gateway) -> String {
 pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no memory preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+    Some(pages * vmm_glue::sys::page_size()?)
 }
 
 fn open_fds() -> Option<usize> {

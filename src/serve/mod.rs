@@ -5,11 +5,9 @@
 //! on their own listener. The control API and the metrics run on a thread of
 //! their own, so a flood inside the sandboxes cannot slow the operator down.
 
-mod api;
+pub(crate) mod api;
 pub mod config;
 mod control;
-mod door;
-mod links;
 mod metrics;
 mod registry;
 mod settings;
@@ -101,7 +99,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
     match serve(path, settings, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("slipway: {e}");
+            eprintln!("slipway: {}", vmm_glue::chain(&e));
             ExitCode::from(1)
         }
     }
@@ -126,6 +124,56 @@ fn init_logging(filter: &str) -> LogHandle {
     handle
 }
 
+/// Why `slipway serve` could not start; each names the socket or address.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("cannot listen on {addr} for {what}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {}", dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} exists and is not a socket; remove it or choose control.socket", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("another slipway serve answers on {}", path.display())]
+    Taken { path: PathBuf },
+    #[error("cannot replace {}", path.display())]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {}", path.display())]
+    ListenControl {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set the mode of {}", path.display())]
+    Mode {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot serve {what}")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
+}
+
 /// Listeners bound before anything runs, so that a taken port or a bad
 /// socket path is a clear error at once.
 struct Bound {
@@ -134,13 +182,12 @@ struct Bound {
     metrics: Option<std::net::TcpListener>,
 }
 
-fn bind(settings: &Settings) -> Result<Bound, String> {
-    let tcp = |addr: std::net::SocketAddr, what: &str| {
-        let l = std::net::TcpListener::bind(addr)
-            .map_err(|e| format!("cannot listen on {addr} for {what}: {e}"))?;
-        l.set_nonblocking(true)
-            .map_err(|e| format!("cannot listen on {addr} for {what}: {e}"))?;
-        Ok::<_, String>(l)
+fn bind(settings: &Settings) -> Result<Bound, ServeError> {
+    let tcp = |addr: std::net::SocketAddr, what: &'static str| {
+        let failed = |source| ServeError::Listen { addr, what, source };
+        let l = std::net::TcpListener::bind(addr).map_err(failed)?;
+        l.set_nonblocking(true).map_err(failed)?;
+        Ok::<_, ServeError>(l)
     };
     let gateway = match &settings.gateway {
         Some(g) => Some(tcp(g.listen, "the gateway (gateway.listen)")?),
@@ -160,46 +207,42 @@ fn bind(settings: &Settings) -> Result<Bound, String> {
 
 /// Bind the control socket with its mode, replacing a stale socket file but
 /// never a live one (another slipway serving there) or anything else.
-fn bind_control(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, String> {
-    let shown = path.display();
+fn bind_control(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, ServeError> {
+    let at = || path.to_owned();
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             std::fs::create_dir_all(dir)
                 .and_then(|()| {
                     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 })
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                .map_err(|source| ServeError::CreateDir {
+                    dir: dir.to_owned(),
+                    source,
+                })?;
         }
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
-            return Err(format!(
-                "{shown} exists and is not a socket; remove it or choose control.socket"
-            ));
+            return Err(ServeError::NotASocket { path: at() });
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!("another slipway serve answers on {shown}"));
+            return Err(ServeError::Taken { path: at() });
         }
-        std::fs::remove_file(path).map_err(|e| format!("cannot replace {shown}: {e}"))?;
+        std::fs::remove_file(path).map_err(|source| ServeError::Replace { path: at(), source })?;
     }
     // The socket is made with the umask's bits, then narrowed: create it
     // under a tight umask so it is never wider than asked, not even briefly.
-    // SAFETY: umask only swaps the process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| format!("cannot listen on {shown}: {e}"))?;
+    let bound = vmm_glue::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(path));
+    let listen_failed = |source| ServeError::ListenControl { path: at(), source };
+    let listener = bound.map_err(listen_failed)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("cannot set the mode of {shown}: {e}"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("cannot listen on {shown}: {e}"))?;
+        .map_err(|source| ServeError::Mode { path: at(), source })?;
+    listener.set_nonblocking(true).map_err(listen_failed)?;
     Ok(listener)
 }
 
-fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<(), String> {
+fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<(), ServeError> {
     let bound = bind(&settings)?;
     let mut net = tokio::runtime::Builder::new_multi_thread();
     net.enable_all().thread_name("slipway-net");
@@ -212,13 +255,12 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
     if settings.confine.enabled {
         confine(path.as_deref(), &settings)?;
     }
-    let net = net
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let net = net.build().map_err(ServeError::Runtime)?;
     let control_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        .map_err(ServeError::Runtime)?;
+    let serving = |what| move |source| ServeError::Serve { what, source };
 
     let shared = Arc::new(Shared {
         registry: Registry::new(net.handle().clone()),
@@ -228,8 +270,8 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
     let gateway = match (bound.gateway, &settings.gateway) {
         (Some(listener), Some(g)) => {
             let _in_net = net.enter();
-            let listener = tokio::net::TcpListener::from_std(listener)
-                .map_err(|e| format!("cannot serve the gateway: {e}"))?;
+            let listener =
+                tokio::net::TcpListener::from_std(listener).map_err(serving("the gateway"))?;
             let gw = ingress::Gateway::new(
                 ingress::GatewayConfig {
                     domain: g.domain.clone(),
@@ -246,11 +288,10 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
     let socket = settings.control.socket.clone();
     let result = control_rt.block_on(async {
         let control = tokio::net::UnixListener::from_std(bound.control)
-            .map_err(|e| format!("cannot serve the control socket: {e}"))?;
+            .map_err(serving("the control socket"))?;
         tokio::spawn(control::serve(control, shared.clone()));
         if let Some(l) = bound.metrics {
-            let l = tokio::net::TcpListener::from_std(l)
-                .map_err(|e| format!("cannot serve metrics: {e}"))?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(serving("metrics"))?;
             tokio::spawn(metrics::serve(l, shared.clone()));
         }
         let shown =
@@ -277,7 +318,7 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
             shown(settings.metrics),
         );
         run_until_stopped(&shared, path.as_deref(), &settings, &log, gateway).await;
-        Ok::<_, String>(())
+        Ok::<_, ServeError>(())
     });
     let _ = std::fs::remove_file(&socket);
     net.shutdown_timeout(Duration::from_secs(1));
@@ -286,7 +327,7 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
 
 /// Sockets bound, nothing running yet: confine the process before the
 /// runtimes start their threads.
-fn confine(path: Option<&Path>, settings: &Settings) -> Result<(), String> {
+fn confine(path: Option<&Path>, settings: &Settings) -> Result<(), ServeError> {
     let file = &settings.file;
     let paths = crate::confine::modes::ServePaths {
         config: path,
@@ -301,9 +342,7 @@ fn confine(path: Option<&Path>, settings: &Settings) -> Result<(), String> {
         tap_fd: settings.confine.tap_fd,
     };
     let (plan, fence) = crate::confine::modes::serve(&paths);
-    crate::confine::begin(&plan)
-        .and_then(|()| crate::confine::finish(&plan))
-        .map_err(|e| crate::chain(&e))?;
+    crate::confine::begin(&plan).and_then(|()| crate::confine::finish(&plan))?;
     crate::confine::set_fence(fence);
     Ok(())
 }

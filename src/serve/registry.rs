@@ -4,11 +4,12 @@
 //! the registry's lock and either completes or leaves nothing behind.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use hyper::StatusCode;
+use ingress::token::NoRandomness;
 use ingress::{Directory, Route, RouteSpec, SandboxId};
 use netstack::driver::{DriverHandle, Parked, Snapshot};
 use netstack::{AddressPlan, Stack};
@@ -16,17 +17,54 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::api::{ApiError, CreateSandbox, Egress, NetworkUpdate, TransportSpec};
-use super::door::StackDoor;
-use super::links;
+use vmm_glue::transport::{FdOwner, OpenOptions};
+use vmm_glue::{Transport, TransportError, TransportSpec};
+
+use super::api::{CreateSandbox, Egress, NetworkUpdate};
 use super::settings::SandboxDefaults;
 use super::view::{CountersView, GuestView, NetworkView, SandboxView, TransportView};
+use crate::door::StackDoor;
 
 /// How long a sandbox's driver may take to answer a question or to stop.
 const DRIVER_ANSWER: Duration = Duration::from_secs(2);
 /// How long GET waits for a sandbox's counters: a sandbox waiting for its
 /// VMM has no driver to answer, and shows none.
 const COUNTERS_WAIT: Duration = Duration::from_millis(250);
+
+/// Why the registry refused or failed a request. `control` alone turns
+/// these into HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("slipway is shutting down")]
+    Draining,
+    #[error("sandbox {0} not found")]
+    NotFound(SandboxId),
+    #[error("sandbox {0} already exists")]
+    Exists(SandboxId),
+    #[error("this slipway serves its limit of {0} sandboxes (sandbox.max_sandboxes)")]
+    Full(usize),
+    #[error("{} is sandbox {owner}'s socket", path.display())]
+    SocketTaken { path: PathBuf, owner: SandboxId },
+    /// Confinement fences this transport off (confine.socket_dirs, confine.tap_fd).
+    #[error("{why}")]
+    Fenced { spec: TransportSpec, why: String },
+    /// The transport would not open; the spec says which request field.
+    #[error("{source}")]
+    Transport {
+        spec: TransportSpec,
+        #[source]
+        source: TransportError,
+    },
+    #[error(transparent)]
+    Route(#[from] NoRandomness),
+    // getrandom's error is not a std error without its `std` feature.
+    #[error("cannot draw random bytes: {0}")]
+    Random(getrandom::Error),
+    #[error("sandbox {id}'s network is not running ({state}): delete it")]
+    NotRunning { id: SandboxId, state: String },
+    #[error("sandbox {0} allows public traffic: it has no traffic access token")]
+    NoToken(SandboxId),
+}
 
 /// What became of a sandbox's link.
 #[derive(Debug, Clone)]
@@ -189,11 +227,11 @@ impl Registry {
         all
     }
 
-    pub fn get(&self, id: &SandboxId) -> Result<Arc<Sandbox>, ApiError> {
+    pub fn get(&self, id: &SandboxId) -> Result<Arc<Sandbox>, RegistryError> {
         lock(&self.sandboxes)
             .get(id)
             .cloned()
-            .ok_or_else(|| ApiError::not_found(id))
+            .ok_or_else(|| RegistryError::NotFound(id.clone()))
     }
 
     /// Create a sandbox: open its transport, build its stack, route it, start
@@ -203,47 +241,33 @@ impl Registry {
         req: CreateSandbox,
         caller: Option<i32>,
         defaults: &SandboxDefaults,
-    ) -> Result<SandboxView, ApiError> {
+    ) -> Result<SandboxView, RegistryError> {
         let mut sandboxes = lock(&self.sandboxes);
         if self.draining.load(Ordering::Relaxed) {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "slipway is shutting down",
-            ));
+            return Err(RegistryError::Draining);
         }
         let id = match req.id {
             Some(id) => id,
             None => unused_id(&sandboxes)?,
         };
         if sandboxes.contains_key(&id) {
-            return Err(ApiError {
-                status: StatusCode::CONFLICT,
-                message: format!("sandbox {id} already exists"),
-                field: Some("sandboxID"),
-            });
+            return Err(RegistryError::Exists(id));
         }
         if sandboxes.len() >= defaults.max_sandboxes {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "this slipway serves its limit of {} sandboxes (sandbox.max_sandboxes)",
-                    defaults.max_sandboxes
-                ),
-            ));
+            return Err(RegistryError::Full(defaults.max_sandboxes));
         }
         if let Some(path) = req.transport.socket_path() {
             if let Some(other) = sandboxes
                 .values()
                 .find(|s| s.transport.socket_path() == Some(path))
             {
-                return Err(ApiError {
-                    status: StatusCode::CONFLICT,
-                    message: format!("{} is sandbox {}'s socket", path.display(), other.id),
-                    field: Some("transport"),
+                return Err(RegistryError::SocketTaken {
+                    path: path.clone(),
+                    owner: other.id.clone(),
                 });
             }
         }
-        let transport = links::open(&req.transport, caller, defaults.stack.mtu)?;
+        let transport = open(&req.transport, caller, defaults.stack.mtu)?;
         let transport_detail = transport.describe();
         let mut cfg = defaults.stack.clone();
         cfg.random_seed = random_u64()?;
@@ -251,17 +275,13 @@ impl Registry {
         let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
         let parked = Parked::new(stack);
         let handle = parked.handle();
-        let door = StackDoor {
-            handle: handle.clone(),
-            live: self.guest_connections.clone(),
-        };
+        let door = StackDoor::new(handle.clone(), self.guest_connections.clone());
         let spec = RouteSpec {
             allow_public_traffic: req.public.allow_public_traffic,
             mask_request_host: req.public.mask_request_host.as_ref().map(|m| m.1.clone()),
             max_connections: defaults.max_inbound,
         };
-        let (route, token) = Route::new(Arc::new(door), spec)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let (route, token) = Route::new(Arc::new(door), spec)?;
         // Nothing can fail from here on.
         let route = self.directory.insert(id.clone(), route);
         let state = Arc::new(Mutex::new(LinkState::Running));
@@ -297,24 +317,21 @@ impl Registry {
     }
 
     /// One sandbox with its counters (null when its driver does not answer).
-    pub async fn describe(&self, id: &SandboxId) -> Result<SandboxView, ApiError> {
+    pub async fn describe(&self, id: &SandboxId) -> Result<SandboxView, RegistryError> {
         let sandbox = self.get(id)?;
         let snapshot = sandbox.snapshot(COUNTERS_WAIT).await;
         Ok(sandbox.view(None, snapshot.as_ref()))
     }
 
     /// Replace the egress policy whole; the driver resets the flows it now denies.
-    pub fn set_network(&self, id: &SandboxId, update: NetworkUpdate) -> Result<(), ApiError> {
+    pub fn set_network(&self, id: &SandboxId, update: NetworkUpdate) -> Result<(), RegistryError> {
         let sandbox = self.get(id)?;
         let mut asked = lock(&sandbox.egress);
         if !sandbox.handle.set_policy(update.egress.policy.clone()) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!(
-                    "sandbox {id}'s network is not running ({}): delete it",
-                    lock(&sandbox.state).describe()
-                ),
-            ));
+            return Err(RegistryError::NotRunning {
+                id: id.clone(),
+                state: lock(&sandbox.state).describe(),
+            });
         }
         *asked = AskedEgress::from(&update.egress);
         tracing::info!(sandbox = %id, allow_out = ?asked.allow_out, deny_out = ?asked.deny_out,
@@ -322,30 +339,23 @@ impl Registry {
         Ok(())
     }
 
-    pub fn rotate_token(&self, id: &SandboxId) -> Result<String, ApiError> {
+    pub fn rotate_token(&self, id: &SandboxId) -> Result<String, RegistryError> {
         let sandbox = self.get(id)?;
-        match sandbox.route.rotate_token() {
-            Ok(Some(token)) => {
+        match sandbox.route.rotate_token()? {
+            Some(token) => {
                 tracing::info!(sandbox = %id, "traffic access token rotated");
                 Ok(token.as_str().to_string())
             }
-            Ok(None) => Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("sandbox {id} allows public traffic: it has no traffic access token"),
-            )),
-            Err(e) => Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-            )),
+            None => Err(RegistryError::NoToken(id.clone())),
         }
     }
 
     /// Take the sandbox out of the gateway and the registry, reset its flows,
     /// stop its driver.
-    pub async fn delete(&self, id: &SandboxId) -> Result<(), ApiError> {
+    pub async fn delete(&self, id: &SandboxId) -> Result<(), RegistryError> {
         let sandbox = lock(&self.sandboxes)
             .remove(id)
-            .ok_or_else(|| ApiError::not_found(id))?;
+            .ok_or_else(|| RegistryError::NotFound(id.clone()))?;
         self.directory.remove(id);
         sandbox.tear_down().await;
         tracing::info!(sandbox = %id, "sandbox deleted");
@@ -381,7 +391,7 @@ impl Registry {
 /// A sandbox's driver task: serve its transport until told to stop.
 async fn drive(
     parked: Parked,
-    transport: crate::transport::Transport,
+    transport: Transport,
     stopped: oneshot::Receiver<()>,
     state: Arc<Mutex<LinkState>>,
 ) {
@@ -392,11 +402,12 @@ async fn drive(
         tokio::task::yield_now().await;
     };
     let mut stop = std::pin::pin!(stop);
-    let end = match crate::transport::serve(parked, transport, stop.as_mut()).await {
+    let end = match vmm_glue::transport::serve(parked, transport, stop.as_mut()).await {
         Ok(()) => LinkState::Stopped,
         Err(e) => {
-            tracing::warn!(error = %e, "the sandbox's link failed; its network is down until it is deleted");
-            LinkState::Failed(e)
+            let why = vmm_glue::chain(&e);
+            tracing::warn!(error = %why, "the sandbox's link failed; its network is down until it is deleted");
+            LinkState::Failed(why)
         }
     };
     *lock(&state) = end;
@@ -406,17 +417,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn random_u64() -> Result<u64, ApiError> {
-    getrandom::u64().map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot draw random bytes: {e}"),
-        )
-    })
+/// Open a sandbox's transport, unless confinement fences it off; nothing
+/// is left behind on error. Taps and vhost-user get checksum and
+/// segmentation offloads at `mtu` (a tapFd only when it was attached with a
+/// virtio-net header). A tapFd is taken from `caller`, the requesting process.
+fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Transport, RegistryError> {
+    let fenced = match spec {
+        TransportSpec::TapFd(_) => crate::confine::tap_fd_refusal().map(str::to_string),
+        TransportSpec::QemuStream { connect: true, .. } | TransportSpec::Tap(_) => None,
+        TransportSpec::QemuStream { path, .. }
+        | TransportSpec::QemuDgram { path, .. }
+        | TransportSpec::VhostUser { path } => crate::confine::socket_refusal(path),
+    };
+    if let Some(why) = fenced {
+        return Err(RegistryError::Fenced {
+            spec: spec.clone(),
+            why,
+        });
+    }
+    let options = OpenOptions {
+        offload_mtu: Some(mtu),
+        fd_owner: FdOwner::Caller(caller),
+    };
+    spec.open(options)
+        .map_err(|source| RegistryError::Transport {
+            spec: spec.clone(),
+            source,
+        })
+}
+
+fn random_u64() -> Result<u64, RegistryError> {
+    getrandom::u64().map_err(RegistryError::Random)
 }
 
 /// Twelve characters of a-z0-9 not in use yet.
-fn unused_id(taken: &HashMap<SandboxId, Arc<Sandbox>>) -> Result<SandboxId, ApiError> {
+fn unused_id(taken: &HashMap<SandboxId, Arc<Sandbox>>) -> Result<SandboxId, RegistryError> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     loop {
         let mut seed = random_u64()?;

@@ -7,6 +7,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// Why `name` cannot be a Linux interface name (the kernel's `dev_valid_name`),
 /// or `None` when it can. A `%d` in the name is fine: the kernel picks a number.
+/// The kernel's isspace() is Latin-1's: 0xa0 (no-break space) counts, so a
+/// UTF-8 name with that byte in it is refused as the kernel would refuse it.
 pub(crate) fn invalid_name_reason(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         Some("it is empty")
@@ -16,7 +18,7 @@ pub(crate) fn invalid_name_reason(name: &str) -> Option<&'static str> {
         Some("it is `.` or `..`")
     } else if name
         .bytes()
-        .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace() || b == 0x0b)
+        .any(|b| matches!(b, b'/' | b':' | 0 | b' ' | b'\t'..=b'\r' | 0xa0))
     {
         Some("it contains `/`, `:`, a NUL or whitespace")
     } else {

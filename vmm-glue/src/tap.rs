@@ -18,7 +18,10 @@ const MAX_VNET_HDR_LEN: usize = 32;
 /// What went wrong opening or adopting a tap, and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    #[error("invalid tap name {name:?}: {reason}")]
+    #[error(
+        "invalid tap name {name:?}: {reason}; give 1 to 15 bytes, none of them '/', ':', \
+         whitespace or NUL, and not '.' or '..'"
+    )]
     InvalidName { name: String, reason: &'static str },
     #[error(
         "/dev/net/tun does not exist (or the tun driver is not loaded); load the tun module (modprobe tun)"
@@ -128,13 +131,21 @@ impl Tap {
         Ok(tap)
     }
 
-    fn open_flags(name: &str, iff: libc::c_int) -> Result<Tap> {
-        if let Some(reason) = invalid_name_reason(name) {
-            return Err(TapError::InvalidName {
+    /// Refuses a name the kernel would refuse (`dev_valid_name` in
+    /// net/core/dev.c), before asking it: the one check for tap names, used
+    /// by the control API when it parses a request too.
+    pub fn check_name(name: &str) -> Result<()> {
+        match invalid_name_reason(name) {
+            Some(reason) => Err(TapError::InvalidName {
                 name: name.to_owned(),
                 reason,
-            });
+            }),
+            None => Ok(()),
         }
+    }
+
+    fn open_flags(name: &str, iff: libc::c_int) -> Result<Tap> {
+        Self::check_name(name)?;
         let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the path is a NUL-terminated literal; open has no other
         // preconditions.

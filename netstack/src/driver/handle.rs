@@ -13,6 +13,10 @@ use crate::stack::{Stack, Stats};
 pub enum GuestConnectError {
     #[error("the sandbox's incoming-connection cap is reached")]
     OverCap,
+    /// Every local port of the gateway's address toward this guest port is
+    /// in use: the gateway ran out of ports, the guest is not over any cap.
+    #[error("the gateway has no local port free for another connection to the sandbox")]
+    NoPort,
     #[error("nothing listens on that port in the sandbox (the guest answered RST)")]
     Refused,
     #[error("the sandbox did not answer")]

@@ -325,8 +325,11 @@ impl<L: Link> Driver<L> {
                             let _ = reply.send(Err(GuestConnectError::Gone));
                         }
                     },
-                    Err(InboundError::OverCap) | Err(InboundError::NoPort) => {
+                    Err(InboundError::OverCap) => {
                         let _ = reply.send(Err(GuestConnectError::OverCap));
+                    }
+                    Err(InboundError::NoPort) => {
+                        let _ = reply.send(Err(GuestConnectError::NoPort));
                     }
                 }
             }

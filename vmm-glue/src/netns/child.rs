@@ -82,7 +82,7 @@ fn sandbox(plan: &Plan<'_>, control: BorrowedFd<'_>) -> i32 {
     let tap = match setup(plan) {
         Ok(tap) => tap,
         Err(err) => {
-            let _ = control::send(control, Message::SetupFailed(&one_line(&err)));
+            let _ = control::send(control, Message::SetupFailed(&crate::chain(&err)));
             return 126;
         }
     };
@@ -322,18 +322,6 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
-/// An error and its causes on one line: "what: why: OS error".
-fn one_line(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +333,7 @@ mod tests {
             reason: userns_refusal(&source),
             source,
         };
-        let line = one_line(&err);
+        let line = crate::chain(&err);
         assert!(
             line.starts_with(
                 "cannot create a user namespace: unprivileged user namespaces are disabled"
@@ -368,7 +356,7 @@ mod tests {
         let err = SetupError::from(TapError::TunPermission(io::Error::from_raw_os_error(
             libc::EACCES,
         )));
-        let line = one_line(&err);
+        let line = crate::chain(&err);
         assert!(
             line.starts_with("cannot open /dev/net/tun: permission denied"),
             "{line}"

@@ -1,4 +1,5 @@
-//! The gateway's way into one sandbox's stack, counted: every connection it
+//! The public URL gateway's way into one sandbox's stack (for `serve`'s many
+//! sandboxes and for `run`/`attach`'s one), counted: every connection it
 //! opens into a guest holds one count until dropped, so that draining on
 //! SIGTERM can tell when the requests in flight have finished.
 
@@ -14,9 +15,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
 pub struct StackDoor {
-    pub handle: DriverHandle,
-    /// Connections into guests alive now, over all sandboxes.
-    pub live: Arc<AtomicUsize>,
+    handle: DriverHandle,
+    /// Connections into guests alive now (over all of `serve`'s sandboxes).
+    live: Arc<AtomicUsize>,
+}
+
+impl StackDoor {
+    pub fn new(handle: DriverHandle, live: Arc<AtomicUsize>) -> Self {
+        Self { handle, live }
+    }
 }
 
 impl GuestConnector for StackDoor {
@@ -27,6 +34,7 @@ impl GuestConnector for StackDoor {
                     Ok(Box::new(Counted::new(stream, self.live.clone())) as BoxGuestStream)
                 }
                 Err(GuestConnectError::OverCap) => Err(GuestError::OverCap),
+                Err(GuestConnectError::NoPort) => Err(GuestError::NoPort),
                 Err(GuestConnectError::Refused) => Err(GuestError::Refused),
                 Err(GuestConnectError::TimedOut) => Err(GuestError::TimedOut),
                 Err(GuestConnectError::Gone) => Err(GuestError::Gone),

@@ -5,29 +5,26 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use ingress::{
-    BoxGuestStream, ConnectFuture, Directory, Forward, ForwardSpec, Gateway, GuestConnector,
-    GuestError, GuestPort, Route,
-};
-use netstack::driver::{DriverHandle, GuestConnectError};
+use ingress::{Directory, Forward, ForwardSpec, Gateway, Route};
+use netstack::driver::DriverHandle;
 
 use crate::cli::IngressPlan;
+use crate::door::StackDoor;
 
-/// The way into a sandbox's stack, as the gateway wants it.
-struct StackDoor(DriverHandle);
-
-impl GuestConnector for StackDoor {
-    fn connect(&self, port: GuestPort) -> ConnectFuture<'_> {
-        Box::pin(async move {
-            match self.0.connect_guest(port.get(), false).await {
-                Ok(stream) => Ok(Box::new(stream) as BoxGuestStream),
-                Err(GuestConnectError::OverCap) => Err(GuestError::OverCap),
-                Err(GuestConnectError::Refused) => Err(GuestError::Refused),
-                Err(GuestConnectError::TimedOut) => Err(GuestError::TimedOut),
-                Err(GuestConnectError::Gone) => Err(GuestError::Gone),
-            }
-        })
-    }
+/// Why the public URL gateway could not start; each names the address.
+#[derive(Debug, thiserror::Error)]
+pub enum PublicUrlError {
+    #[error("cannot listen on {addr} for {what}")]
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Route(#[from] ingress::token::NoRandomness),
+    #[error("cannot serve a bound listener")]
+    Serve(#[source] std::io::Error),
 }
 
 /// Sockets bound before the sandbox starts.
@@ -36,15 +33,18 @@ pub struct Listeners {
     forwards: Vec<(std::net::TcpListener, ForwardSpec)>,
 }
 
-fn listen(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, String> {
-    let l = std::net::TcpListener::bind(addr)
-        .map_err(|e| format!("cannot listen on {addr} for {what}: {e}"))?;
-    l.set_nonblocking(true)
-        .map_err(|e| format!("cannot listen on {addr} for {what}: {e}"))?;
+/// A non-blocking TCP listener on `addr`, for `what` (named in the error).
+pub fn listen(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<std::net::TcpListener, PublicUrlError> {
+    let failed = |source| PublicUrlError::Listen { addr, what, source };
+    let l = std::net::TcpListener::bind(addr).map_err(failed)?;
+    l.set_nonblocking(true).map_err(failed)?;
     Ok(l)
 }
 
-pub fn bind(plan: &IngressPlan) -> Result<Listeners, String> {
+pub fn bind(plan: &IngressPlan) -> Result<Listeners, PublicUrlError> {
     let http = match plan.addr {
         Some(addr) => Some(listen(addr, "--ingress")?),
         None => None,
@@ -60,38 +60,42 @@ pub fn bind(plan: &IngressPlan) -> Result<Listeners, String> {
             let addr = SocketAddr::new(ip, f.host_port);
             Ok((listen(addr, "--forward")?, f.clone()))
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, PublicUrlError>>()?;
     Ok(Listeners { http, forwards })
 }
 
 /// Put the sandbox in a directory and serve it. Call inside the runtime.
-pub fn start(plan: IngressPlan, listeners: Listeners, handle: DriverHandle) -> Result<(), String> {
+pub fn start(
+    plan: IngressPlan,
+    listeners: Listeners,
+    handle: DriverHandle,
+) -> Result<(), PublicUrlError> {
     let directory = Arc::new(Directory::new());
-    let (route, token) =
-        Route::new(Arc::new(StackDoor(handle)), plan.route).map_err(|e| e.to_string())?;
+    let door = StackDoor::new(handle, Arc::default());
+    let (route, token) = Route::new(Arc::new(door), plan.route)?;
     let route = directory.insert(plan.sandbox.clone(), route);
     let domain = plan.gateway.domain.to_string();
     let gateway = Gateway::new(plan.gateway, directory);
     let id = &plan.sandbox;
     eprintln!("slipway: sandbox id: {id}");
     if let Some(l) = listeners.http {
-        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let addr = l.local_addr().map_err(PublicUrlError::Serve)?;
         let scheme = if gateway.is_tls() { "https" } else { "http" };
         eprintln!(
             "slipway: public URLs: {scheme}://<port>-{id}.{domain}:{} (gateway on {addr})",
             addr.port()
         );
-        let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
+        let l = tokio::net::TcpListener::from_std(l).map_err(PublicUrlError::Serve)?;
         tokio::spawn(gateway.clone().serve(l));
     }
     for (l, spec) in listeners.forwards {
-        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let addr = l.local_addr().map_err(PublicUrlError::Serve)?;
         eprintln!(
             "slipway: forwarding tcp {addr} to guest port {}{}",
             spec.guest_port,
             if spec.proxy_v2 { " (PROXY v2)" } else { "" }
         );
-        let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
+        let l = tokio::net::TcpListener::from_std(l).map_err(PublicUrlError::Serve)?;
         let forward = Forward {
             sandbox: plan.sandbox.clone(),
             spec,
