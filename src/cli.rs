@@ -140,6 +140,10 @@ pub struct NetOpts {
     /// Resolver that queries to the stack's DNS address go to [default: first nameserver in /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]")]
     pub dns_upstream: Option<String>,
+    /// E2B's dnsServers: with names in --allow-out, DNS to ADDR:53 is answered by the
+    /// filtering resolver [default: 8.8.8.8]; repeatable; `none` for no address.
+    #[arg(long = "dns-server", value_name = "ADDR", value_delimiter = ',')]
+    pub dns_server: Vec<String>,
     /// IP MTU of the sandbox link (1280..=65520).
     #[arg(long, default_value_t = 65520, value_parser = clap::value_parser!(u32).range(1280..=65520))]
     pub mtu: u32,
@@ -384,8 +388,32 @@ impl NetOpts {
             Some(s) => Some(parse_upstream(s)?),
             None => vmm_glue::netns::host_resolver(),
         };
+        if !self.dns_server.is_empty() {
+            cfg.dns_servers = dns_servers(&self.dns_server)?;
+        }
         Ok(cfg)
     }
+}
+
+/// `--dns-server` values: addresses, or `none` alone for no address.
+fn dns_servers(raw: &[String]) -> Result<Vec<IpAddr>, UsageError> {
+    if raw.iter().any(|r| r.trim() == "none") {
+        if raw.len() > 1 {
+            return Err(UsageError(
+                "invalid --dns-server none: give `none` alone, or addresses".into(),
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    raw.iter()
+        .map(|r| {
+            r.trim().parse::<IpAddr>().map_err(|_| {
+                UsageError(format!(
+                    "invalid --dns-server {r}: give an IP address, or none"
+                ))
+            })
+        })
+        .collect()
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration, UsageError> {

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use common::World;
 
 const PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/probe.py");
+const DNS_ASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/dns_ask.py");
+/// A `--dns-server` address (TEST-NET-1): nothing listens there; the stack answers.
+const DNS_SERVER: &str = "192.0.2.99";
 const RESOLVER: &str = "203.0.113.53";
 
 /// dnsmasq in the world, answering for the test's names; killed on drop.
@@ -105,6 +108,9 @@ fn allowed_names_resolve_and_open_their_addresses_and_denied_ones_never_leave() 
         format!("python3 {PROBE} tcp 203.0.113.1 80"),
         // The rebinding answer keeps only its public address.
         "getent ahostsv4 rebind.allowed.test | awk '{print \"rebind \" $1}' | sort -u".into(),
+        // Straight to a --dns-server address: the same filtering resolver.
+        format!("python3 {DNS_ASK} {DNS_SERVER} app.allowed.test"),
+        format!("python3 {DNS_ASK} {DNS_SERVER} other.denied.test"),
     ]
     .join("\n");
     let run = w.run(
@@ -115,6 +121,8 @@ fn allowed_names_resolve_and_open_their_addresses_and_denied_ones_never_leave() 
             "ALL_TRAFFIC",
             "--dns-upstream",
             RESOLVER,
+            "--dns-server",
+            DNS_SERVER,
         ],
         &script,
     );
@@ -131,6 +139,18 @@ fn allowed_names_resolve_and_open_their_addresses_and_denied_ones_never_leave() 
     assert!(out.contains("ECONNREFUSED"), "{both}");
     assert!(out.contains("rebind 192.0.2.80"), "{both}");
     assert!(!out.contains("10.9.9.9"), "{both}");
+    assert!(
+        out.contains(&format!(
+            "dns-server app.allowed.test rcode=0 answers=1 from={DNS_SERVER}"
+        )),
+        "{both}"
+    );
+    assert!(
+        out.contains(&format!(
+            "dns-server other.denied.test rcode=3 answers=0 from={DNS_SERVER}"
+        )),
+        "{both}"
+    );
     // The flow log names the pin; the resolver logs what it blocked.
     assert!(log.contains("rule=dns pin"), "{both}");
     assert!(

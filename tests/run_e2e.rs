@@ -369,6 +369,14 @@ fn invalid_policy_entries_exit_2_naming_the_entry() {
             "invalid denied CIDR example.test",
         ),
         (
+            vec!["--dns-server", "nope"],
+            "invalid --dns-server nope: give an IP address, or none",
+        ),
+        (
+            vec!["--dns-server", "none,192.0.2.53"],
+            "invalid --dns-server none: give `none` alone, or addresses",
+        ),
+        (
             vec!["--allow-out", "1.2.3.4", "--deny-out", "300.1.1.1"],
             "invalid denied CIDR 300.1.1.1",
         ),

@@ -29,6 +29,7 @@ const HOSTILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/support/hostile_guest.py"
 );
+const DNS_ASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/dns_ask.py");
 
 /// The flood test measures throughput: the microVM tests (TCG burns CPUs)
 /// do not run beside it.
@@ -1437,4 +1438,40 @@ fn a_panic_in_one_sandboxs_stack_resets_its_flows_and_leaves_the_others_serving(
     let _ = held.kill();
     let _ = other.kill();
     let _ = (held.wait(), other.wait());
+}
+
+#[test]
+fn a_sandbox_with_names_filters_its_dns_and_counts_it() {
+    require_world!();
+    let w = World::new();
+    let serve = world_serve(&w, 19080, "");
+    let (guest, created) = Guest::create(
+        &w,
+        &serve,
+        "named",
+        "swnamed",
+        &["--allow-out", "world.test", "--deny-out", "ALL_TRAFFIC"],
+    );
+    assert_eq!(
+        created["network"]["allowOut"],
+        serde_json::json!(["world.test"]),
+        "{created}"
+    );
+    let ask = |name: &str| {
+        let out = guest.sh(&format!("python3 {DNS_ASK} 10.0.2.3 {name}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(ask("world.test").contains("rcode=0"), "{}", serve.log());
+    assert!(ask("blocked.test").contains("rcode=3"), "{}", serve.log());
+    let counters = serve.ctl_ok(&["get", "named"])["counters"].clone();
+    assert_eq!(counters["dnsForwarded"], 1, "{counters}");
+    assert_eq!(counters["dnsBlocked"], 1, "{counters}");
+    let m = metrics(&w, 19081);
+    assert!(
+        m.contains(r#"slipway_name_decisions_total{sandbox="named",kind="dns_blocked"} 1"#),
+        "{m}"
+    );
+    // The world's resolver answers world.test with 192.0.2.1: pinned.
+    assert_eq!(guest.probe("tcp", "192.0.2.1", 80), "connected");
+    assert_eq!(guest.probe("tcp", "198.51.100.1", 80), "ECONNREFUSED");
 }

@@ -130,6 +130,11 @@ pub struct StackConfig {
     pub dns_timeout: Duration,
     /// The resolver that DNS queries to the stack's DNS address are forwarded to.
     pub dns_upstream: Option<SocketAddr>,
+    /// E2B's `dnsServers`: under a policy that holds names, queries the guest
+    /// sends to these addresses on port 53 are answered by the stack's
+    /// filtering resolver, as if sent to its own DNS address; they are never
+    /// opened as destinations. E2B's default is 8.8.8.8; empty: none.
+    pub dns_servers: Vec<IpAddr>,
     /// Guest-visible addresses that the operator maps to the host's loopback.
     pub host_loopback_aliases: Vec<IpAddr>,
     pub caps: Caps,
@@ -147,6 +152,7 @@ impl Default for StackConfig {
             udp_idle_timeout: Duration::from_secs(60),
             dns_timeout: Duration::from_secs(10),
             dns_upstream: None,
+            dns_servers: vec![IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8))],
             host_loopback_aliases: Vec::new(),
             caps: Caps::default(),
             random_seed: 0x5eed,

@@ -193,3 +193,53 @@ fn dns_over_tcp_is_refused_while_names_are_filtered() {
     assert_eq!(rsts(&out).len(), 1);
     assert!(p.requests.is_empty());
 }
+
+/// E2B's dnsServers: while names are filtered, DNS to 8.8.8.8 (the default)
+/// or to the configured servers is the filtering resolver, answering from
+/// the address the guest asked; it is never opened as a destination.
+#[test]
+fn queries_to_dns_servers_are_answered_by_the_filtering_resolver() {
+    let quad8 = Ipv4Addr::new(8, 8, 8, 8);
+    let mut p = names_pair(&["app.example.test"]);
+    let query = dns_query(0x0808, "evil.test");
+    let out = p.inject(&udp_frame(sock(GUEST_V4, 40_000), sock(quad8, 53), &query));
+    let reply = udp_of(&out[0]).expect("the resolver answers itself");
+    assert_eq!(reply.src, sock(quad8, 53));
+    assert_eq!(reply.payload[3] & 0x0f, 3, "NXDOMAIN");
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+    let query = dns_query(0x0809, "app.example.test");
+    p.inject(&udp_frame(sock(GUEST_V4, 40_001), sock(quad8, 53), &query));
+    let (flow, _, dst) = take_datagram_open(&mut p).expect("forwarded");
+    assert_eq!(dst, sock(UPSTREAM, 53), "to the upstream, not to 8.8.8.8");
+    p.requests.clear();
+    p.stack.handle_host(
+        p.at(),
+        flow,
+        HostEvent::Datagram(&answer(&query, &[(APP, 60)])),
+    );
+    let out = p.flush();
+    assert_eq!(udp_of(&out[0]).unwrap().src, sock(quad8, 53));
+    assert_eq!(p.stack.pinned_addresses(), 1);
+    // TCP to it is refused like the resolver's own address.
+    let out = p.inject(&tcp_syn(sock(GUEST_V4, 40_002), sock(quad8, 53), 1));
+    assert_eq!(rsts(&out).len(), 1);
+
+    // No names: 8.8.8.8 is an ordinary destination again.
+    let at = p.at();
+    p.stack.set_policy(at, policy(&[], &["ALL_TRAFFIC"]));
+    p.requests.clear();
+    let out = p.inject(&udp_frame(sock(GUEST_V4, 40_003), sock(quad8, 53), &query));
+    assert_eq!(icmps(&out).len(), 1, "denied as any address is");
+    assert!(take_datagram_open(&mut p).is_none());
+
+    // An empty dnsServers intercepts nothing.
+    let cfg = StackConfig {
+        dns_upstream: Some(sock(UPSTREAM, 53)),
+        dns_servers: Vec::new(),
+        ..StackConfig::default()
+    };
+    let mut p = Pair::new(cfg, policy(&["app.example.test"], &["ALL_TRAFFIC"]));
+    let out = p.inject(&udp_frame(sock(GUEST_V4, 40_000), sock(quad8, 53), &query));
+    assert_eq!(icmps(&out).len(), 1);
+    assert!(take_datagram_open(&mut p).is_none());
+}

@@ -148,6 +148,11 @@ pub async fn render(shared: &Shared) -> String {
         "counter",
         "New flows refused because a per-sandbox cap was reached, by cap.",
     );
+    let mut names = Family::new(
+        "slipway_name_decisions_total",
+        "counter",
+        "Egress by name: DNS queries forwarded and blocked by the filtering resolver, answers rewritten without internal addresses, flows a DNS pin allowed.",
+    );
     let mut panics = Family::new(
         "slipway_stack_panics_total",
         "counter",
@@ -201,6 +206,18 @@ pub async fn render(shared: &Shared) -> String {
                 *n,
             );
         }
+        for (kind, n) in [
+            ("dns_forwarded", st.dns_forwarded),
+            ("dns_blocked", st.dns_blocked),
+            ("dns_answer_rewritten", st.dns_answers_rewritten),
+            ("pinned_flow", st.pinned_flows),
+        ] {
+            names.sample(
+                "slipway_name_decisions_total",
+                &format!("sandbox=\"{id}\",kind=\"{kind}\""),
+                n,
+            );
+        }
         panics.sample(
             "slipway_stack_panics_total",
             &format!("sandbox=\"{id}\""),
@@ -248,7 +265,7 @@ pub async fn render(shared: &Shared) -> String {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     for f in [
-        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics,
+        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics, names,
     ] {
         out.push_str(&f.text);
     }

@@ -69,6 +69,13 @@ pub struct CountersView {
     pub bytes_to_guest: u64,
     /// Times this sandbox's stack panicked and was made anew (flows reset).
     pub stack_panics: u64,
+    /// The filtering resolver (names in allowOut): queries forwarded and
+    /// blocked, answers rewritten without internal addresses, flows a DNS
+    /// pin allowed.
+    pub dns_forwarded: u64,
+    pub dns_blocked: u64,
+    pub dns_answers_rewritten: u64,
+    pub pinned_flows: u64,
 }
 
 impl From<&netstack::driver::Snapshot> for CountersView {
@@ -85,6 +92,10 @@ impl From<&netstack::driver::Snapshot> for CountersView {
             bytes_to_host: s.stats.bytes_to_host,
             bytes_to_guest: s.stats.bytes_to_guest,
             stack_panics: s.stats.stack_panics,
+            dns_forwarded: s.stats.dns_forwarded,
+            dns_blocked: s.stats.dns_blocked,
+            dns_answers_rewritten: s.stats.dns_answers_rewritten,
+            pinned_flows: s.stats.pinned_flows,
         }
     }
 }

@@ -32,7 +32,6 @@ impl Stack {
         dst: SocketAddr,
         payload: &[u8],
     ) {
-        let plan = &self.cfg.plan;
         if dst.port() == 67 && src.port() == 68 {
             let reply = services::dhcp_reply(&self.cfg, self.gateway_mac, payload);
             return self.emit(reply);
@@ -42,7 +41,7 @@ impl Stack {
             self.stats.dropped("UDP to broadcast or multicast");
             return;
         }
-        let dns = plan.is_dns(dst.ip()) && dst.port() == 53;
+        let dns = self.is_resolver(dst);
         if dns && !services::looks_like_dns_query(payload) {
             self.stats.dropped("not a DNS query");
             return;

@@ -442,7 +442,7 @@ impl Stack {
         if let Some(lo) = self.cfg.host_loopback_for(dst.ip()) {
             return Some((SocketAddr::new(lo, dst.port()), dst.ip(), true));
         }
-        if self.cfg.plan.is_dns(dst.ip()) && dst.port() == 53 {
+        if self.is_resolver(dst) {
             let up = self.cfg.dns_upstream?;
             return Some((up, up.ip(), true));
         }
@@ -529,9 +529,13 @@ impl Stack {
         }
     }
 
-    /// The stack's own DNS address and port, where the resolver answers.
+    /// Where the filtering resolver answers: the stack's own DNS address on
+    /// port 53, and, while names are filtered, the `dns_servers` the guest
+    /// may have been told about.
     fn is_resolver(&self, dst: SocketAddr) -> bool {
-        self.cfg.plan.is_dns(dst.ip()) && dst.port() == 53
+        dst.port() == 53
+            && (self.cfg.plan.is_dns(dst.ip())
+                || (self.filters_names() && self.cfg.dns_servers.contains(&dst.ip())))
     }
 
     // ----- driving ----------------------------------------------------------
