@@ -230,6 +230,9 @@ pub(crate) struct Harness {
     hold: bool,
     /// The highest flow id the core has handed out: ids are never reused.
     last_flow: u64,
+    /// Addresses an allowed name's DNS answer held (under a policy with
+    /// names the stack may pin them; it never pins anything else).
+    pinned: std::collections::HashSet<std::net::IpAddr>,
 }
 
 fn prune<T>(list: &mut Vec<T>, open: impl Fn(&T) -> bool) {
@@ -282,6 +285,7 @@ impl Harness {
             tracks: Vec::new(),
             hold: false,
             last_flow: 0,
+            pinned: Default::default(),
         }
     }
 
@@ -493,6 +497,16 @@ impl Harness {
     }
 
     fn host_datagram(&mut self, now: std::time::Instant, flow: FlowId, payload: &[u8]) {
+        if let Some(answer) = netstack::dns::Answer::parse(payload) {
+            if answer
+                .name
+                .as_deref()
+                .is_some_and(|n| self.policy.allows_name(n).is_some())
+            {
+                self.pinned
+                    .extend(answer.addresses.iter().map(|(ip, _)| *ip));
+            }
+        }
         let before = self.stack.queued_frames();
         self.stack.handle_host(now, flow, Event::Datagram(payload));
         if before >= self.cfg.caps.max_queued_frames {
@@ -610,7 +624,20 @@ impl Harness {
     /// Whether the policy in force lets the host reach `dst`, counting the
     /// operator's redirects (DNS upstream, host-loopback aliases).
     fn allowed(&self, dst: SocketAddr) -> bool {
-        if Some(dst) == self.cfg.dns_upstream && self.policy.decide(dst.ip(), true).allowed {
+        let names = !self.policy.names().is_empty();
+        // Under names the upstream is the filtering resolver's own.
+        if Some(dst) == self.cfg.dns_upstream
+            && (names || self.policy.decide(dst.ip(), true).allowed)
+        {
+            return true;
+        }
+        let ip = netstack::policy::canonical_ip(dst.ip());
+        if names
+            && self
+                .pinned
+                .iter()
+                .any(|p| netstack::policy::canonical_ip(*p) == ip)
+        {
             return true;
         }
         if dst.ip().is_loopback() {
