@@ -95,7 +95,8 @@ fn a_pending_host_connect_does_not_spin_the_stack() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start slipway run");
-    // `ip netns exec` execs slipway: same pid.
+    // `ip netns exec` execs slipway: same pid. (The world's drop kills
+    // whatever is left in its namespace if an assertion fails.)
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(1500));
     let before = cpu_time(pid);
@@ -212,6 +213,16 @@ fn echo_replies(frames: &[Vec<u8>]) -> Vec<u16> {
         .collect()
 }
 
+/// A child process that is killed when the test ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -226,16 +237,17 @@ fn rss_kib(pid: u32) -> u64 {
 fn a_vmm_that_stops_reading_cannot_grow_slipway_nor_leave_it_stale_frames() {
     let dir = Scratch::new("stall");
     let path = dir.0.join("net.sock");
-    let mut child = Command::new(common::slipway())
+    let child = Command::new(common::slipway())
         .args(["attach", "--qemu-stream"])
         .arg(&path)
         .args(["--log", "warn"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start slipway attach");
-    let pid = child.id();
+    let child = KillOnDrop(child);
+    let pid = child.0.id();
     let until = Instant::now() + Duration::from_secs(10);
     let mut vmm = loop {
         match UnixStream::connect(&path) {
@@ -278,6 +290,5 @@ fn a_vmm_that_stops_reading_cannot_grow_slipway_nor_leave_it_stale_frames() {
     let fresh = echo_replies(&read_frames(&mut vmm, Duration::from_millis(800)));
     assert_eq!(fresh, [9999]);
     eprintln!("RSS {before} KiB before, {after} KiB after 3000 unread 60 KB replies");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
