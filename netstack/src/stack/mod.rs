@@ -719,12 +719,15 @@ impl Stack {
         cap: Option<&str>,
     ) {
         match self.refusal_log.admit(self.now) {
-            Some(suppressed) => log_flow(proto, src, dst, v, cap, suppressed),
+            Some(suppressed) => log_flow(proto, src, dst, v, cap, None, suppressed),
             None => self.stats.log_lines_suppressed += 1,
         }
     }
 }
 
+/// The flow log line of a new flow. `name`: the name whose DNS pin allowed
+/// it; `suppressed`: refusals left out by the rate limit before this one.
+/// Either field appears only when it has a value.
 fn log_decision(
     proto: &str,
     src: SocketAddr,
@@ -733,20 +736,7 @@ fn log_decision(
     cap: Option<&str>,
     name: Option<&str>,
 ) {
-    match name {
-        // The name a pin stood for, and how it matched.
-        Some(name) => tracing::info!(
-            target: "slipway::flow",
-            proto,
-            %src,
-            %dst,
-            verdict = "allow",
-            rule = %v.rule,
-            name,
-            "new flow"
-        ),
-        None => log_flow(proto, src, dst, v, cap, 0),
-    }
+    log_flow(proto, src, dst, v, cap, name, 0);
 }
 
 fn log_flow(
@@ -755,6 +745,7 @@ fn log_flow(
     dst: SocketAddr,
     v: Verdict,
     cap: Option<&str>,
+    name: Option<&str>,
     suppressed: u64,
 ) {
     let verdict = match (v.allowed, cap) {
@@ -762,28 +753,16 @@ fn log_flow(
         (true, Some(_)) => "refuse",
         (false, _) => "deny",
     };
-    if suppressed > 0 {
-        tracing::info!(
-            target: "slipway::flow",
-            proto,
-            %src,
-            %dst,
-            verdict,
-            rule = %v.rule,
-            cap = cap.unwrap_or(""),
-            suppressed,
-            "new flow (after {suppressed} refusals not logged)"
-        );
-    } else {
-        tracing::info!(
-            target: "slipway::flow",
-            proto,
-            %src,
-            %dst,
-            verdict,
-            rule = %v.rule,
-            cap = cap.unwrap_or(""),
-            "new flow"
-        );
-    }
+    tracing::info!(
+        target: "slipway::flow",
+        proto,
+        %src,
+        %dst,
+        verdict,
+        rule = %v.rule,
+        cap = cap.unwrap_or(""),
+        name,
+        suppressed = (suppressed > 0).then_some(suppressed),
+        "new flow"
+    );
 }
