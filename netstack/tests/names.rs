@@ -90,7 +90,7 @@ fn upstream_answers(p: &mut Pair, query: &[u8], addrs: &[(Ipv4Addr, u32)]) -> Ve
 fn syn_gets_connect(p: &mut Pair, port: u16, dst: Ipv4Addr) -> Option<FlowId> {
     let out = p.inject(&tcp_syn(sock(GUEST_V4, port), sock(dst, 443), 1));
     let connect = p.take_request(|r| match r {
-        HostRequest::TcpConnect { flow, dst: d } if *d == sock(dst, 443) => Some(*flow),
+        HostRequest::TcpConnect { flow, dst: d, .. } if *d == sock(dst, 443) => Some(*flow),
         _ => None,
     });
     if connect.is_none() {

@@ -656,7 +656,7 @@ impl Harness {
 
     fn request(&mut self, req: HostRequest) {
         match req {
-            HostRequest::TcpConnect { flow, dst } => {
+            HostRequest::TcpConnect { flow, dst, .. } => {
                 assert!(flow.0 > self.last_flow, "flow id {flow} reused");
                 self.last_flow = flow.0;
                 assert!(

@@ -33,6 +33,8 @@ pub enum Command {
         reply: oneshot::Sender<Result<UnixStream, GuestConnectError>>,
     },
     SetPolicy(EgressPolicy),
+    /// Replace the DNS servers the guest may address (`Stack::set_dns_servers`).
+    SetDnsServers(Vec<std::net::IpAddr>),
     /// Reset every flow (RSTs both ways), as when a sandbox is torn down.
     ResetFlows,
     Stats(oneshot::Sender<Snapshot>),
@@ -74,6 +76,11 @@ impl DriverHandle {
     /// Replace the egress policy; live flows it denies are reset.
     pub fn set_policy(&self, policy: EgressPolicy) -> bool {
         self.tx.send(Command::SetPolicy(policy)).is_ok()
+    }
+
+    /// Replace the DNS servers whose queries the filtering resolver answers.
+    pub fn set_dns_servers(&self, servers: Vec<std::net::IpAddr>) -> bool {
+        self.tx.send(Command::SetDnsServers(servers)).is_ok()
     }
 
     /// Reset every flow: the guest and the host peers get RSTs.

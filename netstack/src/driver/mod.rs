@@ -334,6 +334,7 @@ impl<L: Link> Driver<L> {
                 }
             }
             Command::SetPolicy(policy) => self.stack.set_policy(now, policy),
+            Command::SetDnsServers(servers) => self.stack.set_dns_servers(now, servers),
             Command::ResetFlows => {
                 // The RSTs to the guest go out with the next frames; the
                 // host peers get theirs from the sockets closed here.
@@ -445,7 +446,7 @@ impl<L: Link> Driver<L> {
         while let Some(req) = self.stack.poll_request() {
             progress = true;
             match req {
-                HostRequest::TcpConnect { flow, dst } => match start_connect(dst) {
+                HostRequest::TcpConnect { flow, dst, .. } => match start_connect(dst) {
                     Ok(stream) => {
                         // Loopback and other fast peers are done before connect()
                         // returns: answer the guest in this same round.

@@ -89,9 +89,13 @@ pub enum HostRequest {
     /// Connect to `dst`; answer with `HostEvent::Connected` or
     /// `ConnectFailed`. A connect not answered within the configured
     /// timeout fails by itself, with a `TcpClose` for the host socket.
+    /// `name`: the flow was allowed by this name (a TLS SNI or an HTTP
+    /// Host the guest sent), and `dst` is an address the stack resolved it
+    /// to; an egress proxy is handed the name rather than the address.
     TcpConnect {
         flow: FlowId,
         dst: SocketAddr,
+        name: Option<String>,
     },
     /// The guest finished sending and all its data was taken: half-close the host side.
     TcpShutdown {
@@ -485,6 +489,14 @@ impl Stack {
         self.flush();
         // What the old link's host sockets were asked to do is moot now.
         self.requests.clear();
+    }
+
+    /// Replace the DNS servers the guest may address (E2B's `dnsServers`):
+    /// from now on queries to them are answered by the filtering resolver.
+    /// Open flows to an old server keep going until they end.
+    pub fn set_dns_servers(&mut self, now: std::time::Instant, servers: Vec<IpAddr>) {
+        self.clock(now);
+        self.cfg.dns_servers = servers;
     }
 
     /// Replace the policy atomically; live flows it now denies are reset.

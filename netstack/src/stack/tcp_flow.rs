@@ -205,6 +205,7 @@ impl Stack {
         self.requests.push_back(HostRequest::TcpConnect {
             flow,
             dst: host_dst,
+            name: None,
         });
     }
 

@@ -358,7 +358,7 @@ impl Pair {
         let mut got = None;
         self.run_until("a TcpConnect request", |p| {
             got = p.take_request(|r| match r {
-                HostRequest::TcpConnect { flow, dst } => Some((*flow, *dst)),
+                HostRequest::TcpConnect { flow, dst, .. } => Some((*flow, *dst)),
                 _ => None,
             });
             got.is_some()
