@@ -9,6 +9,7 @@ pub mod driver;
 pub mod names;
 pub mod policy;
 mod services;
+pub mod sniff;
 pub mod stack;
 pub mod wire;
 
