@@ -76,6 +76,13 @@ pub struct CountersView {
     pub dns_blocked: u64,
     pub dns_answers_rewritten: u64,
     pub pinned_flows: u64,
+    /// Flows allowed by the name in their TLS SNI / HTTP Host (the host
+    /// dialed the name), and flows reset because their first bytes named
+    /// no allowed host (`fronting_refused`: of those, on a pinned address).
+    pub sni_flows: u64,
+    pub host_flows: u64,
+    pub name_refused: u64,
+    pub fronting_refused: u64,
 }
 
 impl From<&netstack::driver::Snapshot> for CountersView {
@@ -96,6 +103,10 @@ impl From<&netstack::driver::Snapshot> for CountersView {
             dns_blocked: s.stats.dns_blocked,
             dns_answers_rewritten: s.stats.dns_answers_rewritten,
             pinned_flows: s.stats.pinned_flows,
+            sni_flows: s.stats.sni_flows,
+            host_flows: s.stats.host_flows,
+            name_refused: s.stats.name_refused,
+            fronting_refused: s.stats.fronting_refused,
         }
     }
 }
