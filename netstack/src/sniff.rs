@@ -247,6 +247,10 @@ fn http(bytes: &[u8]) -> Sniff {
         };
     };
     let line = trim_cr(&bytes[..line_end]);
+    if !looks_like_request_line_start(&line[method_end + 1..]) || line.contains(&b'\r') {
+        // What a shorter read would already have called "not HTTP".
+        return Sniff::Other;
+    }
     let mut parts = line[method_end + 1..].split(|&b| b == b' ');
     let (Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next()) else {
         return Sniff::Other;
