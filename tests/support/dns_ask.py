@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Ask SERVER:53 (UDP) for NAME's A record and print
-"dns-server NAME rcode=N answers=K from=ADDR", or "dns-server NAME timeout"."""
+"dns-server NAME rcode=N answers=K from=ADDR", or "dns-server NAME timeout"
+after SECONDS (an optional third argument; 5 by default)."""
 import socket
 import struct
 import sys
@@ -11,7 +12,7 @@ for label in name.split("."):
     q += bytes([len(label)]) + label.encode()
 q += b"\0" + struct.pack("!HH", 1, 1)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(5)
+s.settimeout(float(sys.argv[3]) if len(sys.argv) > 3 else 5)
 s.sendto(q, (server, 53))
 try:
     data, addr = s.recvfrom(4096)
