@@ -219,7 +219,7 @@ async fn open(
         Some(host) => match guest_tls::connect(stream, host).await {
             Ok(tls) => Box::new(tls),
             Err(e) => {
-                tracing::info!(target: "slipway::ingress", %sandbox, %port, error = %e, "https port: no TLS session with the guest");
+                tracing::debug!(target: "slipway::ingress", %sandbox, %port, error = %e, "https port: no TLS session with the guest");
                 return Err(match e {
                     GuestTlsError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
                     GuestTlsError::Handshake(_) => Refusal::GuestBroke(sandbox.clone(), port),
