@@ -45,13 +45,20 @@ pub struct GuestView {
     pub mtu: usize,
 }
 
+/// E2B's `SandboxNetworkInfo`: every list present (`[]`, never null), no
+/// secret ever.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkView {
     pub allow_out: Vec<String>,
     pub deny_out: Vec<String>,
+    /// In force: as asked, or the default (8.8.8.8) when not given.
+    pub dns_servers: Vec<String>,
+    // egressProxy (address, username, tls.serverName; never the password or
+    // caCert) goes here.
     pub allow_public_traffic: bool,
     pub mask_request_host: Option<String>,
+    pub https_ports: Vec<u16>,
 }
 
 #[derive(Debug, Serialize)]
