@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use hyper::StatusCode;
 use ingress::{HostMask, SandboxId};
-use netstack::{EgressPolicy, PolicyError, PolicySpec};
+use netstack::{EgressPolicy, EgressProxy, PolicyError, PolicySpec, ProxyError, ProxySpec, Secret};
 use serde::Deserialize;
 use vmm_glue::{Tap, TransportSpec};
 
@@ -58,6 +58,8 @@ pub struct Egress {
     pub allow_out: Vec<String>,
     pub deny_out: Vec<String>,
     pub policy: EgressPolicy,
+    /// E2B's `egressProxy`; `None`: direct.
+    pub egress_proxy: Option<EgressProxy>,
 }
 
 /// The public-URL half, fixed when the sandbox is created.
@@ -102,6 +104,7 @@ struct RawNetwork {
     deny_out: Option<Vec<String>>,
     allow_public_traffic: Option<bool>,
     mask_request_host: Option<String>,
+    egress_proxy: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +113,7 @@ struct RawNetworkUpdate {
     allow_internet_access: Option<bool>,
     allow_out: Option<Vec<String>>,
     deny_out: Option<Vec<String>>,
+    egress_proxy: Option<serde_json::Value>,
     // Named so that the refusal can say why, rather than "unknown field".
     allow_public_traffic: Option<serde_json::Value>,
     mask_request_host: Option<serde_json::Value>,
@@ -141,12 +145,13 @@ pub fn parse_create(body: &[u8], allow_internal: &[String]) -> Result<CreateSand
     };
     let transport = parse_transport(raw.transport)?;
     let network = raw.network.unwrap_or_default();
-    let egress = egress(
+    let mut egress = egress(
         raw.allow_internet_access.unwrap_or(true),
         network.allow_out.unwrap_or_default(),
         network.deny_out.unwrap_or_default(),
         allow_internal,
     )?;
+    egress.egress_proxy = egress_proxy(network.egress_proxy, &egress.policy)?;
     let mask_request_host = match network.mask_request_host {
         Some(m) => {
             let mask = HostMask::parse(&m)
@@ -182,14 +187,14 @@ pub fn parse_network_update(body: &[u8], allow_internal: &[String]) -> Result<Ne
             "maskRequestHost is fixed when the sandbox is created",
         ));
     }
-    Ok(NetworkUpdate {
-        egress: egress(
-            raw.allow_internet_access.unwrap_or(true),
-            raw.allow_out.unwrap_or_default(),
-            raw.deny_out.unwrap_or_default(),
-            allow_internal,
-        )?,
-    })
+    let mut egress = egress(
+        raw.allow_internet_access.unwrap_or(true),
+        raw.allow_out.unwrap_or_default(),
+        raw.deny_out.unwrap_or_default(),
+        allow_internal,
+    )?;
+    egress.egress_proxy = egress_proxy(raw.egress_proxy, &egress.policy)?;
+    Ok(NetworkUpdate { egress })
 }
 
 fn egress(
@@ -220,7 +225,88 @@ fn egress(
         allow_out: spec.allow_out,
         deny_out: spec.deny_out,
         policy,
+        egress_proxy: None,
     })
+}
+
+/// E2B's `egressProxy`: `{"address", "username", "password", "tls": true |
+/// {"serverName", "caCert"}}`; absent or null: direct. Read by hand, not
+/// by serde, so that no message ever quotes the password or the CA.
+fn egress_proxy(
+    raw: Option<serde_json::Value>,
+    policy: &EgressPolicy,
+) -> Result<Option<EgressProxy>> {
+    use serde_json::Value;
+    const GIVE: &str = "give {\"address\": \"host:port\", \"username\", \"password\", \"tls\": true | {\"serverName\", \"caCert\"}}";
+    let mut map = match raw {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "network.egressProxy",
+                format!("invalid egressProxy: {GIVE}"),
+            ))
+        }
+    };
+    // A string, or absent; the value itself is never quoted back.
+    let text = |map: &mut serde_json::Map<String, Value>, key: &str, field: &'static str| match map
+        .remove(key)
+    {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad(
+            field,
+            format!("invalid egressProxy {key}: give a string"),
+        )),
+    };
+    let address = text(&mut map, "address", "network.egressProxy.address")?.ok_or_else(|| {
+        ApiError::bad(
+            "network.egressProxy.address",
+            format!("egressProxy.address is missing: {GIVE}"),
+        )
+    })?;
+    let username = text(&mut map, "username", "network.egressProxy.username")?;
+    let password = text(&mut map, "password", "network.egressProxy.password")?.map(Secret::new);
+    let tls = match map.remove("tls") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(netstack::TlsSpec::default()),
+        Some(Value::Object(mut t)) => {
+            let server_name = text(&mut t, "serverName", "network.egressProxy.tls.serverName")?;
+            let ca_pem = text(&mut t, "caCert", "network.egressProxy.tls.caCert")?.map(Secret::new);
+            if let Some(k) = t.keys().next() {
+                return Err(ApiError::bad(
+                    "network.egressProxy.tls",
+                    format!("unknown field {k:?} in egressProxy.tls: give serverName and caCert"),
+                ));
+            }
+            Some(netstack::TlsSpec {
+                server_name,
+                ca_pem,
+            })
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "network.egressProxy.tls",
+                "invalid egressProxy tls: give true, false or {\"serverName\", \"caCert\"}",
+            ))
+        }
+    };
+    if let Some(k) = map.keys().next() {
+        return Err(ApiError::bad(
+            "network.egressProxy",
+            format!("unknown field {k:?} in egressProxy: {GIVE}"),
+        ));
+    }
+    let spec = ProxySpec {
+        address,
+        username,
+        password,
+        tls,
+    };
+    let refused = |e: ProxyError| ApiError::bad(e.field(), e.to_string());
+    let proxy = EgressProxy::new(spec).map_err(refused)?;
+    proxy.check_address(policy).map_err(refused)?;
+    Ok(Some(proxy))
 }
 
 const TRANSPORTS: &str = "tap, tapFd, qemuStream, qemuDgram, vhostUser";

@@ -22,7 +22,9 @@ use vmm_glue::{Transport, TransportError, TransportSpec};
 
 use super::api::{CreateSandbox, Egress, NetworkUpdate};
 use super::settings::SandboxDefaults;
-use super::view::{CountersView, GuestView, NetworkView, SandboxView, TransportView};
+use super::view::{
+    CountersView, EgressProxyView, GuestView, NetworkView, SandboxView, TransportView,
+};
 use crate::door::StackDoor;
 
 /// How long a sandbox's driver may take to answer a question or to stop.
@@ -90,6 +92,8 @@ struct AskedEgress {
     allow_internet_access: bool,
     allow_out: Vec<String>,
     deny_out: Vec<String>,
+    /// What GET shows of it: no password, no CA.
+    egress_proxy: Option<EgressProxyView>,
 }
 
 impl From<&Egress> for AskedEgress {
@@ -98,6 +102,7 @@ impl From<&Egress> for AskedEgress {
             allow_internet_access: e.allow_internet_access,
             allow_out: e.allow_out.clone(),
             deny_out: e.deny_out.clone(),
+            egress_proxy: e.egress_proxy.as_ref().map(EgressProxyView::from),
         }
     }
 }
@@ -153,6 +158,7 @@ impl Sandbox {
                 deny_out: egress.deny_out,
                 allow_public_traffic: self.allow_public_traffic,
                 mask_request_host: self.mask_request_host.clone(),
+                egress_proxy: egress.egress_proxy,
             },
             traffic_access_token: token,
             created_at: self
@@ -273,7 +279,8 @@ impl Registry {
         cfg.random_seed = random_u64()?;
         let (plan, mtu) = (cfg.plan.clone(), cfg.mtu);
         let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
-        let parked = Parked::new(stack);
+        let mut parked = Parked::new(stack);
+        parked.set_egress_proxy(req.egress.egress_proxy.clone());
         let handle = parked.handle();
         let door = StackDoor::new(handle.clone(), self.guest_connections.clone());
         let spec = RouteSpec {
@@ -333,9 +340,15 @@ impl Registry {
                 state: lock(&sandbox.state).describe(),
             });
         }
+        // Flows opened from now on take the new path; open ones keep theirs.
+        sandbox
+            .handle
+            .set_egress_proxy(update.egress.egress_proxy.clone());
         *asked = AskedEgress::from(&update.egress);
+        let egress_proxy = asked.egress_proxy.as_ref().map(|p| p.address.as_str());
         tracing::info!(sandbox = %id, allow_out = ?asked.allow_out, deny_out = ?asked.deny_out,
-                       allow_internet_access = asked.allow_internet_access, "policy replaced");
+                       allow_internet_access = asked.allow_internet_access, ?egress_proxy,
+                       "policy replaced");
         Ok(())
     }
 
