@@ -651,6 +651,118 @@ mod tests {
     }
 
     #[test]
+    fn an_egress_proxy_in_e2bs_shape_is_validated() {
+        let c = create(
+            r#"{"transport": {"tap": "t"}, "network": {"egressProxy": {
+                "address": "proxy.example.com:1080", "username": "alice", "password": "pw-123",
+                "tls": {"serverName": "socks.example.com"}}}}"#,
+        )
+        .unwrap();
+        let p = c.egress.egress_proxy.unwrap();
+        assert_eq!(p.address(), "proxy.example.com:1080");
+        assert_eq!(p.credentials().unwrap().1.expose(), "pw-123");
+        assert_eq!(p.tls_server_name().as_deref(), Some("socks.example.com"));
+        let c = create(
+            r#"{"transport": {"tap": "t"}, "network": {"egressProxy": {"address": "192.0.2.7:1080", "tls": true}}}"#,
+        )
+        .unwrap();
+        let p = c.egress.egress_proxy.unwrap();
+        assert_eq!(p.tls_server_name().as_deref(), Some("192.0.2.7"));
+        for none in [r#"{}"#, r#"{"egressProxy": null}"#] {
+            let body = format!(r#"{{"transport": {{"tap": "t"}}, "network": {none}}}"#);
+            assert!(create(&body).unwrap().egress.egress_proxy.is_none());
+        }
+        // PUT replaces: omitted means direct again.
+        let u = parse_network_update(br#"{"egressProxy": {"address": "192.0.2.7:1080"}}"#, &[])
+            .unwrap();
+        assert!(u.egress.egress_proxy.is_some());
+        let u = parse_network_update(br#"{}"#, &[]).unwrap();
+        assert!(u.egress.egress_proxy.is_none());
+    }
+
+    #[test]
+    fn a_bad_egress_proxy_is_refused_naming_the_field_never_the_secret() {
+        for (proxy, field, says) in [
+            (
+                r#""192.0.2.7:1080""#,
+                "network.egressProxy",
+                "invalid egressProxy",
+            ),
+            (
+                r#"{"username": "a"}"#,
+                "network.egressProxy.address",
+                "address is missing",
+            ),
+            (
+                r#"{"address": 1080}"#,
+                "network.egressProxy.address",
+                "give a string",
+            ),
+            (
+                r#"{"address": "proxy"}"#,
+                "network.egressProxy.address",
+                "invalid egress proxy address proxy",
+            ),
+            (
+                r#"{"address": "169.254.169.254:80"}"#,
+                "network.egressProxy.address",
+                "always-denied internal ranges",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "password": "pw-123"}"#,
+                "network.egressProxy.password",
+                "a password needs a username",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "username": "a", "password": 123123}"#,
+                "network.egressProxy.password",
+                "give a string",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": {"caCert": "pw-123"}}"#,
+                "network.egressProxy.tls.caCert",
+                "no CERTIFICATE block",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": {"serverName": "a b"}}"#,
+                "network.egressProxy.tls.serverName",
+                "invalid egress proxy TLS server name a b",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": "yes"}"#,
+                "network.egressProxy.tls",
+                "give true, false",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": {"ca": "x"}}"#,
+                "network.egressProxy.tls",
+                "unknown field \"ca\"",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "passwd": "pw-123"}"#,
+                "network.egressProxy",
+                "unknown field \"passwd\"",
+            ),
+        ] {
+            let (f, m) = refusal(&format!(
+                r#"{{"transport": {{"tap": "t"}}, "network": {{"egressProxy": {proxy}}}}}"#
+            ));
+            assert_eq!(f, Some(field), "{proxy}: {m}");
+            assert!(m.contains(says), "{proxy}: {m}");
+            assert!(!m.contains("pw-123") && !m.contains("123123"), "{m}");
+        }
+        // The operator's hole opens an internal proxy address.
+        let c = parse_create(
+            br#"{"transport": {"tap": "t"}, "network": {"egressProxy": {"address": "127.0.0.1:1080"}}}"#,
+            &["127.0.0.1/32".to_string()],
+        );
+        assert!(c.unwrap().egress.egress_proxy.is_some());
+        let e = parse_network_update(br#"{"egressProxy": {"address": "10.1.2.3:1080"}}"#, &[])
+            .unwrap_err();
+        assert_eq!(e.field, Some("network.egressProxy.address"));
+    }
+
+    #[test]
     fn network_updates_replace_the_egress_rules_only() {
         let u = parse_network_update(br#"{"denyOut": ["ALL_TRAFFIC"]}"#, &[]).unwrap();
         assert!(
