@@ -13,6 +13,7 @@ pub mod policy;
 pub mod qemu_stream;
 pub mod resolver;
 pub mod services;
+pub mod socks;
 pub mod stack_frames;
 pub mod tcp_segments;
 pub mod vhost_queues;
@@ -34,6 +35,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vnet", vnet::run),
     ("vhost_queues", vhost_queues::run),
     ("resolver", resolver::run),
+    ("socks_reply", socks::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.
