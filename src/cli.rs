@@ -240,6 +240,15 @@ pub struct IngressOpts {
     /// TLS private key (PEM) that goes with --tls-cert.
     #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// httpsPorts: the gateway speaks TLS to guest port N (the guest's certificate is not
+    /// verified; SNI is the Host the guest sees). Repeatable, or comma-separated.
+    #[arg(
+        long = "https-port",
+        value_name = "N",
+        requires = "ingress",
+        value_delimiter = ','
+    )]
+    pub https_port: Vec<u16>,
     /// Raw TCP forward from HOSTPORT on the gateway's address (127.0.0.1 without --ingress) to
     /// GUESTPORT; `:proxy-v2` first sends a PROXY protocol v2 header. Repeatable.
     #[arg(long = "forward", value_name = "tcp:HOSTPORT:GUESTPORT[:proxy-v2]")]
@@ -305,6 +314,8 @@ impl IngressOpts {
             ),
             _ => None,
         };
+        let https_ports = ingress::https_ports(&self.https_port)
+            .map_err(|e| UsageError(format!("invalid --https-port: {e}")))?;
         let forwards = self
             .forward
             .iter()
@@ -329,6 +340,7 @@ impl IngressOpts {
                 allow_public_traffic: self.public_traffic,
                 mask_request_host,
                 max_connections: self.max_inbound as usize,
+                https_ports,
             },
             forwards,
         }))

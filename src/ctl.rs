@@ -45,12 +45,17 @@ pub enum CtlCommand {
         /// maskRequestHost: the Host the guest sees, ${PORT} standing for the port.
         #[arg(long = "mask-request-host", value_name = "HOST")]
         mask_request_host: Option<String>,
+        /// httpsPorts: the gateway speaks TLS to guest port N (certificate not verified).
+        /// Repeatable, or comma-separated.
+        #[arg(long = "https-port", value_name = "N", value_delimiter = ',')]
+        https_port: Vec<u16>,
     },
     /// List the sandboxes (GET /sandboxes).
     List,
     /// Show one sandbox with its counters (GET /sandboxes/ID).
     Get { id: String },
-    /// Replace a sandbox's egress rules whole (PUT /sandboxes/ID/network); flows they deny are reset.
+    /// Replace a sandbox's egress rules whole (PUT /sandboxes/ID/network): what is not given
+    /// goes back to its default; flows the new rules deny are reset.
     SetNetwork {
         id: String,
         #[command(flatten)]
@@ -93,6 +98,11 @@ pub struct EgressArgs {
     /// allowInternetAccess = false.
     #[arg(long = "no-internet")]
     no_internet: bool,
+    /// dnsServers: with names in --allow-out, DNS to ADDR:53 is answered by the filtering
+    /// resolver (IPv4, at most 10) [default: 8.8.8.8]; repeatable or comma-separated;
+    /// `none` for no address.
+    #[arg(long = "dns-server", value_name = "ADDR", value_delimiter = ',')]
+    dns_server: Vec<String>,
     /// egressProxy: socks5://[user[:pass]@]host:port or socks5+tls://… (the
     /// password may come from SLIPWAY_EGRESS_PROXY_PASSWORD instead).
     #[arg(long = "egress-proxy", value_name = "URL")]
@@ -114,6 +124,16 @@ pub struct EgressArgs {
 }
 
 impl EgressArgs {
+    /// `dnsServers` as the API takes it: absent without the flag (the
+    /// default), `[]` for `none`; the server checks the addresses.
+    fn dns_servers(&self) -> Option<Vec<String>> {
+        match self.dns_server.as_slice() {
+            [] => None,
+            [only] if only.trim() == "none" => Some(Vec::new()),
+            many => Some(many.to_vec()),
+        }
+    }
+
     /// E2B's `egressProxy` object for the flags, or null. Checked by the
     /// server; here only the URL is taken apart and the CA file read.
     fn egress_proxy(&self) -> Result<serde_json::Value, UsageError> {
@@ -188,6 +208,7 @@ impl CtlCommand {
                 egress,
                 public_traffic,
                 mask_request_host,
+                https_port,
             } => {
                 let t = transport
                     .spec()
@@ -200,9 +221,13 @@ impl CtlCommand {
                         "denyOut": egress.deny_out,
                         "allowPublicTraffic": public_traffic,
                         "maskRequestHost": mask_request_host,
+                        "httpsPorts": https_port,
                         "egressProxy": egress.egress_proxy()?,
                     },
                 });
+                if let Some(servers) = egress.dns_servers() {
+                    body["network"]["dnsServers"] = servers.into();
+                }
                 if let Some(id) = id {
                     body["sandboxID"] = id.clone().into();
                 }
@@ -210,16 +235,23 @@ impl CtlCommand {
             }
             CtlCommand::List => (Method::GET, "/sandboxes".into(), None),
             CtlCommand::Get { id } => (Method::GET, format!("/sandboxes/{}", escape(id)), None),
-            CtlCommand::SetNetwork { id, egress } => (
-                Method::PUT,
-                format!("/sandboxes/{}/network", escape(id)),
-                Some(json!({
-                    "allowInternetAccess": !egress.no_internet,
+            CtlCommand::SetNetwork { id, egress } => {
+                // E2B's update shape; what is left out goes back to its default.
+                let mut body = json!({
+                    "allow_internet_access": !egress.no_internet,
                     "allowOut": egress.allow_out,
                     "denyOut": egress.deny_out,
                     "egressProxy": egress.egress_proxy()?,
-                })),
-            ),
+                });
+                if let Some(servers) = egress.dns_servers() {
+                    body["dnsServers"] = servers.into();
+                }
+                (
+                    Method::PUT,
+                    format!("/sandboxes/{}/network", escape(id)),
+                    Some(body),
+                )
+            }
             CtlCommand::RotateToken { id } => (
                 Method::POST,
                 format!("/sandboxes/{}/token", escape(id)),

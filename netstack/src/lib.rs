@@ -10,6 +10,7 @@ pub mod names;
 pub mod policy;
 pub mod proxy;
 mod services;
+pub mod sniff;
 pub mod socks;
 pub mod stack;
 pub mod wire;

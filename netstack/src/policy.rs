@@ -86,6 +86,10 @@ pub enum Rule {
     DnsPin,
     /// The stack's filtering resolver forwarding an allowed name's query.
     Resolver,
+    /// An allowed name in the flow's TLS SNI: the host dialed the name.
+    Sni,
+    /// An allowed name in the flow's HTTP Host: the host dialed the name.
+    HttpHost,
 }
 
 impl fmt::Display for Rule {
@@ -100,6 +104,8 @@ impl fmt::Display for Rule {
             Rule::OperatorExempt => f.write_str("operator exempt"),
             Rule::DnsPin => f.write_str("dns pin"),
             Rule::Resolver => f.write_str("filtering resolver"),
+            Rule::Sni => f.write_str("domain (sni)"),
+            Rule::HttpHost => f.write_str("domain (host)"),
         }
     }
 }

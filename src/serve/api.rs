@@ -3,13 +3,19 @@
 //! `NetworkUpdate`); the handlers only ever see those. Every rejection is an
 //! `ApiError` whose message names the field and the value.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use hyper::StatusCode;
-use ingress::{HostMask, SandboxId};
+use ingress::{BadHttpsPorts, GuestPort, HostMask, SandboxId};
 use netstack::{EgressPolicy, EgressProxy, PolicyError, PolicySpec, ProxyError, ProxySpec, Secret};
 use serde::Deserialize;
+use serde_json::Value;
 use vmm_glue::{Tap, TransportSpec};
+
+/// E2B's cap on `dnsServers`.
+pub const MAX_DNS_SERVERS: usize = 10;
 
 /// A refused request: the status and a `{"code", "message", "field"}` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,15 +57,18 @@ impl ApiError {
 
 pub type Result<T> = std::result::Result<T, ApiError>;
 
-/// The egress half of a sandbox's network, as asked and as built.
+/// The egress half of a sandbox's network, as asked and as built. Replaced
+/// whole by `PUT /sandboxes/{id}/network`.
 #[derive(Debug, Clone)]
 pub struct Egress {
     pub allow_internet_access: bool,
     pub allow_out: Vec<String>,
     pub deny_out: Vec<String>,
-    pub policy: EgressPolicy,
+    /// E2B's `dnsServers`; `None`: not given, the stack's default (8.8.8.8).
+    pub dns_servers: Option<Vec<Ipv4Addr>>,
     /// E2B's `egressProxy`; `None`: direct.
     pub egress_proxy: Option<EgressProxy>,
+    pub policy: EgressPolicy,
 }
 
 /// The public-URL half, fixed when the sandbox is created.
@@ -68,6 +77,8 @@ pub struct Public {
     pub allow_public_traffic: bool,
     /// As given, and parsed.
     pub mask_request_host: Option<(String, HostMask)>,
+    /// E2B's `httpsPorts`: the gateway speaks TLS to these guest ports. Sorted.
+    pub https_ports: Vec<GuestPort>,
 }
 
 /// `POST /sandboxes`, validated.
@@ -97,26 +108,68 @@ struct RawCreate {
     network: Option<RawNetwork>,
 }
 
+/// E2B's `SandboxNetworkConfig`.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawNetwork {
     allow_out: Option<Vec<String>>,
     deny_out: Option<Vec<String>>,
+    // Entries as JSON values, so that a bad one is named, whatever its type.
+    dns_servers: Option<Vec<Value>>,
+    egress_proxy: Option<Value>,
+    rules: Option<RawRules>,
     allow_public_traffic: Option<bool>,
     mask_request_host: Option<String>,
-    egress_proxy: Option<serde_json::Value>,
+    https_ports: Option<Vec<Value>>,
 }
 
+/// E2B's `SandboxNetworkUpdateConfig`: the egress fields, replaced whole.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawNetworkUpdate {
+    // E2B spells this one in snake case here; slipway's own camel case too.
+    #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
     allow_internet_access: Option<bool>,
     allow_out: Option<Vec<String>>,
     deny_out: Option<Vec<String>>,
-    egress_proxy: Option<serde_json::Value>,
+    dns_servers: Option<Vec<Value>>,
+    egress_proxy: Option<Value>,
+    rules: Option<RawRules>,
     // Named so that the refusal can say why, rather than "unknown field".
-    allow_public_traffic: Option<serde_json::Value>,
-    mask_request_host: Option<serde_json::Value>,
+    allow_public_traffic: Option<Value>,
+    mask_request_host: Option<Value>,
+    https_ports: Option<Value>,
+}
+
+/// E2B's `rules`: per-domain transforms of egress requests (header
+/// injection, `{"api.example.com": [{"transform": {"headers": {"K": "V"}}}]}`).
+/// Parsed in E2B's shape, so that a body an E2B client sends is understood,
+/// then refused while slipway cannot apply it: never silently ignored.
+type RawRules = BTreeMap<String, Vec<RawRule>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    // Parsed for its shape only, until header injection lands.
+    #[allow(dead_code)]
+    transform: Option<RawTransform>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransform {
+    #[allow(dead_code)]
+    headers: Option<BTreeMap<String, String>>,
+}
+
+/// The egress fields of either body, as sent.
+struct RawEgress {
+    allow_internet_access: Option<bool>,
+    allow_out: Option<Vec<String>>,
+    deny_out: Option<Vec<String>>,
+    dns_servers: Option<Vec<Value>>,
+    egress_proxy: Option<Value>,
+    rules: Option<RawRules>,
 }
 
 fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T> {
@@ -145,13 +198,18 @@ pub fn parse_create(body: &[u8], allow_internal: &[String]) -> Result<CreateSand
     };
     let transport = parse_transport(raw.transport)?;
     let network = raw.network.unwrap_or_default();
-    let mut egress = egress(
-        raw.allow_internet_access.unwrap_or(true),
-        network.allow_out.unwrap_or_default(),
-        network.deny_out.unwrap_or_default(),
+    let egress = egress(
+        RawEgress {
+            allow_internet_access: raw.allow_internet_access,
+            allow_out: network.allow_out,
+            deny_out: network.deny_out,
+            dns_servers: network.dns_servers,
+            egress_proxy: network.egress_proxy,
+            rules: network.rules,
+        },
         allow_internal,
     )?;
-    egress.egress_proxy = egress_proxy(network.egress_proxy, &egress.policy)?;
+    let https_ports = https_ports(network.https_ports.unwrap_or_default())?;
     let mask_request_host = match network.mask_request_host {
         Some(m) => {
             let mask = HostMask::parse(&m)
@@ -167,45 +225,61 @@ pub fn parse_create(body: &[u8], allow_internal: &[String]) -> Result<CreateSand
         public: Public {
             allow_public_traffic: network.allow_public_traffic.unwrap_or(true),
             mask_request_host,
+            https_ports,
         },
     })
 }
 
-/// Parse a `PUT /sandboxes/{id}/network` body. As E2B's: it replaces the
-/// egress rules whole; an omitted list is cleared.
+/// Parse a `PUT /sandboxes/{id}/network` body. As E2B's
+/// `SandboxNetworkUpdateConfig`, it replaces the egress configuration
+/// whole: a field left out goes back to its default (`allowOut`, `denyOut`
+/// and `rules` empty, `dnsServers` the stack's default, 8.8.8.8, no
+/// `egressProxy`, `allow_internet_access` true). The public-URL fields are fixed at create.
 pub fn parse_network_update(body: &[u8], allow_internal: &[String]) -> Result<NetworkUpdate> {
     let raw: RawNetworkUpdate = json(body)?;
-    if raw.allow_public_traffic.is_some() {
-        return Err(ApiError::bad(
-            "allowPublicTraffic",
-            "allowPublicTraffic is fixed when the sandbox is created",
-        ));
+    for (field, given) in [
+        ("allowPublicTraffic", raw.allow_public_traffic.is_some()),
+        ("maskRequestHost", raw.mask_request_host.is_some()),
+        ("httpsPorts", raw.https_ports.is_some()),
+    ] {
+        if given {
+            return Err(ApiError::bad(
+                field,
+                format!("{field} is fixed when the sandbox is created"),
+            ));
+        }
     }
-    if raw.mask_request_host.is_some() {
-        return Err(ApiError::bad(
-            "maskRequestHost",
-            "maskRequestHost is fixed when the sandbox is created",
-        ));
-    }
-    let mut egress = egress(
-        raw.allow_internet_access.unwrap_or(true),
-        raw.allow_out.unwrap_or_default(),
-        raw.deny_out.unwrap_or_default(),
-        allow_internal,
-    )?;
-    egress.egress_proxy = egress_proxy(raw.egress_proxy, &egress.policy)?;
-    Ok(NetworkUpdate { egress })
+    Ok(NetworkUpdate {
+        egress: egress(
+            RawEgress {
+                allow_internet_access: raw.allow_internet_access,
+                allow_out: raw.allow_out,
+                deny_out: raw.deny_out,
+                dns_servers: raw.dns_servers,
+                egress_proxy: raw.egress_proxy,
+                rules: raw.rules,
+            },
+            allow_internal,
+        )?,
+    })
 }
 
-fn egress(
-    allow_internet_access: bool,
-    allow_out: Vec<String>,
-    deny_out: Vec<String>,
-    allow_internal: &[String],
-) -> Result<Egress> {
+/// The egress fields, validated; an omitted one is its default.
+fn egress(raw: RawEgress, allow_internal: &[String]) -> Result<Egress> {
+    if raw
+        .rules
+        .is_some_and(|r| r.values().any(|rules| !rules.is_empty()))
+    {
+        return Err(ApiError::bad(
+            "network.rules",
+            "rules are not supported yet",
+        ));
+    }
+    let dns_servers = dns_servers(raw.dns_servers)?;
+    let allow_internet_access = raw.allow_internet_access.unwrap_or(true);
     let spec = PolicySpec {
-        allow_out,
-        deny_out,
+        allow_out: raw.allow_out.unwrap_or_default(),
+        deny_out: raw.deny_out.unwrap_or_default(),
         allow_internet_access,
         allow_internal: allow_internal.to_vec(),
     };
@@ -220,23 +294,21 @@ fn egress(
         };
         ApiError::bad(field, e.to_string())
     })?;
+    let egress_proxy = egress_proxy(raw.egress_proxy, &policy)?;
     Ok(Egress {
         allow_internet_access,
         allow_out: spec.allow_out,
         deny_out: spec.deny_out,
+        dns_servers,
+        egress_proxy,
         policy,
-        egress_proxy: None,
     })
 }
 
 /// E2B's `egressProxy`: `{"address", "username", "password", "tls": true |
 /// {"serverName", "caCert"}}`; absent or null: direct. Read by hand, not
 /// by serde, so that no message ever quotes the password or the CA.
-fn egress_proxy(
-    raw: Option<serde_json::Value>,
-    policy: &EgressPolicy,
-) -> Result<Option<EgressProxy>> {
-    use serde_json::Value;
+fn egress_proxy(raw: Option<Value>, policy: &EgressPolicy) -> Result<Option<EgressProxy>> {
     const GIVE: &str = "give {\"address\": \"host:port\", \"username\", \"password\", \"tls\": true | {\"serverName\", \"caCert\"}}";
     let mut map = match raw {
         None | Some(Value::Null) => return Ok(None),
@@ -307,6 +379,58 @@ fn egress_proxy(
     let proxy = EgressProxy::new(spec).map_err(refused)?;
     proxy.check_address(policy).map_err(refused)?;
     Ok(Some(proxy))
+}
+
+/// E2B's `dnsServers`: IPv4 addresses, at most ten; `None` when not given.
+fn dns_servers(raw: Option<Vec<Value>>) -> Result<Option<Vec<Ipv4Addr>>> {
+    let field = "network.dnsServers";
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if raw.len() > MAX_DNS_SERVERS {
+        return Err(ApiError::bad(
+            field,
+            format!(
+                "too many DNS servers ({}): give at most {MAX_DNS_SERVERS}",
+                raw.len()
+            ),
+        ));
+    }
+    raw.iter()
+        .map(|v| {
+            v.as_str()
+                .and_then(|s| s.parse::<Ipv4Addr>().ok())
+                .ok_or_else(|| ApiError::bad(field, format!("invalid DNS server {}", shown(v))))
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// E2B's `httpsPorts`: whole numbers 1 to 65535, no duplicates, at most 64.
+fn https_ports(raw: Vec<Value>) -> Result<Vec<GuestPort>> {
+    let bad = |e: BadHttpsPorts| ApiError::bad("network.httpsPorts", e.to_string());
+    if raw.len() > ingress::guest_tls::MAX_HTTPS_PORTS {
+        return Err(bad(BadHttpsPorts::TooMany(raw.len())));
+    }
+    let ports = raw
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| bad(BadHttpsPorts::Invalid(shown(v))))
+        })
+        .collect::<Result<Vec<u16>>>()?;
+    ingress::https_ports(&ports).map_err(bad)
+}
+
+/// A value from the request, as a message shows it: strings bare, anything
+/// else as JSON; short, without control characters.
+fn shown(v: &Value) -> String {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    text.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
 const TRANSPORTS: &str = "tap, tapFd, qemuStream, qemuDgram, vhostUser";
@@ -651,6 +775,295 @@ mod tests {
     }
 
     #[test]
+    fn network_updates_replace_the_egress_rules_only() {
+        let u = parse_network_update(br#"{"denyOut": ["ALL_TRAFFIC"]}"#, &[]).unwrap();
+        assert!(
+            !u.egress
+                .policy
+                .decide("192.0.2.1".parse().unwrap(), false)
+                .allowed
+        );
+        let u = parse_network_update(br#"{}"#, &[]).unwrap();
+        assert!(
+            u.egress
+                .policy
+                .decide("192.0.2.1".parse().unwrap(), false)
+                .allowed
+        );
+        let e = parse_network_update(br#"{"allowPublicTraffic": false}"#, &[]).unwrap_err();
+        assert!(e.message.contains("fixed when the sandbox is created"));
+    }
+
+    fn update(body: &str) -> Result<NetworkUpdate> {
+        parse_network_update(body.as_bytes(), &[])
+    }
+
+    /// A create body with `network` as given, and the refusal's field and message.
+    fn network_refusal(network: &str) -> (Option<&'static str>, String) {
+        refusal(&format!(
+            r#"{{"transport": {{"tap": "t"}}, "network": {network}}}"#
+        ))
+    }
+
+    #[test]
+    fn dns_servers_are_up_to_ten_ipv4_addresses_each_named_when_bad() {
+        let with = |list: &str| {
+            create(&format!(
+                r#"{{"transport": {{"tap": "t"}}, "network": {{"dnsServers": {list}}}}}"#
+            ))
+        };
+        assert_eq!(with("null").unwrap().egress.dns_servers, None);
+        assert_eq!(
+            create(r#"{"transport": {"tap": "t"}}"#)
+                .unwrap()
+                .egress
+                .dns_servers,
+            None
+        );
+        assert_eq!(with("[]").unwrap().egress.dns_servers, Some(vec![]));
+        let ten: Vec<String> = (1..=10).map(|i| format!("\"192.0.2.{i}\"")).collect();
+        let ten = with(&format!("[{}]", ten.join(","))).unwrap();
+        assert_eq!(ten.egress.dns_servers.unwrap().len(), 10);
+        let rows = [
+            (r#"["1.1.1.1", "8.8.8"]"#, "invalid DNS server 8.8.8"),
+            (r#"["2001:db8::53"]"#, "invalid DNS server 2001:db8::53"),
+            (r#"["::ffff:8.8.8.8"]"#, "invalid DNS server ::ffff:8.8.8.8"),
+            (r#"["010.0.0.1"]"#, "invalid DNS server 010.0.0.1"),
+            (r#"["8.8.8.8 "]"#, "invalid DNS server 8.8.8.8 "),
+            (r#"["dns.example"]"#, "invalid DNS server dns.example"),
+            ("[53]", "invalid DNS server 53"),
+            ("[null]", "invalid DNS server null"),
+        ];
+        for (list, want) in rows {
+            let (field, msg) = network_refusal(&format!(r#"{{"dnsServers": {list}}}"#));
+            assert_eq!((field, msg.as_str()), (Some("network.dnsServers"), want));
+        }
+        let eleven: Vec<String> = (1..=11).map(|i| format!("\"192.0.2.{i}\"")).collect();
+        let (field, msg) = network_refusal(&format!(r#"{{"dnsServers": [{}]}}"#, eleven.join(",")));
+        assert_eq!(
+            (field, msg.as_str()),
+            (
+                Some("network.dnsServers"),
+                "too many DNS servers (11): give at most 10"
+            )
+        );
+        // Hostile values are cut short in the message.
+        let (_, msg) = network_refusal(&format!(r#"{{"dnsServers": ["{}"]}}"#, "x".repeat(500)));
+        assert_eq!(msg, format!("invalid DNS server {}", "x".repeat(64)));
+    }
+
+    #[test]
+    fn https_ports_are_ports_once_each_at_most_64() {
+        let c = create(
+            r#"{"transport": {"tap": "t"}, "network": {"httpsPorts": [8443, 443, 65535, 1]}}"#,
+        )
+        .unwrap();
+        let ports: Vec<u16> = c.public.https_ports.iter().map(|p| p.get()).collect();
+        assert_eq!(ports, [1, 443, 8443, 65535]);
+        assert!(create(r#"{"transport": {"tap": "t"}}"#)
+            .unwrap()
+            .public
+            .https_ports
+            .is_empty());
+        let rows = [
+            ("[0]", "invalid HTTPS port 0: give a port from 1 to 65535"),
+            (
+                "[65536]",
+                "invalid HTTPS port 65536: give a port from 1 to 65535",
+            ),
+            (
+                "[-443]",
+                "invalid HTTPS port -443: give a port from 1 to 65535",
+            ),
+            (
+                "[443.5]",
+                "invalid HTTPS port 443.5: give a port from 1 to 65535",
+            ),
+            (
+                r#"["443"]"#,
+                "invalid HTTPS port 443: give a port from 1 to 65535",
+            ),
+            ("[443, 8443, 443]", "HTTPS port 443 is given twice"),
+        ];
+        for (list, want) in rows {
+            let (field, msg) = network_refusal(&format!(r#"{{"httpsPorts": {list}}}"#));
+            assert_eq!((field, msg.as_str()), (Some("network.httpsPorts"), want));
+        }
+        let many: Vec<String> = (1..=65).map(|p| p.to_string()).collect();
+        let (field, msg) = network_refusal(&format!(r#"{{"httpsPorts": [{}]}}"#, many.join(",")));
+        assert_eq!(
+            (field, msg.as_str()),
+            (
+                Some("network.httpsPorts"),
+                "too many HTTPS ports (65): give at most 64"
+            )
+        );
+    }
+
+    #[test]
+    fn rules_in_e2bs_shape_are_refused_by_name_not_ignored() {
+        let rules =
+            r#"{"api.example.com": [{"transform": {"headers": {"Authorization": "Bearer x"}}}]}"#;
+        let (field, msg) = network_refusal(&format!(r#"{{"rules": {rules}}}"#));
+        assert_eq!(
+            (field, msg.as_str()),
+            (Some("network.rules"), "rules are not supported yet")
+        );
+        let e = update(&format!(r#"{{"rules": {rules}}}"#)).unwrap_err();
+        assert_eq!(
+            (e.status, e.field, e.message.as_str()),
+            (
+                StatusCode::BAD_REQUEST,
+                Some("network.rules"),
+                "rules are not supported yet"
+            )
+        );
+        // No rule at all is nothing to refuse.
+        for empty in ["{}", "null", r#"{"api.example.com": []}"#] {
+            create(&format!(
+                r#"{{"transport": {{"tap": "t"}}, "network": {{"rules": {empty}}}}}"#
+            ))
+            .unwrap();
+            update(&format!(r#"{{"rules": {empty}}}"#)).unwrap();
+        }
+        // Not E2B's shape: the parser says where.
+        let (field, msg) = network_refusal(r#"{"rules": {"a.test": [{"inject": {}}]}}"#);
+        assert_eq!(field, Some("body"));
+        assert!(msg.contains("unknown field `inject`"), "{msg}");
+        let (_, msg) = network_refusal(r#"{"rules": ["a.test"]}"#);
+        assert!(msg.starts_with("invalid JSON body"), "{msg}");
+    }
+
+    #[test]
+    fn a_put_replaces_the_whole_egress_configuration() {
+        let full = update(
+            r#"{"allow_internet_access": false, "allowOut": ["world.test"],
+                "denyOut": ["198.51.100.0/24"], "dnsServers": ["192.0.2.53"], "rules": {}}"#,
+        )
+        .unwrap()
+        .egress;
+        assert!(!full.allow_internet_access);
+        assert_eq!(full.allow_out, ["world.test"]);
+        assert_eq!(full.deny_out, ["198.51.100.0/24"]);
+        assert_eq!(full.dns_servers, Some(vec![Ipv4Addr::new(192, 0, 2, 53)]));
+        // Every field left out goes back to its default.
+        let bare = update("{}").unwrap().egress;
+        assert!(bare.allow_internet_access);
+        assert!(bare.allow_out.is_empty() && bare.deny_out.is_empty());
+        assert_eq!(bare.dns_servers, None);
+        // slipway's own camel-case spelling is taken too.
+        assert!(
+            !update(r#"{"allowInternetAccess": false}"#)
+                .unwrap()
+                .egress
+                .allow_internet_access
+        );
+        // The public-URL fields are the create's alone; unknown ones are refused.
+        for (body, field) in [
+            (r#"{"httpsPorts": [443]}"#, "httpsPorts"),
+            (r#"{"maskRequestHost": "x"}"#, "maskRequestHost"),
+        ] {
+            let e = update(body).unwrap_err();
+            assert_eq!(e.field, Some(field));
+            assert_eq!(
+                e.message,
+                format!("{field} is fixed when the sandbox is created")
+            );
+        }
+        let e = update(r#"{"allowOut": [], "dnsServer": ["8.8.8.8"]}"#).unwrap_err();
+        assert_eq!(e.field, Some("body"));
+        assert!(
+            e.message.contains("unknown field `dnsServer`"),
+            "{}",
+            e.message
+        );
+        let e = update(r#"{"dnsServers": ["2001:db8::1"]}"#).unwrap_err();
+        assert_eq!(e.field, Some("network.dnsServers"));
+    }
+
+    /// Every field of E2B's network object but egressProxy, through the
+    /// registry and back out as `GET /sandboxes/{id}` shows it; then a PUT
+    /// that leaves fields out, and the GET after it.
+    #[test]
+    fn an_e2b_body_round_trips_through_create_put_and_get() {
+        use crate::serve::registry::Registry;
+        let dir = std::env::temp_dir().join(format!("slipway-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("q.sock");
+        let defaults = crate::serve::config::FileConfig::default()
+            .validate()
+            .unwrap()
+            .sandbox;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let registry = Registry::new(tokio::runtime::Handle::current());
+            let body = serde_json::json!({
+                "sandboxID": "e2b-1",
+                "transport": {"qemuDgram": sock},
+                "allow_internet_access": false,
+                "network": {
+                    "allowOut": ["world.test", "*.world.test", "198.51.100.0/24"],
+                    "denyOut": ["192.0.2.0/24"],
+                    "dnsServers": ["192.0.2.53", "203.0.113.53"],
+                    "rules": {},
+                    "allowPublicTraffic": false,
+                    "maskRequestHost": "localhost:${PORT}",
+                    "httpsPorts": [8443, 443],
+                },
+            });
+            let req = parse_create(body.to_string().as_bytes(), &[]).unwrap();
+            let created =
+                serde_json::to_value(registry.create(req, None, &defaults).unwrap()).unwrap();
+            assert_eq!(created["allowInternetAccess"], false);
+            assert!(created["trafficAccessToken"].is_string(), "{created}");
+            let network = serde_json::json!({
+                "allowOut": ["world.test", "*.world.test", "198.51.100.0/24"],
+                "denyOut": ["192.0.2.0/24"],
+                "dnsServers": ["192.0.2.53", "203.0.113.53"],
+                "allowPublicTraffic": false,
+                "maskRequestHost": "localhost:${PORT}",
+                "httpsPorts": [443, 8443],
+            });
+            assert_eq!(created["network"], network);
+            let id = SandboxId::parse("e2b-1").unwrap();
+            let got = serde_json::to_value(registry.describe(&id).await.unwrap()).unwrap();
+            assert_eq!(got["network"], network);
+            assert!(got.get("trafficAccessToken").is_none(), "{got}");
+
+            // A PUT with only allowOut: the rest of the egress goes back to its
+            // default, lists shown as [] (never null); the public fields stay.
+            let put = update(r#"{"allowOut": ["203.0.113.0/24"]}"#).unwrap();
+            registry.set_network(&id, put).unwrap();
+            let got = serde_json::to_value(registry.describe(&id).await.unwrap()).unwrap();
+            assert_eq!(got["allowInternetAccess"], true);
+            assert_eq!(
+                got["network"],
+                serde_json::json!({
+                    "allowOut": ["203.0.113.0/24"],
+                    "denyOut": [],
+                    "dnsServers": ["8.8.8.8"],
+                    "allowPublicTraffic": false,
+                    "maskRequestHost": "localhost:${PORT}",
+                    "httpsPorts": [443, 8443],
+                })
+            );
+            // `[]` is no DNS server at all.
+            registry
+                .set_network(&id, update(r#"{"dnsServers": []}"#).unwrap())
+                .unwrap();
+            let got = serde_json::to_value(registry.describe(&id).await.unwrap()).unwrap();
+            assert_eq!(got["network"]["dnsServers"], serde_json::json!([]));
+            assert_eq!(got["network"]["allowOut"], serde_json::json!([]));
+            registry.delete_all().await;
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn an_egress_proxy_in_e2bs_shape_is_validated() {
         let c = create(
             r#"{"transport": {"tap": "t"}, "network": {"egressProxy": {
@@ -760,25 +1173,5 @@ mod tests {
         let e = parse_network_update(br#"{"egressProxy": {"address": "10.1.2.3:1080"}}"#, &[])
             .unwrap_err();
         assert_eq!(e.field, Some("network.egressProxy.address"));
-    }
-
-    #[test]
-    fn network_updates_replace_the_egress_rules_only() {
-        let u = parse_network_update(br#"{"denyOut": ["ALL_TRAFFIC"]}"#, &[]).unwrap();
-        assert!(
-            !u.egress
-                .policy
-                .decide("192.0.2.1".parse().unwrap(), false)
-                .allowed
-        );
-        let u = parse_network_update(br#"{}"#, &[]).unwrap();
-        assert!(
-            u.egress
-                .policy
-                .decide("192.0.2.1".parse().unwrap(), false)
-                .allowed
-        );
-        let e = parse_network_update(br#"{"allowPublicTraffic": false}"#, &[]).unwrap_err();
-        assert!(e.message.contains("fixed when the sandbox is created"));
     }
 }

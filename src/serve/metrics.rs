@@ -151,7 +151,7 @@ pub async fn render(shared: &Shared) -> String {
     let mut names = Family::new(
         "slipway_name_decisions_total",
         "counter",
-        "Egress by name: DNS queries forwarded and blocked by the filtering resolver, answers rewritten without internal addresses, flows a DNS pin allowed.",
+        "Egress by name: DNS queries forwarded and blocked by the filtering resolver, answers rewritten without internal addresses, flows a DNS pin allowed, flows allowed by their TLS SNI or HTTP Host, flows reset for naming no allowed host (fronting_refused: on a pinned address).",
     );
     let mut panics = Family::new(
         "slipway_stack_panics_total",
@@ -211,6 +211,10 @@ pub async fn render(shared: &Shared) -> String {
             ("dns_blocked", st.dns_blocked),
             ("dns_answer_rewritten", st.dns_answers_rewritten),
             ("pinned_flow", st.pinned_flows),
+            ("sni_flow", st.sni_flows),
+            ("host_flow", st.host_flows),
+            ("name_refused", st.name_refused),
+            ("fronting_refused", st.fronting_refused),
         ] {
             names.sample(
                 "slipway_name_decisions_total",

@@ -45,15 +45,21 @@ pub struct GuestView {
     pub mtu: usize,
 }
 
+/// E2B's `SandboxNetworkInfo`: every list present (`[]`, never null), no
+/// secret ever.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkView {
     pub allow_out: Vec<String>,
     pub deny_out: Vec<String>,
-    pub allow_public_traffic: bool,
-    pub mask_request_host: Option<String>,
+    /// In force: as asked, or the default (8.8.8.8) when not given.
+    pub dns_servers: Vec<String>,
+    /// Absent when flows connect directly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<EgressProxyView>,
+    pub allow_public_traffic: bool,
+    pub mask_request_host: Option<String>,
+    pub https_ports: Vec<u16>,
 }
 
 /// E2B's `SandboxEgressProxyInfo`: where the proxy is and who logs in,
@@ -109,6 +115,13 @@ pub struct CountersView {
     pub dns_blocked: u64,
     pub dns_answers_rewritten: u64,
     pub pinned_flows: u64,
+    /// Flows allowed by the name in their TLS SNI / HTTP Host (the host
+    /// dialed the name), and flows reset because their first bytes named
+    /// no allowed host (`fronting_refused`: of those, on a pinned address).
+    pub sni_flows: u64,
+    pub host_flows: u64,
+    pub name_refused: u64,
+    pub fronting_refused: u64,
 }
 
 impl From<&netstack::driver::Snapshot> for CountersView {
@@ -129,6 +142,10 @@ impl From<&netstack::driver::Snapshot> for CountersView {
             dns_blocked: s.stats.dns_blocked,
             dns_answers_rewritten: s.stats.dns_answers_rewritten,
             pinned_flows: s.stats.pinned_flows,
+            sni_flows: s.stats.sni_flows,
+            host_flows: s.stats.host_flows,
+            name_refused: s.stats.name_refused,
+            fronting_refused: s.stats.fronting_refused,
         }
     }
 }

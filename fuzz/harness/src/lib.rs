@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod classify;
+pub mod first_bytes;
 pub mod frames;
 pub mod gateway;
 pub mod input;
@@ -35,6 +36,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vnet", vnet::run),
     ("vhost_queues", vhost_queues::run),
     ("resolver", resolver::run),
+    ("first_bytes", first_bytes::run),
     ("socks_reply", socks::run),
 ];
 

@@ -52,7 +52,7 @@ pub enum Addr {
 }
 
 impl Addr {
-    fn ip(self) -> IpAddr {
+    pub(crate) fn ip(self) -> IpAddr {
         match self {
             Addr::Public(x) => Ipv4Addr::new(198, 51, 100, x).into(),
             Addr::Internal(x) => match x % 3 {
