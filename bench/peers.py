@@ -230,6 +230,16 @@ class Pasta(NamespacePeer):
                 "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--netns", self.netns]
 
 
+class Pasta2025(Pasta):
+    """The current pasta, built from Debian trixie's source by bench/build-pasta."""
+
+    name = "pasta-2025"
+    binary = os.path.join(HERE, "peers-bin", "pasta-trixie")
+
+    def stack_command(self):
+        return [self.binary] + super().stack_command()[1:]
+
+
 class Slirp4netns(NamespacePeer):
     name = "slirp4netns"
 

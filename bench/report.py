@@ -7,9 +7,9 @@ A record is one figure set from one repetition:
 import html
 import statistics
 
-PEERS = ["slipway", "slipway-plain", "pasta", "slirp4netns", "loopback"]
-OTHERS = ["slipway-plain", "pasta", "slirp4netns", "loopback"]
-COLORS = {"slipway": "#d9480f", "slipway-plain": "#f08c00", "pasta": "#1971c2",
+PEERS = ["slipway", "slipway-plain", "pasta", "pasta-2025", "slirp4netns", "loopback"]
+OTHERS = ["slipway-plain", "pasta", "pasta-2025", "slirp4netns", "loopback"]
+COLORS = {"slipway": "#d9480f", "slipway-plain": "#f08c00", "pasta": "#1971c2", "pasta-2025": "#7048e8",
           "slirp4netns": "#2f9e44", "loopback": "#868e96"}
 
 CASE_LABELS = {
@@ -119,9 +119,9 @@ def markdown(records, meta, mtus, notes):
             "are the same limit in both MTU sections. slipway-plain is slipway with "
             "`--offload false` (no virtio-net header: plain frames, no TSO), TCP throughput "
             "only; ÷ slipway-plain is what the tap offloads are worth. See bench/README.md.", ""]
-    head = ("| figure | MTU | better | unit | slipway | slipway-plain | pasta | slirp4netns | loopback "
-            "| ÷ slipway-plain | ÷ pasta | ÷ slirp4netns | ÷ loopback |")
-    out += [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| figure | MTU | better | unit | " + " | ".join(PEERS) + " | "
+            + " | ".join(f"÷ {o}" for o in OTHERS) + " |")
+    out += [head, "|---|---:|---|---|" + "---:|" * (len(PEERS) + len(OTHERS))]
     for label, mtu, case, key, unit, better, form in figure_rows(records, mtus):
         cells = [fmt_cell(records, p, mtu, case, key, form) for p in PEERS]
         ratios = [fmt_ratio(ratio(records, mtu, case, key, o)[0]) for o in OTHERS]
@@ -141,13 +141,13 @@ def retransmit_table(records, mtus):
     for mtu in mtus:
         for case in ("tcp_g2h_P1", "tcp_g2h_P4"):
             cells = [fmt_cell(records, p, mtu, case, "retransmits", "{:.0f}") for p in PEERS]
-            if all(c == "—" for c in cells[:4]):
+            if all(c == "—" for c in cells[:-1]):
                 continue
             rows.append(f"| {CASE_LABELS[case]} | {mtu} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    return ["| case | MTU | slipway | slipway-plain | pasta | slirp4netns | loopback |",
-            "|---|---:|---:|---:|---:|---:|---:|"] + rows
+    return ["| case | MTU | " + " | ".join(PEERS) + " |",
+            "|---|---:|" + "---:|" * len(PEERS)] + rows
 
 
 # -- SVG ----------------------------------------------------------------
@@ -166,7 +166,7 @@ def svg(records, meta, mtus):
                 continue
             limit = cell(records, "loopback", mtu, case, key)[0]
             bars = []
-            for p in ("slipway", "slipway-plain", "pasta", "slirp4netns"):
+            for p in PEERS[:-1]:
                 med, n, ran = cell(records, p, mtu, case, key)
                 if ran == 0:
                     continue
