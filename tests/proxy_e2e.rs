@@ -154,6 +154,9 @@ fn danted(w: &World) -> Daemon {
             String::from_utf8_lossy(&hash.stdout).trim()
         );
     std::fs::write(etc.join("shadow"), shadow).unwrap();
+    // danted resolves names (ATYP=domain) with the world's resolver, which
+    // answers NAME.test with 192.0.2.128.
+    std::fs::write(etc.join("resolv.conf"), "nameserver 192.0.2.53\n").unwrap();
     let log = w.dir.join("danted.log");
     let conf = w.dir.join("danted.conf");
     std::fs::write(
@@ -585,6 +588,85 @@ fn tls_to_the_proxy_through_stunnel_needs_the_right_ca() {
             both(&r)
         );
     }
+}
+
+/// A server on `addr:8080` that answers any request with `marker ADDR`.
+fn marker(w: &World, addr: &str) -> Daemon {
+    let log = w.dir.join(format!("marker-{addr}.log"));
+    let script = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{addr}', 8080))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    \
+         c.settimeout(2)\n    try:\n        c.recv(4096)\n        \
+         c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 19\\r\\n\\r\\nmarker {addr:<11}\\n')\n    \
+         except OSError:\n        pass\n    c.close()\n"
+    );
+    spawn_in_world(w, &["python3", "-c", &script], &log, (addr, 8080), None)
+}
+
+/// dnsmasq on `listen`, answering `records` (`--host-record` values).
+fn dnsmasq(w: &World, listen: &str, records: &[&str]) -> Daemon {
+    let log = w.dir.join("dnsmasq.log");
+    let mut args = vec![
+        "dnsmasq".to_string(),
+        "-k".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--bind-interfaces".into(),
+        format!("--listen-address={listen}"),
+        "--user=root".into(),
+        "--pid-file=".into(),
+    ];
+    args.extend(records.iter().map(|r| format!("--host-record={r}")));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_in_world(w, &args, &log, (listen, 53), None)
+}
+
+#[test]
+fn a_flow_allowed_by_its_name_reaches_the_proxy_as_a_name() {
+    require_world!();
+    if !have_proxies() || !common::has_tool("dnsmasq") {
+        assert_ne!(
+            std::env::var("SLIPWAY_E2E").as_deref(),
+            Ok("required"),
+            "needs dnsmasq (apt-get install dnsmasq-base)"
+        );
+        return;
+    }
+    // slipway's resolver says app.allowed.test is 198.51.100.1, where
+    // nothing listens on 8080; the proxy's own resolver (the world's) says
+    // 192.0.2.128, where the marker server does. The marker answering
+    // proves the proxy was handed the name (ATYP=domain), not the address.
+    let w = World::new();
+    add_address(&w, DANTE);
+    add_address(&w, "192.0.2.128");
+    add_address(&w, "203.0.113.53");
+    let _dns = dnsmasq(&w, "203.0.113.53", &["app.allowed.test,198.51.100.1"]);
+    let _marker = marker(&w, "192.0.2.128");
+    let dante = danted(&w);
+    let r = run(
+        &w,
+        &[
+            "--allow-out",
+            "*.allowed.test",
+            "--deny-out",
+            "ALL_TRAFFIC",
+            "--dns-upstream",
+            "203.0.113.53",
+            "--egress-proxy",
+            &format!("socks5://{}:{}@{DANTE}:1080", LOGIN.0, LOGIN.1),
+        ],
+        &[],
+        // The guest's own address for the name does not matter (the stack
+        // reads the Host and dials the name); 203.0.113.1 is unpinned.
+        "curl -sS --max-time 10 -H 'Host: app.allowed.test:8080' http://203.0.113.1:8080/",
+    );
+    r.ok();
+    assert!(
+        r.stdout().contains("marker 192.0.2.128"),
+        "{}\ndanted: {}",
+        both(&r),
+        dante.log()
+    );
 }
 
 #[test]
