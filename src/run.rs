@@ -17,6 +17,9 @@ pub fn run(
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
     let egress_proxy = net.egress_proxy(&policy)?;
+    // The command must not learn the proxy's password: it would inherit the
+    // variable that may hold it. No thread exists yet.
+    std::env::remove_var(crate::cli::PROXY_PASSWORD_ENV);
     let ingress = prepare_ingress(ingress)?;
     init_logging(net, "warn");
     let plan = &cfg.plan;

@@ -355,7 +355,8 @@ fn danted_takes_the_login_and_wrong_credentials_are_refused() {
         &[("SLIPWAY_EGRESS_PROXY_PASSWORD", LOGIN.1)],
         &format!(
             "curl -sS --max-time 10 http://192.0.2.80/hello
-             python3 {PROBE} tcp-echo 198.51.100.1 7"
+             python3 {PROBE} tcp-echo 198.51.100.1 7
+             echo \"command sees password: ${{SLIPWAY_EGRESS_PROXY_PASSWORD:-no}}\""
         ),
     );
     r.ok();
@@ -366,6 +367,12 @@ fn danted_takes_the_login_and_wrong_credentials_are_refused() {
     );
     // The guest half-closes; the echo comes back whole.
     assert!(r.stdout().contains("echo-ok"), "{}", both(&r));
+    // The variable is slipway's, not the command's.
+    assert!(
+        r.stdout().contains("command sees password: no"),
+        "{}",
+        both(&r)
+    );
     let log = dante.log();
     assert!(
         log.contains(&format!("username%{}@", LOGIN.0)) && log.contains("192.0.2.80.80"),
