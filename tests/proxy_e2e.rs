@@ -441,6 +441,66 @@ fn with_the_proxy_stopped_connects_fail_at_once_and_nothing_gets_through() {
 }
 
 #[test]
+fn a_silent_proxy_is_given_up_at_the_connect_timeout_and_its_connection_closed() {
+    require_world!();
+    if !have_proxies() {
+        return;
+    }
+    let w = World::new();
+    add_address(&w, MICROSOCKS);
+    // Takes the connection, reads the greeting, never answers; notes when
+    // the client hangs up.
+    let notes = w.dir.join("silent.notes");
+    let script = format!(
+        "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{MICROSOCKS}', 1080))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    \
+         t = time.monotonic()\n    while c.recv(4096):\n        pass\n    \
+         open('{}', 'a').write(f'closed after {{time.monotonic() - t:.1f}} s\\n')\n",
+        notes.display()
+    );
+    let log = w.dir.join("silent.log");
+    let _silent = spawn_in_world(
+        &w,
+        &["python3", "-c", &script],
+        &log,
+        (MICROSOCKS, 1080),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = std::fs::remove_file(&notes);
+    let r = run(
+        &w,
+        &[
+            "--connect-timeout",
+            "1",
+            "--egress-proxy",
+            &format!("socks5://{MICROSOCKS}:1080"),
+        ],
+        &[],
+        // slipway lives on for 3 s more: a close before that is the drop.
+        &format!("python3 {PROBE} tcp 192.0.2.80 80; sleep 3"),
+    );
+    r.ok();
+    // The core's timeout: ICMP host unreachable after about a second.
+    let ms = probe_ms(&r.stdout(), "EHOSTUNREACH");
+    assert!(
+        ms.is_some_and(|ms| (900..3000).contains(&ms)),
+        "{}",
+        both(&r)
+    );
+    // The dial was dropped with the flow: the proxy saw its client go.
+    let seen = std::fs::read_to_string(&notes).unwrap_or_default();
+    let after: Option<f64> = seen
+        .strip_prefix("closed after ")
+        .and_then(|t| t.split_whitespace().next()?.parse().ok());
+    assert!(
+        after.is_some_and(|t| (0.9..2.0).contains(&t)),
+        "{seen:?}\n{}",
+        both(&r)
+    );
+}
+
+#[test]
 fn a_denied_destination_never_reaches_the_proxy() {
     require_world!();
     if !have_proxies() {
