@@ -18,6 +18,7 @@ pub fn attach(
     (link, connect, peer): (AttachLink, bool, Option<PathBuf>),
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
+    let egress_proxy = net.egress_proxy(&policy)?;
     let ingress = prepare_ingress(ingress)?;
     let spec = link.spec(connect, peer)?;
     // Confined in two steps around opening the link: vhost-user starts
@@ -42,7 +43,11 @@ pub fn attach(
     tracing::info!(link = %link.describe(), "serving");
     let rt = runtime()?;
     rt.block_on(async move {
-        let parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
+        let mut parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
+        if let Some(p) = &egress_proxy {
+            tracing::info!(proxy = %p.address(), tls = p.tls().is_some(), "TCP flows go through the egress proxy");
+        }
+        parked.set_egress_proxy(egress_proxy);
         if let Some((plan, listeners)) = ingress {
             public_url::start(plan, listeners, parked.handle())?;
         }

@@ -13,6 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use vmm_glue::TransportSpec;
 
+use crate::cli::UsageError;
 use crate::serve::api::transport_json;
 
 #[derive(Args, Debug)]
@@ -102,6 +103,24 @@ pub struct EgressArgs {
     /// `none` for no address.
     #[arg(long = "dns-server", value_name = "ADDR", value_delimiter = ',')]
     dns_server: Vec<String>,
+    /// egressProxy: socks5://[user[:pass]@]host:port or socks5+tls://… (the
+    /// password may come from SLIPWAY_EGRESS_PROXY_PASSWORD instead).
+    #[arg(long = "egress-proxy", value_name = "URL")]
+    egress_proxy: Option<String>,
+    /// egressProxy.tls.caCert: read from FILE (PEM).
+    #[arg(
+        long = "egress-proxy-ca",
+        value_name = "FILE",
+        requires = "egress_proxy"
+    )]
+    egress_proxy_ca: Option<PathBuf>,
+    /// egressProxy.tls.serverName.
+    #[arg(
+        long = "egress-proxy-server-name",
+        value_name = "NAME",
+        requires = "egress_proxy"
+    )]
+    egress_proxy_server_name: Option<String>,
 }
 
 impl EgressArgs {
@@ -113,6 +132,42 @@ impl EgressArgs {
             [only] if only.trim() == "none" => Some(Vec::new()),
             many => Some(many.to_vec()),
         }
+    }
+
+    /// E2B's `egressProxy` object for the flags, or null. Checked by the
+    /// server; here only the URL is taken apart and the CA file read.
+    fn egress_proxy(&self) -> Result<serde_json::Value, UsageError> {
+        use serde_json::json;
+        let Some(url) = &self.egress_proxy else {
+            return Ok(serde_json::Value::Null);
+        };
+        let spec = crate::cli::egress_proxy_spec(
+            url,
+            self.egress_proxy_ca.as_deref(),
+            self.egress_proxy_server_name.as_deref(),
+        )?;
+        let mut v = json!({ "address": spec.address });
+        if let Some(u) = spec.username {
+            v["username"] = u.into();
+        }
+        if let Some(p) = spec.password {
+            v["password"] = p.expose().into();
+        }
+        if let Some(tls) = spec.tls {
+            let mut t = json!({});
+            if let Some(n) = tls.server_name {
+                t["serverName"] = n.into();
+            }
+            if let Some(ca) = tls.ca_pem {
+                t["caCert"] = ca.expose().into();
+            }
+            v["tls"] = if t.as_object().is_some_and(|o| o.is_empty()) {
+                true.into()
+            } else {
+                t
+            };
+        }
+        Ok(v)
     }
 }
 
@@ -144,9 +199,9 @@ impl TransportArgs {
 
 impl CtlCommand {
     /// The request this command makes.
-    fn request(&self) -> (Method, String, Option<serde_json::Value>) {
+    fn request(&self) -> Result<(Method, String, Option<serde_json::Value>), UsageError> {
         use serde_json::json;
-        match self {
+        Ok(match self {
             CtlCommand::Create {
                 id,
                 transport,
@@ -167,6 +222,7 @@ impl CtlCommand {
                         "allowPublicTraffic": public_traffic,
                         "maskRequestHost": mask_request_host,
                         "httpsPorts": https_port,
+                        "egressProxy": egress.egress_proxy()?,
                     },
                 });
                 if let Some(servers) = egress.dns_servers() {
@@ -185,6 +241,7 @@ impl CtlCommand {
                     "allow_internet_access": !egress.no_internet,
                     "allowOut": egress.allow_out,
                     "denyOut": egress.deny_out,
+                    "egressProxy": egress.egress_proxy()?,
                 });
                 if let Some(servers) = egress.dns_servers() {
                     body["dnsServers"] = servers.into();
@@ -203,7 +260,7 @@ impl CtlCommand {
             CtlCommand::Delete { id } => {
                 (Method::DELETE, format!("/sandboxes/{}", escape(id)), None)
             }
-        }
+        })
     }
 }
 
@@ -231,7 +288,13 @@ pub fn main(args: CtlArgs) -> ExitCode {
         .token
         .clone()
         .or_else(|| std::env::var("SLIPWAY_CONTROL_TOKEN").ok());
-    let (method, path, body) = args.command.request();
+    let (method, path, body) = match args.command.request() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("slipway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

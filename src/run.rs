@@ -16,6 +16,10 @@ pub fn run(
     command: &[std::ffi::OsString],
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
+    let egress_proxy = net.egress_proxy(&policy)?;
+    // The command must not learn the proxy's password: it would inherit the
+    // variable that may hold it. No thread exists yet.
+    std::env::remove_var(crate::cli::PROXY_PASSWORD_ENV);
     let ingress = prepare_ingress(ingress)?;
     init_logging(net, "warn");
     let plan = &cfg.plan;
@@ -42,7 +46,8 @@ pub fn run(
     let rt = runtime()?;
     let code = rt.block_on(async move {
         let stack = Stack::new(cfg, policy, std::time::Instant::now());
-        let driver = Driver::new(stack, tap).map_err(Failure::ServeTap)?;
+        let mut driver = Driver::new(stack, tap).map_err(Failure::ServeTap)?;
+        driver.set_egress_proxy(egress_proxy);
         if let Some((plan, listeners)) = ingress {
             public_url::start(plan, listeners, driver.handle())?;
         }

@@ -1724,3 +1724,158 @@ fn an_e2b_network_body_round_trips_and_dns_servers_change_live() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// E2B's egressProxy through serve (issue 14): a bad one is a 400 naming
+/// the field, answers never carry the password or the CA, and a PUT
+/// replaces it live: new flows go direct, an open one keeps its path.
+#[test]
+fn an_egress_proxy_is_hidden_in_answers_and_replaced_live() {
+    require_world!();
+    if !common::has_tool("microsocks") || !common::has_tool("openssl") {
+        let why = "needs microsocks and openssl (apt-get install microsocks openssl)";
+        assert_ne!(
+            std::env::var("SLIPWAY_E2E").as_deref(),
+            Ok("required"),
+            "{why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    const PROXY: &str = "198.51.100.10";
+    const SECRET: &str = "pw-serve-e2e";
+    let w = World::new();
+    run_ok(&format!("ip -n {} addr add {PROXY}/24 dev w0", w.name));
+    let socks = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.name,
+            "microsocks",
+            "-i",
+            PROXY,
+            "-p",
+            "1080",
+        ])
+        .args(["-b", PROXY, "-u", "proxyuser", "-P", SECRET])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start microsocks");
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _socks = Reap(socks);
+    let until = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&w.exec(&format!("python3 {PROBE} tcp {PROXY} 1080")).stdout)
+        .starts_with("connected")
+    {
+        assert!(Instant::now() < until, "microsocks did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let serve = world_serve(&w, 19280, "");
+
+    for (proxy, field) in [
+        (
+            format!(r#"{{"address": "{PROXY}:1080", "password": "{SECRET}"}}"#),
+            "network.egressProxy.password",
+        ),
+        (
+            format!(r#"{{"address": "{PROXY}:1080", "tls": {{"caCert": "{SECRET}"}}}}"#),
+            "network.egressProxy.tls.caCert",
+        ),
+        (
+            r#"{"address": "169.254.169.254:80"}"#.to_string(),
+            "network.egressProxy.address",
+        ),
+    ] {
+        let (code, body) = serve.api(
+            "POST",
+            "/sandboxes",
+            Some(&format!(
+                r#"{{"sandboxID": "bad", "transport": {{"tap": "swbad"}}, "network": {{"egressProxy": {proxy}}}}}"#
+            )),
+            None,
+        );
+        assert_eq!(code, 400, "{proxy}: {body}");
+        assert_eq!(json(&body)["field"], field, "{body}");
+        assert!(!body.contains(SECRET), "{body}");
+    }
+    assert_eq!(serve.ctl_ok(&["list"]), serde_json::json!([]));
+
+    let url = format!("socks5://proxyuser:{SECRET}@{PROXY}:1080");
+    let (guest, created) =
+        Guest::create(&w, &serve, "viaproxy", "swproxy", &["--egress-proxy", &url]);
+    assert_eq!(
+        created["network"]["egressProxy"],
+        serde_json::json!({"address": format!("{PROXY}:1080"), "username": "proxyuser"}),
+        "{created}"
+    );
+    let hello = || {
+        let out = guest.sh("curl -sS --max-time 10 http://192.0.2.80/hello");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let via = hello();
+    assert!(
+        via.contains(&format!("you are ::ffff:{PROXY}")),
+        "{via}\n{}",
+        serve.log()
+    );
+    let mut held = guest.spawn(&["python3", HOLD, "198.51.100.1", "7"]);
+    let lines = collect_lines(&mut held);
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(10)).ok().as_deref(),
+        Some("open")
+    );
+
+    // PUT without egressProxy: direct again for new flows.
+    serve.ctl_ok(&["set-network", "viaproxy"]);
+    let direct = hello();
+    assert!(
+        direct.contains("hello from world") && !direct.contains(PROXY),
+        "{direct}"
+    );
+    assert!(
+        lines.recv_timeout(Duration::from_millis(700)).is_err(),
+        "the connection through the proxy ended when the proxy setting changed"
+    );
+    let got = serve.ctl_ok(&["get", "viaproxy"]);
+    assert!(got["network"].get("egressProxy").is_none(), "{got}");
+
+    // TLS to the proxy: GET shows the server name, never the CA.
+    let ca = w.dir.join("proxy-ca.pem");
+    run_ok(&format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+         -subj '/CN=serve test CA' -keyout {key} -out {ca} 2>/dev/null",
+        key = w.dir.join("proxy-ca.key").display(),
+        ca = ca.display()
+    ));
+    serve.ctl_ok(&[
+        "set-network",
+        "viaproxy",
+        "--egress-proxy",
+        &format!("socks5+tls://{PROXY}:1443"),
+        "--egress-proxy-ca",
+        ca.to_str().unwrap(),
+        "--egress-proxy-server-name",
+        "socks.test",
+    ]);
+    let got = serve.ctl_ok(&["get", "viaproxy"]);
+    assert_eq!(
+        got["network"]["egressProxy"],
+        serde_json::json!({"address": format!("{PROXY}:1443"), "tls": {"serverName": "socks.test"}}),
+        "{got}"
+    );
+    assert!(!got.to_string().contains("CERTIFICATE"), "{got}");
+    // Nothing listens there for TLS: the flow fails, never goes direct.
+    assert_eq!(guest.probe("tcp", "192.0.2.80", 80), "ECONNREFUSED");
+    let log = serve.log();
+    assert!(log.contains("egress proxy connect failed"), "{log}");
+    assert!(!log.contains(SECRET), "the password reached the log: {log}");
+    let _ = held.kill();
+    let _ = held.wait();
+}

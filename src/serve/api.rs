@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use hyper::StatusCode;
 use ingress::{BadHttpsPorts, GuestPort, HostMask, SandboxId};
-use netstack::{EgressPolicy, PolicyError, PolicySpec};
+use netstack::{EgressPolicy, EgressProxy, PolicyError, PolicySpec, ProxyError, ProxySpec, Secret};
 use serde::Deserialize;
 use serde_json::Value;
 use vmm_glue::{Tap, TransportSpec};
@@ -66,7 +66,8 @@ pub struct Egress {
     pub deny_out: Vec<String>,
     /// E2B's `dnsServers`; `None`: not given, the stack's default (8.8.8.8).
     pub dns_servers: Option<Vec<Ipv4Addr>>,
-    // egressProxy (issue 14 item 1) goes here.
+    /// E2B's `egressProxy`; `None`: direct.
+    pub egress_proxy: Option<EgressProxy>,
     pub policy: EgressPolicy,
 }
 
@@ -115,7 +116,7 @@ struct RawNetwork {
     deny_out: Option<Vec<String>>,
     // Entries as JSON values, so that a bad one is named, whatever its type.
     dns_servers: Option<Vec<Value>>,
-    // egressProxy (issue 14 item 1) goes here.
+    egress_proxy: Option<Value>,
     rules: Option<RawRules>,
     allow_public_traffic: Option<bool>,
     mask_request_host: Option<String>,
@@ -132,7 +133,7 @@ struct RawNetworkUpdate {
     allow_out: Option<Vec<String>>,
     deny_out: Option<Vec<String>>,
     dns_servers: Option<Vec<Value>>,
-    // egressProxy (issue 14 item 1) goes here.
+    egress_proxy: Option<Value>,
     rules: Option<RawRules>,
     // Named so that the refusal can say why, rather than "unknown field".
     allow_public_traffic: Option<Value>,
@@ -167,7 +168,7 @@ struct RawEgress {
     allow_out: Option<Vec<String>>,
     deny_out: Option<Vec<String>>,
     dns_servers: Option<Vec<Value>>,
-    // egressProxy (issue 14 item 1) goes here.
+    egress_proxy: Option<Value>,
     rules: Option<RawRules>,
 }
 
@@ -203,6 +204,7 @@ pub fn parse_create(body: &[u8], allow_internal: &[String]) -> Result<CreateSand
             allow_out: network.allow_out,
             deny_out: network.deny_out,
             dns_servers: network.dns_servers,
+            egress_proxy: network.egress_proxy,
             rules: network.rules,
         },
         allow_internal,
@@ -231,8 +233,8 @@ pub fn parse_create(body: &[u8], allow_internal: &[String]) -> Result<CreateSand
 /// Parse a `PUT /sandboxes/{id}/network` body. As E2B's
 /// `SandboxNetworkUpdateConfig`, it replaces the egress configuration
 /// whole: a field left out goes back to its default (`allowOut`, `denyOut`
-/// and `rules` empty, `dnsServers` the stack's default, 8.8.8.8,
-/// `allow_internet_access` true). The public-URL fields are fixed at create.
+/// and `rules` empty, `dnsServers` the stack's default, 8.8.8.8, no
+/// `egressProxy`, `allow_internet_access` true). The public-URL fields are fixed at create.
 pub fn parse_network_update(body: &[u8], allow_internal: &[String]) -> Result<NetworkUpdate> {
     let raw: RawNetworkUpdate = json(body)?;
     for (field, given) in [
@@ -254,6 +256,7 @@ pub fn parse_network_update(body: &[u8], allow_internal: &[String]) -> Result<Ne
                 allow_out: raw.allow_out,
                 deny_out: raw.deny_out,
                 dns_servers: raw.dns_servers,
+                egress_proxy: raw.egress_proxy,
                 rules: raw.rules,
             },
             allow_internal,
@@ -291,13 +294,91 @@ fn egress(raw: RawEgress, allow_internal: &[String]) -> Result<Egress> {
         };
         ApiError::bad(field, e.to_string())
     })?;
+    let egress_proxy = egress_proxy(raw.egress_proxy, &policy)?;
     Ok(Egress {
         allow_internet_access,
         allow_out: spec.allow_out,
         deny_out: spec.deny_out,
         dns_servers,
+        egress_proxy,
         policy,
     })
+}
+
+/// E2B's `egressProxy`: `{"address", "username", "password", "tls": true |
+/// {"serverName", "caCert"}}`; absent or null: direct. Read by hand, not
+/// by serde, so that no message ever quotes the password or the CA.
+fn egress_proxy(raw: Option<Value>, policy: &EgressPolicy) -> Result<Option<EgressProxy>> {
+    const GIVE: &str = "give {\"address\": \"host:port\", \"username\", \"password\", \"tls\": true | {\"serverName\", \"caCert\"}}";
+    let mut map = match raw {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "network.egressProxy",
+                format!("invalid egressProxy: {GIVE}"),
+            ))
+        }
+    };
+    // A string, or absent; the value itself is never quoted back.
+    let text = |map: &mut serde_json::Map<String, Value>, key: &str, field: &'static str| match map
+        .remove(key)
+    {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad(
+            field,
+            format!("invalid egressProxy {key}: give a string"),
+        )),
+    };
+    let address = text(&mut map, "address", "network.egressProxy.address")?.ok_or_else(|| {
+        ApiError::bad(
+            "network.egressProxy.address",
+            format!("egressProxy.address is missing: {GIVE}"),
+        )
+    })?;
+    let username = text(&mut map, "username", "network.egressProxy.username")?;
+    let password = text(&mut map, "password", "network.egressProxy.password")?.map(Secret::new);
+    let tls = match map.remove("tls") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(netstack::TlsSpec::default()),
+        Some(Value::Object(mut t)) => {
+            let server_name = text(&mut t, "serverName", "network.egressProxy.tls.serverName")?;
+            let ca_pem = text(&mut t, "caCert", "network.egressProxy.tls.caCert")?.map(Secret::new);
+            if let Some(k) = t.keys().next() {
+                return Err(ApiError::bad(
+                    "network.egressProxy.tls",
+                    format!("unknown field {k:?} in egressProxy.tls: give serverName and caCert"),
+                ));
+            }
+            Some(netstack::TlsSpec {
+                server_name,
+                ca_pem,
+            })
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "network.egressProxy.tls",
+                "invalid egressProxy tls: give true, false or {\"serverName\", \"caCert\"}",
+            ))
+        }
+    };
+    if let Some(k) = map.keys().next() {
+        return Err(ApiError::bad(
+            "network.egressProxy",
+            format!("unknown field {k:?} in egressProxy: {GIVE}"),
+        ));
+    }
+    let spec = ProxySpec {
+        address,
+        username,
+        password,
+        tls,
+    };
+    let refused = |e: ProxyError| ApiError::bad(e.field(), e.to_string());
+    let proxy = EgressProxy::new(spec).map_err(refused)?;
+    proxy.check_address(policy).map_err(refused)?;
+    Ok(Some(proxy))
 }
 
 /// E2B's `dnsServers`: IPv4 addresses, at most ten; `None` when not given.
@@ -980,5 +1061,117 @@ mod tests {
             registry.delete_all().await;
         });
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_egress_proxy_in_e2bs_shape_is_validated() {
+        let c = create(
+            r#"{"transport": {"tap": "t"}, "network": {"egressProxy": {
+                "address": "proxy.example.com:1080", "username": "alice", "password": "pw-123",
+                "tls": {"serverName": "socks.example.com"}}}}"#,
+        )
+        .unwrap();
+        let p = c.egress.egress_proxy.unwrap();
+        assert_eq!(p.address(), "proxy.example.com:1080");
+        assert_eq!(p.credentials().unwrap().1.expose(), "pw-123");
+        assert_eq!(p.tls_server_name().as_deref(), Some("socks.example.com"));
+        let c = create(
+            r#"{"transport": {"tap": "t"}, "network": {"egressProxy": {"address": "192.0.2.7:1080", "tls": true}}}"#,
+        )
+        .unwrap();
+        let p = c.egress.egress_proxy.unwrap();
+        assert_eq!(p.tls_server_name().as_deref(), Some("192.0.2.7"));
+        for none in [r#"{}"#, r#"{"egressProxy": null}"#] {
+            let body = format!(r#"{{"transport": {{"tap": "t"}}, "network": {none}}}"#);
+            assert!(create(&body).unwrap().egress.egress_proxy.is_none());
+        }
+        // PUT replaces: omitted means direct again.
+        let u = parse_network_update(br#"{"egressProxy": {"address": "192.0.2.7:1080"}}"#, &[])
+            .unwrap();
+        assert!(u.egress.egress_proxy.is_some());
+        let u = parse_network_update(br#"{}"#, &[]).unwrap();
+        assert!(u.egress.egress_proxy.is_none());
+    }
+
+    #[test]
+    fn a_bad_egress_proxy_is_refused_naming_the_field_never_the_secret() {
+        for (proxy, field, says) in [
+            (
+                r#""192.0.2.7:1080""#,
+                "network.egressProxy",
+                "invalid egressProxy",
+            ),
+            (
+                r#"{"username": "a"}"#,
+                "network.egressProxy.address",
+                "address is missing",
+            ),
+            (
+                r#"{"address": 1080}"#,
+                "network.egressProxy.address",
+                "give a string",
+            ),
+            (
+                r#"{"address": "proxy"}"#,
+                "network.egressProxy.address",
+                "invalid egress proxy address proxy",
+            ),
+            (
+                r#"{"address": "169.254.169.254:80"}"#,
+                "network.egressProxy.address",
+                "always-denied internal ranges",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "password": "pw-123"}"#,
+                "network.egressProxy.password",
+                "a password needs a username",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "username": "a", "password": 123123}"#,
+                "network.egressProxy.password",
+                "give a string",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": {"caCert": "pw-123"}}"#,
+                "network.egressProxy.tls.caCert",
+                "no CERTIFICATE block",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": {"serverName": "a b"}}"#,
+                "network.egressProxy.tls.serverName",
+                "invalid egress proxy TLS server name a b",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": "yes"}"#,
+                "network.egressProxy.tls",
+                "give true, false",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "tls": {"ca": "x"}}"#,
+                "network.egressProxy.tls",
+                "unknown field \"ca\"",
+            ),
+            (
+                r#"{"address": "192.0.2.7:1080", "passwd": "pw-123"}"#,
+                "network.egressProxy",
+                "unknown field \"passwd\"",
+            ),
+        ] {
+            let (f, m) = refusal(&format!(
+                r#"{{"transport": {{"tap": "t"}}, "network": {{"egressProxy": {proxy}}}}}"#
+            ));
+            assert_eq!(f, Some(field), "{proxy}: {m}");
+            assert!(m.contains(says), "{proxy}: {m}");
+            assert!(!m.contains("pw-123") && !m.contains("123123"), "{m}");
+        }
+        // The operator's hole opens an internal proxy address.
+        let c = parse_create(
+            br#"{"transport": {"tap": "t"}, "network": {"egressProxy": {"address": "127.0.0.1:1080"}}}"#,
+            &["127.0.0.1/32".to_string()],
+        );
+        assert!(c.unwrap().egress.egress_proxy.is_some());
+        let e = parse_network_update(br#"{"egressProxy": {"address": "10.1.2.3:1080"}}"#, &[])
+            .unwrap_err();
+        assert_eq!(e.field, Some("network.egressProxy.address"));
     }
 }

@@ -23,7 +23,9 @@ use vmm_glue::{Transport, TransportError, TransportSpec};
 
 use super::api::{CreateSandbox, Egress, NetworkUpdate};
 use super::settings::SandboxDefaults;
-use super::view::{CountersView, GuestView, NetworkView, SandboxView, TransportView};
+use super::view::{
+    CountersView, EgressProxyView, GuestView, NetworkView, SandboxView, TransportView,
+};
 use crate::door::StackDoor;
 
 /// How long a sandbox's driver may take to answer a question or to stop.
@@ -93,6 +95,8 @@ struct AskedEgress {
     deny_out: Vec<String>,
     /// In force: as asked, or the sandbox's default when not given.
     dns_servers: Vec<IpAddr>,
+    /// What GET shows of it: no password, no CA.
+    egress_proxy: Option<EgressProxyView>,
 }
 
 impl AskedEgress {
@@ -102,6 +106,7 @@ impl AskedEgress {
             allow_out: e.allow_out.clone(),
             deny_out: e.deny_out.clone(),
             dns_servers: dns_servers_in_force(e, default_dns_servers),
+            egress_proxy: e.egress_proxy.as_ref().map(EgressProxyView::from),
         }
     }
 }
@@ -169,6 +174,7 @@ impl Sandbox {
                 dns_servers: egress.dns_servers.iter().map(IpAddr::to_string).collect(),
                 allow_public_traffic: self.allow_public_traffic,
                 mask_request_host: self.mask_request_host.clone(),
+                egress_proxy: egress.egress_proxy,
                 https_ports: self.https_ports.clone(),
             },
             traffic_access_token: token,
@@ -292,7 +298,8 @@ impl Registry {
         cfg.dns_servers = dns_servers_in_force(&req.egress, &default_dns_servers);
         let (plan, mtu) = (cfg.plan.clone(), cfg.mtu);
         let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
-        let parked = Parked::new(stack);
+        let mut parked = Parked::new(stack);
+        parked.set_egress_proxy(req.egress.egress_proxy.clone());
         let handle = parked.handle();
         let door = StackDoor::new(handle.clone(), self.guest_connections.clone());
         let spec = RouteSpec {
@@ -362,10 +369,15 @@ impl Registry {
                 state: lock(&sandbox.state).describe(),
             });
         }
+        // Flows opened from now on take the new path; open ones keep theirs.
+        sandbox
+            .handle
+            .set_egress_proxy(update.egress.egress_proxy.clone());
         *asked = fresh;
+        let egress_proxy = asked.egress_proxy.as_ref().map(|p| p.address.as_str());
         tracing::info!(sandbox = %id, allow_out = ?asked.allow_out, deny_out = ?asked.deny_out,
                        allow_internet_access = asked.allow_internet_access,
-                       dns_servers = ?asked.dns_servers, "policy replaced");
+                       dns_servers = ?asked.dns_servers, ?egress_proxy, "policy replaced");
         Ok(())
     }
 

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod qemu_stream;
 pub mod resolver;
 pub mod services;
+pub mod socks;
 pub mod stack_frames;
 pub mod tcp_segments;
 pub mod vhost_queues;
@@ -36,6 +37,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vhost_queues", vhost_queues::run),
     ("resolver", resolver::run),
     ("first_bytes", first_bytes::run),
+    ("socks_reply", socks::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.
