@@ -49,7 +49,11 @@ class World:
         # A veth pair (this kernel has no dummy links); its peer end just stays up.
         for cmd in ("ip link add d0 type veth peer name d1", "ip link set d1 up", "ip link set d0 up",
                     "ip addr add 198.51.100.1/24 dev d0", "ip addr add 198.51.100.3/24 dev d0",
-                    "ip addr add 198.51.100.53/24 dev d0"):
+                    "ip addr add 198.51.100.53/24 dev d0",
+                    # slipway's host sockets close first, so thousands of
+                    # connections a second leave their ports in TIME_WAIT:
+                    # without reuse the later repetitions run out of ports.
+                    "sysctl -qw net.ipv4.tcp_tw_reuse=1"):
             subprocess.run(["ip", "netns", "exec", self.ns] + cmd.split(), check=True, capture_output=True)
         self.echo = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, os.path.join(HERE, "echo_server.py"),
