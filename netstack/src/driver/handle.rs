@@ -100,6 +100,7 @@ pub struct Parked {
     pub stack: Stack,
     commands_tx: mpsc::UnboundedSender<Command>,
     commands: mpsc::UnboundedReceiver<Command>,
+    interceptor: Option<super::SharedInterceptor>,
 }
 
 impl Parked {
@@ -112,7 +113,18 @@ impl Parked {
             stack,
             commands_tx,
             commands,
+            interceptor: None,
         }
+    }
+
+    /// Where the driver that resumes this sandbox sends intercepted flows
+    /// (`Driver::set_interceptor`); kept across links.
+    pub fn set_interceptor(&mut self, interceptor: super::SharedInterceptor) {
+        self.interceptor = Some(interceptor);
+    }
+
+    pub(super) fn interceptor(&self) -> Option<super::SharedInterceptor> {
+        self.interceptor.clone()
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -128,6 +140,7 @@ impl Parked {
             stack,
             commands_tx,
             commands,
+            interceptor: None,
         }
     }
 

@@ -12,6 +12,7 @@
 
 mod handle;
 mod host;
+mod intercept;
 mod link;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use host::{
     connect_error, connect_outcome, guest_to_host, host_to_guest, open_datagram, start_connect,
     HostDatagram, HostStream, HostTcp, OpenTcp,
 };
+pub use intercept::{InterceptedFlow, Interceptor, SharedInterceptor, UpstreamIo};
 pub use link::Link;
 
 use crate::stack::{
@@ -57,6 +59,10 @@ pub struct Driver<L: Link> {
     /// log line if it panics.
     rx_len: usize,
     icmp_warned: bool,
+    /// Where intercepted flows go; without one they are reset.
+    interceptor: Option<SharedInterceptor>,
+    /// `Intercept` requests whose host connect is still in flight.
+    intercepts: HashMap<FlowId, intercept::Pending>,
 }
 
 impl<L: Link> Driver<L> {
@@ -77,7 +83,16 @@ impl<L: Link> Driver<L> {
             rx_buf: vec![0; MAX_FRAME],
             rx_len: 0,
             icmp_warned: false,
+            interceptor: None,
+            intercepts: HashMap::new(),
         })
+    }
+
+    /// Where the flows the core marks for interception go (see
+    /// `HostRequest::Intercept`). Without one, such a flow is reset: its
+    /// bytes never go out unchanged.
+    pub fn set_interceptor(&mut self, interceptor: SharedInterceptor) {
+        self.interceptor = Some(interceptor);
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -127,7 +142,10 @@ impl<L: Link> Driver<L> {
                 HostTcp::Connecting(_) | HostTcp::Inbound { .. } => {}
             }
         }
-        let parked = Parked::from_parts(self.stack, self.commands_tx, self.commands);
+        let mut parked = Parked::from_parts(self.stack, self.commands_tx, self.commands);
+        if let Some(i) = self.interceptor {
+            parked.set_interceptor(i);
+        }
         (parked, result.err())
     }
 
@@ -135,11 +153,13 @@ impl<L: Link> Driver<L> {
     /// host sockets went with the old link); addresses, the DHCP lease, the
     /// policy and every `DriverHandle` stay valid.
     pub fn resume(parked: Parked, link: L) -> io::Result<Self> {
+        let interceptor = parked.interceptor();
         let (mut stack, commands_tx, commands) = parked.into_parts();
         stack.reset_flows(Instant::now());
         let mut driver = Self::new(stack, link)?;
         driver.commands_tx = commands_tx;
         driver.commands = commands;
+        driver.interceptor = interceptor;
         Ok(driver)
     }
 
@@ -206,6 +226,7 @@ impl<L: Link> Driver<L> {
                 HostTcp::Connecting(_) => {}
             }
         }
+        self.intercepts.clear();
         self.datagrams.clear();
     }
 
@@ -383,10 +404,20 @@ impl<L: Link> Driver<L> {
         match result {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
+                let stream = match self.intercepts.remove(&flow) {
+                    Some(pending) => match self.hand_over(flow, pending, stream) {
+                        Some(ours) => HostStream::Unix(ours),
+                        None => {
+                            self.stack.handle_host(now, flow, HostEvent::Reset);
+                            return;
+                        }
+                    },
+                    None => HostStream::Tcp(stream),
+                };
                 self.tcp.insert(
                     flow,
                     HostTcp::Open(OpenTcp {
-                        stream: HostStream::Tcp(stream),
+                        stream,
                         read_done: false,
                     }),
                 );
@@ -462,6 +493,12 @@ impl<L: Link> Driver<L> {
                         self.stack.handle_host(now, flow, failed);
                     }
                 },
+                HostRequest::Intercept {
+                    flow,
+                    name,
+                    rule,
+                    port,
+                } => self.intercept(now, flow, intercept::Pending { name, rule, port }),
                 HostRequest::TcpShutdown { flow } => {
                     if let Some(HostTcp::Open(open)) = self.tcp.get(&flow) {
                         let _ = open.stream.sock().shutdown(Shutdown::Write);
@@ -495,16 +532,19 @@ impl<L: Link> Driver<L> {
                         }));
                     }
                 }
-                HostRequest::TcpClose { flow, reset } => match self.tcp.remove(&flow) {
-                    Some(HostTcp::Connecting(_)) => {}
-                    Some(HostTcp::Open(open)) if reset => {
-                        let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                HostRequest::TcpClose { flow, reset } => {
+                    self.intercepts.remove(&flow);
+                    match self.tcp.remove(&flow) {
+                        Some(HostTcp::Connecting(_)) => {}
+                        Some(HostTcp::Open(open)) if reset => {
+                            let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                        }
+                        Some(HostTcp::Inbound { reply, .. }) => {
+                            let _ = reply.send(Err(GuestConnectError::Refused));
+                        }
+                        Some(HostTcp::Open(_)) | None => {}
                     }
-                    Some(HostTcp::Inbound { reply, .. }) => {
-                        let _ = reply.send(Err(GuestConnectError::Refused));
-                    }
-                    Some(HostTcp::Open(_)) | None => {}
-                },
+                }
                 HostRequest::DatagramOpen { flow, kind, dst } => match open_datagram(kind, dst) {
                     Ok(socket) => {
                         self.datagrams.insert(flow, HostDatagram { socket });
@@ -546,6 +586,65 @@ impl<L: Link> Driver<L> {
             }
         }
         progress
+    }
+}
+
+impl<L: Link> Driver<L> {
+    /// The core marked `flow` for interception: hand its host connection
+    /// over now if it is open (a flow a DNS pin allowed), else when its
+    /// connect succeeds.
+    fn intercept(&mut self, now: Instant, flow: FlowId, pending: intercept::Pending) {
+        match self.tcp.remove(&flow) {
+            Some(HostTcp::Open(OpenTcp {
+                stream: HostStream::Tcp(stream),
+                read_done: false,
+            })) => match self.hand_over(flow, pending, stream) {
+                Some(ours) => {
+                    let open = OpenTcp {
+                        stream: HostStream::Unix(ours),
+                        read_done: false,
+                    };
+                    self.tcp.insert(flow, HostTcp::Open(open));
+                }
+                None => self.stack.handle_host(now, flow, HostEvent::Reset),
+            },
+            Some(HostTcp::Connecting(stream)) => {
+                self.tcp.insert(flow, HostTcp::Connecting(stream));
+                self.intercepts.insert(flow, pending);
+            }
+            None => {
+                self.intercepts.insert(flow, pending);
+            }
+            Some(other) => {
+                // A server that spoke first, or a host side already closed:
+                // no TLS to terminate here. Reset rather than splice.
+                self.tcp.insert(flow, other);
+                tracing::info!(target: "slipway::flow", flow = %flow, "reset: cannot intercept a connection the server already used");
+                self.stack.handle_host(now, flow, HostEvent::Reset);
+            }
+        }
+    }
+
+    /// Give the interceptor its flow; the socket pair's near end, or
+    /// `None` (the flow is to be reset) when there is none to take it.
+    fn hand_over(
+        &mut self,
+        flow: FlowId,
+        pending: intercept::Pending,
+        upstream: TcpStream,
+    ) -> Option<UnixStream> {
+        let Some(interceptor) = &self.interceptor else {
+            tracing::warn!(target: "slipway::flow", flow = %flow, rule = %pending.rule,
+                "reset: a header rule matched but this sandbox has no interceptor");
+            return None;
+        };
+        match intercept::hand_over(interceptor.as_ref(), flow, pending, upstream) {
+            Ok(ours) => Some(ours),
+            Err(e) => {
+                tracing::warn!(flow = %flow, error = %e, "cannot make a socket pair");
+                None
+            }
+        }
     }
 }
 
