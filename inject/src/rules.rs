@@ -90,7 +90,7 @@ pub enum RuleError {
 pub type Result<T> = std::result::Result<T, RuleError>;
 
 /// Hostile input shown in an error: short and printable.
-pub(crate) fn echo(s: &str) -> String {
+pub fn echo(s: &str) -> String {
     let shown: String = s.chars().filter(|c| !c.is_control()).take(64).collect();
     if shown.is_empty() {
         "\"\"".into()

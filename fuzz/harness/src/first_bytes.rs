@@ -65,8 +65,11 @@ impl First {
                     Some(a) => format!("http://{}/x", name(a)),
                     None => "/x".into(),
                 };
-                format!("GET {target} HTTP/1.1\r\nAccept: */*\r\nHost: {}\r\n\r\nbody", name(host))
-                    .into_bytes()
+                format!(
+                    "GET {target} HTTP/1.1\r\nAccept: */*\r\nHost: {}\r\n\r\nbody",
+                    name(host)
+                )
+                .into_bytes()
             }
             First::Raw(b) => b.0.clone(),
         }
@@ -82,15 +85,28 @@ pub enum Reply {
 #[derive(Arbitrary, Debug)]
 pub enum Op {
     /// A new guest flow to `to`:`port` whose first bytes are `first`.
-    Open { to: Addr, port: u8, first: First },
+    Open {
+        to: Addr,
+        port: u8,
+        first: First,
+    },
     /// The flow sends its next `len` bytes (at least one) in one segment.
-    Send { flow: u8, len: u16 },
-    Fin { flow: u8 },
-    Rst { flow: u8 },
+    Send {
+        flow: u8,
+        len: u16,
+    },
+    Fin {
+        flow: u8,
+    },
+    Rst {
+        flow: u8,
+    },
     /// The upstream answers the oldest of the stack's own queries.
     Answer(Reply),
     /// The oldest host connect ends.
-    Connect { ok: bool },
+    Connect {
+        ok: bool,
+    },
     AdvanceMs(u16),
     /// Swap the names the policy holds (bit 0 `*.allowed.test`, bit 1 `exact.test`).
     Names(u8),
@@ -270,7 +286,8 @@ impl Harness {
                 } else {
                     TcpControl::Rst
                 };
-                let seg = kit::tcp_frame(f.src, f.dst, control, 1001 + f.sent as i32, Some(ack), &[]);
+                let seg =
+                    kit::tcp_frame(f.src, f.dst, control, 1001 + f.sent as i32, Some(ack), &[]);
                 self.frame(&seg);
             }
             Op::Answer(reply) => self.answer(reply),
@@ -292,7 +309,8 @@ impl Harness {
                 self.stack.handle_timeout(self.at());
             }
             Op::Names(bits) => {
-                let p = EgressPolicy::from_spec(&spec(*bits)).expect("the harness's policies parse");
+                let p =
+                    EgressPolicy::from_spec(&spec(*bits)).expect("the harness's policies parse");
                 self.policy = p.clone();
                 self.stack.set_policy(self.at(), p);
             }
@@ -366,7 +384,8 @@ impl Harness {
                         .find(|f| f.src == t.dst && f.dst == t.src)
                     {
                         f.stack_next = Some((t.seq + 1).0);
-                        let ack = kit::tcp_frame(f.src, f.dst, TcpControl::None, 1001, f.stack_next, &[]);
+                        let ack =
+                            kit::tcp_frame(f.src, f.dst, TcpControl::None, 1001, f.stack_next, &[]);
                         self.stack
                             .handle_frame(self.base + self.now, &ack, RxMeta::default());
                     }
@@ -423,7 +442,10 @@ impl Harness {
                     self.policy.allows_name(&name).is_some(),
                     "the stack asked its upstream for {name}, which the policy does not allow"
                 );
-                let l = self.lookups.get_mut(&flow).expect("a send on a lookup flow");
+                let l = self
+                    .lookups
+                    .get_mut(&flow)
+                    .expect("a send on a lookup flow");
                 l.name = name;
                 l.queries.push(payload);
             }
