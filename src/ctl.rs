@@ -59,6 +59,28 @@ pub enum CtlCommand {
     RotateToken { id: String },
     /// Tear a sandbox down (DELETE /sandboxes/ID): flows reset, everything freed.
     Delete { id: String },
+    /// Print a sandbox's CA certificate, PEM (GET /sandboxes/ID/ca.pem).
+    Ca { id: String },
+    /// Set or replace a secret for header rules (PUT /secrets/NAME); the
+    /// value comes from a file or a variable, never the command line.
+    SecretPut {
+        name: String,
+        /// `@FILE` or `env:VAR`.
+        #[arg(value_name = "@FILE|env:VAR")]
+        from: String,
+    },
+    /// List the secrets' names (GET /secrets); values are never shown.
+    Secrets,
+    /// Forget a secret no sandbox's rules use (DELETE /secrets/NAME).
+    SecretDelete { name: String },
+}
+
+/// What a request carries.
+enum Body {
+    None,
+    Json(serde_json::Value),
+    /// A secret's value: wiped once sent.
+    Raw(zeroize::Zeroizing<Vec<u8>>),
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +114,22 @@ pub struct EgressArgs {
     /// allowInternetAccess = false.
     #[arg(long = "no-internet")]
     no_internet: bool,
+    /// rules: give HTTPS requests to NAME the header; the value may hold
+    /// ${e2b.secrets.X}. One header per flag; repeat NAME for more.
+    #[arg(long = "header-rule", value_name = "NAME=Header: value")]
+    header_rule: Vec<String>,
+}
+
+impl EgressArgs {
+    /// E2B's `rules` object, or null when there are none.
+    fn rules(&self) -> Result<serde_json::Value, String> {
+        if self.header_rule.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        inject::HeaderRules::from_flags(&self.header_rule)
+            .map(|r| r.to_json())
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl TransportArgs {
@@ -121,10 +159,10 @@ impl TransportArgs {
 }
 
 impl CtlCommand {
-    /// The request this command makes.
-    fn request(&self) -> (Method, String, Option<serde_json::Value>) {
+    /// The request this command makes; `Err`: a usage error, said in one line.
+    fn request(&self) -> Result<(Method, String, Body), String> {
         use serde_json::json;
-        match self {
+        Ok(match self {
             CtlCommand::Create {
                 id,
                 transport,
@@ -141,6 +179,7 @@ impl CtlCommand {
                     "network": {
                         "allowOut": egress.allow_out,
                         "denyOut": egress.deny_out,
+                        "rules": egress.rules()?,
                         "allowPublicTraffic": public_traffic,
                         "maskRequestHost": mask_request_host,
                     },
@@ -148,29 +187,69 @@ impl CtlCommand {
                 if let Some(id) = id {
                     body["sandboxID"] = id.clone().into();
                 }
-                (Method::POST, "/sandboxes".into(), Some(body))
+                (Method::POST, "/sandboxes".into(), Body::Json(body))
             }
-            CtlCommand::List => (Method::GET, "/sandboxes".into(), None),
-            CtlCommand::Get { id } => (Method::GET, format!("/sandboxes/{}", escape(id)), None),
+            CtlCommand::List => (Method::GET, "/sandboxes".into(), Body::None),
+            CtlCommand::Get { id } => (
+                Method::GET,
+                format!("/sandboxes/{}", escape(id)),
+                Body::None,
+            ),
             CtlCommand::SetNetwork { id, egress } => (
                 Method::PUT,
                 format!("/sandboxes/{}/network", escape(id)),
-                Some(json!({
+                Body::Json(json!({
                     "allowInternetAccess": !egress.no_internet,
                     "allowOut": egress.allow_out,
                     "denyOut": egress.deny_out,
+                    "rules": egress.rules()?,
                 })),
             ),
             CtlCommand::RotateToken { id } => (
                 Method::POST,
                 format!("/sandboxes/{}/token", escape(id)),
-                None,
+                Body::None,
             ),
-            CtlCommand::Delete { id } => {
-                (Method::DELETE, format!("/sandboxes/{}", escape(id)), None)
+            CtlCommand::Delete { id } => (
+                Method::DELETE,
+                format!("/sandboxes/{}", escape(id)),
+                Body::None,
+            ),
+            CtlCommand::Ca { id } => (
+                Method::GET,
+                format!("/sandboxes/{}/ca.pem", escape(id)),
+                Body::None,
+            ),
+            CtlCommand::SecretPut { name, from } => {
+                let (value, _) = crate::rules::secret_source(from)
+                    .map_err(|why| format!("secret-put {}: {why}", escape(name)))?;
+                (
+                    Method::PUT,
+                    format!("/secrets/{}", escape_name(name)),
+                    Body::Raw(zeroize::Zeroizing::new(value)),
+                )
             }
-        }
+            CtlCommand::Secrets => (Method::GET, "/secrets".into(), Body::None),
+            CtlCommand::SecretDelete { name } => (
+                Method::DELETE,
+                format!("/secrets/{}", escape_name(name)),
+                Body::None,
+            ),
+        })
     }
+}
+
+/// A secret's name in the path: `_` and `.` as well.
+fn escape_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Ids go into the path as given; anything outside a-z0-9- is escaped so the
@@ -197,7 +276,13 @@ pub fn main(args: CtlArgs) -> ExitCode {
         .token
         .clone()
         .or_else(|| std::env::var("SLIPWAY_CONTROL_TOKEN").ok());
-    let (method, path, body) = args.command.request();
+    let (method, path, body) = match args.command.request() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("slipway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -270,7 +355,7 @@ async fn call(
     token: Option<&str>,
     method: Method,
     path: &str,
-    body: Option<serde_json::Value>,
+    body: Body,
 ) -> Result<(StatusCode, Bytes), CtlError> {
     let at = || socket.to_owned();
     let stream = tokio::net::UnixStream::connect(socket)
@@ -295,11 +380,13 @@ async fn call(
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let body = match body {
-        Some(v) => {
+        Body::Json(v) => {
             req = req.header("content-type", "application/json");
             Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
         }
-        None => Bytes::new(),
+        // The buffer is wiped when the request is done with it.
+        Body::Raw(v) => Bytes::from_owner(v),
+        Body::None => Bytes::new(),
     };
     let req = req.body(Full::new(body)).map_err(CtlError::Build)?;
     let resp = sender

@@ -111,37 +111,41 @@ fn secret_named(e: &inject::RuleError) -> &str {
 fn read_secret(flag: &str, store: &SecretStore) -> Result<Option<PathBuf>, Failure> {
     let usage = |m: String| Failure::Usage(UsageError(m));
     // The flag is never echoed whole: a value pasted in by mistake is a secret.
-    let how = "write NAME=@FILE or NAME=env:VAR (a secret's value never goes on the command line)";
     let Some((name, source)) = flag.split_once('=') else {
-        return Err(usage(format!("invalid --secret: {how}")));
+        return Err(usage(format!("invalid --secret: {HOW}")));
     };
     if !inject::rules::valid_secret_name(name) {
-        return Err(usage(format!(
-            "invalid --secret: {}",
-            inject::SecretError::BadName(inject::rules::echo(name))
-        )));
+        let e = inject::SecretError::BadName(inject::rules::echo(name));
+        return Err(usage(format!("invalid --secret: {e}")));
     }
     if store.contains(name) {
         return Err(usage(format!("--secret {name} is given twice")));
     }
-    let (value, file) = if let Some(path) = source.strip_prefix('@') {
-        let value = std::fs::read(path)
-            .map_err(|e| usage(format!("--secret {name}=@{path}: cannot read {path}: {e}")))?;
-        let file = std::fs::canonicalize(path)
-            .map_err(|e| usage(format!("--secret {name}=@{path}: {e}")))?;
-        (value, Some(file))
-    } else if let Some(var) = source.strip_prefix("env:") {
-        let Some(value) = std::env::var_os(var).filter(|_| !var.is_empty()) else {
-            return Err(usage(format!(
-                "--secret {name}=env:{var}: the variable {var} is not set"
-            )));
-        };
-        // The command must not inherit it (`run` starts it after this).
-        std::env::remove_var(var);
-        (std::os::unix::ffi::OsStringExt::into_vec(value), None)
-    } else {
-        return Err(usage(format!("invalid --secret {name}=…: {how}")));
-    };
+    let (value, file) =
+        secret_source(source).map_err(|why| usage(format!("--secret {name}=…: {why}")))?;
     store.put(name, value).map_err(|e| usage(e.to_string()))?;
     Ok(file)
+}
+
+const HOW: &str =
+    "write NAME=@FILE or NAME=env:VAR (a secret's value never goes on the command line)";
+
+/// A secret's value from `source`: `@FILE` (read now) or `env:VAR` (taken
+/// out of this process's environment, so that a command started later
+/// does not inherit it); and the file it came from. The error never shows
+/// `source` unless it is a file or a variable's name.
+pub fn secret_source(source: &str) -> Result<(Vec<u8>, Option<PathBuf>), String> {
+    if let Some(path) = source.strip_prefix('@') {
+        let value = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let file = std::fs::canonicalize(path).map_err(|e| format!("{path}: {e}"))?;
+        Ok((value, Some(file)))
+    } else if let Some(var) = source.strip_prefix("env:") {
+        let Some(value) = std::env::var_os(var).filter(|_| !var.is_empty()) else {
+            return Err(format!("the variable {var} is not set"));
+        };
+        std::env::remove_var(var);
+        Ok((std::os::unix::ffi::OsStringExt::into_vec(value), None))
+    } else {
+        Err(HOW.to_string())
+    }
 }

@@ -148,6 +148,66 @@ fn https_server(
     seen
 }
 
+/// The world's HTTPS servers: `good` (198.51.100.1:443, a certificate for
+/// api/plain.allowed.test from the world's CA in `ca_file`) and `bad`
+/// (:9443, self-signed for bad.allowed.test). Stopped with the runtime.
+struct Servers {
+    good: Seen,
+    bad: Seen,
+    ca_file: std::path::PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Servers {
+    fn start(w: &World) -> Servers {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // The world's CA, which only slipway (--upstream-ca) trusts.
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // rcgen's default subject is the same for every certificate; OpenSSL
+        // would take a leaf with its issuer's name for self-signed.
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "slipway test world CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let ca_file = w.dir.join("world-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let names = ["api.allowed.test", "plain.allowed.test"].map(String::from);
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(names.to_vec()).unwrap();
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "api.allowed.test");
+        let leaf = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        let good = https_server(
+            &rt,
+            listen_in_world(w, format!("{SERVER}:443").parse().unwrap()),
+            (vec![leaf.der().clone()], key_der(&leaf_key)),
+        );
+        // A server whose certificate no one trusts.
+        let bad_key = KeyPair::generate().unwrap();
+        let bad_cert = CertificateParams::new(vec!["bad.allowed.test".to_string()])
+            .unwrap()
+            .self_signed(&bad_key)
+            .unwrap();
+        let bad = https_server(
+            &rt,
+            listen_in_world(w, format!("{SERVER}:9443").parse().unwrap()),
+            (vec![bad_cert.der().clone()], key_der(&bad_key)),
+        );
+        Servers {
+            good,
+            bad,
+            ca_file,
+            _rt: rt,
+        }
+    }
+}
+
 fn key_der(key: &KeyPair) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
 }
@@ -173,45 +233,8 @@ fn a_rules_header_carries_the_secret_to_its_server_and_nowhere_else() {
     }
     let w = World::new();
     let _dns = Dnsmasq::start(&w);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    // The world's CA, which only slipway (--upstream-ca) trusts.
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // rcgen's default subject is the same for every certificate; OpenSSL
-    // would take a leaf with its issuer's name for self-signed.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "slipway test world CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let ca_file = w.dir.join("world-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let names = ["api.allowed.test", "plain.allowed.test"].map(String::from);
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(names.to_vec()).unwrap();
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "api.allowed.test");
-    let leaf = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
-    let good = https_server(
-        &rt,
-        listen_in_world(&w, format!("{SERVER}:443").parse().unwrap()),
-        (vec![leaf.der().clone()], key_der(&leaf_key)),
-    );
-    // A server whose certificate no one trusts.
-    let bad_key = KeyPair::generate().unwrap();
-    let bad_cert = CertificateParams::new(vec!["bad.allowed.test".to_string()])
-        .unwrap()
-        .self_signed(&bad_key)
-        .unwrap();
-    let bad = https_server(
-        &rt,
-        listen_in_world(&w, format!("{SERVER}:9443").parse().unwrap()),
-        (vec![bad_cert.der().clone()], key_der(&bad_key)),
-    );
+    let servers = Servers::start(&w);
+    let (good, bad, ca_file) = (&servers.good, &servers.bad, &servers.ca_file);
 
     let secret = format!("sk-e2e-{}-c0ffee", std::process::id());
     let secret_file = w.dir.join("api-key");
@@ -365,5 +388,372 @@ fn a_rules_header_carries_the_secret_to_its_server_and_nowhere_else() {
             || log.contains("intercepted=api.allowed.test"),
         "{log}"
     );
-    drop(rt);
+}
+
+/// `slipway serve` in the world, its stderr collected; stopped on drop.
+struct Serve {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    socket: std::path::PathBuf,
+}
+
+impl Serve {
+    fn start(w: &World, extra: &str) -> Serve {
+        let socket = w.dir.join("control.sock");
+        let config = w.dir.join("serve.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "log = \"trace\"\n[control]\nsocket = \"{}\"\n[gateway]\nlisten = \"off\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:19464\"\n{extra}",
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &w.name,
+                common::slipway(),
+                "serve",
+                "--config",
+            ])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start slipway serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let serve = Serve { child, log, socket };
+        let until = Instant::now() + Duration::from_secs(10);
+        while !serve.log().contains("slipway: serving") {
+            assert!(
+                Instant::now() < until,
+                "serve did not start: {}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `slipway ctl ARGS`: exit code, stdout, stderr.
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(common::slipway())
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (
+            out.status.code().unwrap_or(-1),
+            text(&out.stdout),
+            text(&out.stderr),
+        )
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.ctl(args);
+        assert_eq!(
+            code,
+            0,
+            "ctl {args:?}: {err}\n--- serve ---\n{}",
+            self.log()
+        );
+        out
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child (ip netns exec execs slipway).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A guest namespace on the tap serve made for a sandbox; removed on drop.
+struct TapGuest(String);
+
+impl TapGuest {
+    fn adopt(w: &World, tap: &str) -> TapGuest {
+        let ns = format!("{}g", w.name);
+        let script = format!(
+            "ip netns add {ns}
+             ip -n {w} link set {tap} netns {ns}
+             ip -n {ns} link set lo up
+             ip -n {ns} link set {tap} up
+             ip -n {ns} addr add 10.0.2.15/24 dev {tap}
+             ip -n {ns} route add default via 10.0.2.2",
+            w = w.name
+        );
+        let out = Command::new("sh").args(["-ec", &script]).output().unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+        TapGuest(ns)
+    }
+
+    fn sh(&self, script: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", script])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+}
+
+impl Drop for TapGuest {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!("ip netns pids {} | xargs -r kill -9", self.0),
+            ])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// serve's side (issue 15 items 1, 4, 6, 7): rules in E2B's JSON through
+/// `slipway ctl`, a secret from the `[secrets]` section and then rotated
+/// through `PUT /secrets/{name}`, the sandbox's CA from its create answer
+/// and `GET /sandboxes/{id}/ca.pem`, rules replaced live, refusals (400,
+/// 409), counters and metrics; no secret in any answer or log line. The
+/// guest aims at an address nobody resolved: the name-dial path.
+#[test]
+fn serve_takes_rules_and_secrets_and_a_rotated_secret_reaches_the_next_request() {
+    require_world!();
+    let w = World::new();
+    let _dns = Dnsmasq::start(&w);
+    let servers = Servers::start(&w);
+    let first = format!("sk-serve-{}-one", std::process::id());
+    let second = format!("sk-serve-{}-two", std::process::id());
+    let key_file = w.dir.join("key-one");
+    std::fs::write(&key_file, &first).unwrap();
+    let serve = Serve::start(
+        &w,
+        &format!(
+            "[sandbox]\ndns_upstream = \"{RESOLVER}\"\nupstream_ca = [\"{}\"]\n\
+             [secrets]\nAPI_KEY = \"@{}\"\n",
+            servers.ca_file.display(),
+            key_file.display()
+        ),
+    );
+    let rule = "api.allowed.test=Authorization: Bearer ${e2b.secrets.API_KEY}";
+    let egress = ["--allow-out", "*.allowed.test", "--deny-out", "ALL_TRAFFIC"];
+    let mut create = vec!["create", "inj", "--tap", "swinj"];
+    create.extend(egress);
+    create.extend(["--header-rule", rule]);
+    let created: serde_json::Value = serde_json::from_str(&serve.ctl_ok(&create)).unwrap();
+    let ca = created["caCert"].as_str().expect("caCert").to_string();
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{created}");
+    assert_eq!(
+        serve.ctl_ok(&["ca", "inj"]),
+        ca,
+        "ca.pem is the create answer's caCert"
+    );
+    assert_eq!(
+        created["network"]["rules"]["api.allowed.test"][0]["transform"]["headers"]["authorization"],
+        "Bearer ${e2b.secrets.API_KEY}",
+        "{created}"
+    );
+    let guest = TapGuest::adopt(&w, "swinj");
+    let ca_file = w.dir.join("sandbox-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    // 203.0.113.77: no answer gave it; the stack dials the SNI's name.
+    let curl = |path: &str| {
+        guest.sh(&format!(
+            "curl -sS --max-time 10 -D - --cacert {} --resolve api.allowed.test:443:203.0.113.77 \
+             https://api.allowed.test{path}; echo exit-$?",
+            ca_file.display()
+        ))
+    };
+    let out = curl("/one");
+    assert!(
+        out.contains("world says hi") && out.contains("exit-0"),
+        "{out}\n{}",
+        serve.log()
+    );
+
+    // Rotate the secret through the API: the next request carries it.
+    let key_two = w.dir.join("key-two");
+    std::fs::write(&key_two, format!("{second}\n")).unwrap();
+    serve.ctl_ok(&["secret-put", "API_KEY", &format!("@{}", key_two.display())]);
+    let out2 = curl("/two");
+    assert!(out2.contains("exit-0"), "{out2}");
+    let seen = servers.good.lock().unwrap().clone();
+    let auth_of = |path: &str| {
+        seen.iter()
+            .find(|r| r.contains(&format!(" {path}\n")))
+            .and_then(|r| r.lines().find(|l| l.starts_with("authorization: ")))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        auth_of("/one"),
+        Some(format!("authorization: Bearer {first}")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        auth_of("/two"),
+        Some(format!("authorization: Bearer {second}")),
+        "{seen:?}"
+    );
+
+    // Replace the rules live (PUT): the next connection gets the new header.
+    let mut set = vec!["set-network", "inj"];
+    set.extend(egress);
+    set.extend([
+        "--header-rule",
+        "api.allowed.test=X-Team: t-${e2b.secrets.API_KEY}",
+    ]);
+    serve.ctl_ok(&set);
+    assert!(curl("/three").contains("exit-0"));
+    let seen = servers.good.lock().unwrap().clone();
+    let three = seen
+        .iter()
+        .find(|r| r.contains(" /three\n"))
+        .expect("/three");
+    assert!(three.contains(&format!("x-team: t-{second}\n")), "{three}");
+    assert!(!three.contains("authorization"), "{three}");
+
+    // Refusals, each naming what was wrong.
+    let refused = |args: &[&str], want: &str| {
+        let (code, _, err) = serve.ctl(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    let mut unknown = vec!["set-network", "inj"];
+    unknown.extend(egress);
+    unknown.extend(["--header-rule", "api.allowed.test=X: ${e2b.secrets.NOPE}"]);
+    refused(&unknown, "uses secret NOPE, which is not set (400");
+    refused(
+        &["secret-delete", "API_KEY"],
+        "secret API_KEY is used by the header rules of sandbox inj",
+    );
+    refused(&["secret-delete", "NOPE"], "secret NOPE is not set (404");
+    let mut bare = vec!["set-network", "inj"];
+    bare.extend(egress);
+    bare.extend(["--header-rule", "*=X: 1"]);
+    refused(&bare, "invalid rule domain *");
+    let mut unallowed = vec!["set-network", "inj"];
+    unallowed.extend(egress);
+    unallowed.extend(["--header-rule", "api.other.test=X: 1"]);
+    refused(
+        &unallowed,
+        "rules for api.other.test: it covers no name allowOut allows",
+    );
+    // The refused updates left the last good rules in place.
+    assert!(curl("/four").contains("exit-0"));
+
+    // Names only, ever.
+    let names = serve.ctl_ok(&["secrets"]);
+    assert!(names.contains("API_KEY"), "{names}");
+    let got = serve.ctl_ok(&["get", "inj"]);
+    let counters: serde_json::Value = serde_json::from_str(&got).unwrap();
+    let c = &counters["counters"];
+    assert_eq!(c["interceptedFlows"], 4, "{c}");
+    assert_eq!(c["requestsTransformed"], 4, "{c}");
+    let m = w.exec("curl -sS --max-time 5 http://127.0.0.1:19464/metrics");
+    let m = String::from_utf8_lossy(&m.stdout).into_owned();
+    assert!(
+        m.contains(r#"slipway_header_rules_total{sandbox="inj",kind="transformed"} 4"#),
+        "{m}"
+    );
+    let answers = format!("{created}{names}{got}{m}");
+    let log = serve.log();
+    for secret in [&first, &second] {
+        assert!(
+            !answers.contains(secret.as_str()),
+            "an answer shows a secret"
+        );
+        assert!(
+            !log.contains(secret.as_str()),
+            "the log shows a secret:\n{log}"
+        );
+        assert!(!out.contains(secret.as_str()) && !out2.contains(secret.as_str()));
+    }
+    assert!(
+        log.contains("intercepted=\"api.allowed.test\"")
+            || log.contains("intercepted=api.allowed.test"),
+        "{log}"
+    );
+}
+
+#[test]
+fn bad_rules_and_secrets_are_refused_before_anything_starts() {
+    let rows: &[(&[&str], &str)] = &[
+        (
+            &["--header-rule", "a.test=X: ${e2b.secrets.K}", "--allow-out", "a.test", "--deny-out", "ALL_TRAFFIC"],
+            "slipway: rules for a.test: header x uses secret K, which is not set (give it with --secret K=@FILE)",
+        ),
+        (
+            &["--header-rule", "a.test=X: 1"],
+            "slipway: rules for a.test: it covers no name allowOut allows by name",
+        ),
+        (
+            &["--header-rule", "*=X: 1", "--allow-out", "*", "--deny-out", "ALL_TRAFFIC"],
+            "slipway: invalid rule domain *: ",
+        ),
+        (
+            &["--header-rule", "a.test=Host: evil.test", "--allow-out", "a.test", "--deny-out", "ALL_TRAFFIC"],
+            "slipway: rules for a.test: header Host cannot be set by a rule",
+        ),
+        (
+            &["--header-rule", "a.test=X: 1", "--secret", "K=sk-pasted-by-mistake", "--allow-out", "a.test", "--deny-out", "ALL_TRAFFIC"],
+            "slipway: --secret K=…: write NAME=@FILE or NAME=env:VAR",
+        ),
+        (
+            &["--header-rule", "a.test=X: 1", "--secret", "K=env:SLIPWAY_NO_SUCH_VAR", "--allow-out", "a.test", "--deny-out", "ALL_TRAFFIC"],
+            "slipway: --secret K=…: the variable SLIPWAY_NO_SUCH_VAR is not set",
+        ),
+        (
+            &["--secret", "K=env:HOME"],
+            "slipway: --secret, --upstream-ca and --ca-out need a --header-rule",
+        ),
+        (
+            &["--header-rule", "a.test=X: 1", "--upstream-ca", "/nonexistent.pem", "--allow-out", "a.test", "--deny-out", "ALL_TRAFFIC"],
+            "slipway: --upstream-ca: cannot read the upstream CA bundle /nonexistent.pem",
+        ),
+    ];
+    for (args, want) in rows {
+        let out = Command::new(common::slipway())
+            .arg("run")
+            .args(*args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!err.contains("sk-pasted"), "{err}");
+    }
 }

@@ -83,7 +83,7 @@ pub enum RuleError {
         header: String,
         secret: String,
     },
-    #[error("rules for {0}: no name allowOut allows falls under it; a rule applies only to names allowed by name (with all other traffic denied), and does not allow egress itself")]
+    #[error("rules for {0}: it covers no name allowOut allows by name (a rule applies only to names the policy allows by name, with all other traffic denied; it does not allow egress itself)")]
     NotAllowedByName(String),
 }
 

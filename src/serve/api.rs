@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use hyper::StatusCode;
 use ingress::{HostMask, SandboxId};
+use inject::HeaderRules;
 use netstack::{EgressPolicy, PolicyError, PolicySpec};
 use serde::Deserialize;
 use vmm_glue::{Tap, TransportSpec};
@@ -57,6 +58,8 @@ pub struct Egress {
     pub allow_internet_access: bool,
     pub allow_out: Vec<String>,
     pub deny_out: Vec<String>,
+    /// E2B's `rules`: header injection per name. Their keys ride in `policy`.
+    pub rules: HeaderRules,
     pub policy: EgressPolicy,
 }
 
@@ -100,6 +103,8 @@ struct RawCreate {
 struct RawNetwork {
     allow_out: Option<Vec<String>>,
     deny_out: Option<Vec<String>>,
+    // A JSON value, so that a bad rule is named whatever its shape.
+    rules: Option<serde_json::Value>,
     allow_public_traffic: Option<bool>,
     mask_request_host: Option<String>,
 }
@@ -110,6 +115,7 @@ struct RawNetworkUpdate {
     allow_internet_access: Option<bool>,
     allow_out: Option<Vec<String>>,
     deny_out: Option<Vec<String>>,
+    rules: Option<serde_json::Value>,
     // Named so that the refusal can say why, rather than "unknown field".
     allow_public_traffic: Option<serde_json::Value>,
     mask_request_host: Option<serde_json::Value>,
@@ -145,6 +151,7 @@ pub fn parse_create(body: &[u8], allow_internal: &[String]) -> Result<CreateSand
         raw.allow_internet_access.unwrap_or(true),
         network.allow_out.unwrap_or_default(),
         network.deny_out.unwrap_or_default(),
+        network.rules,
         allow_internal,
     )?;
     let mask_request_host = match network.mask_request_host {
@@ -187,6 +194,7 @@ pub fn parse_network_update(body: &[u8], allow_internal: &[String]) -> Result<Ne
             raw.allow_internet_access.unwrap_or(true),
             raw.allow_out.unwrap_or_default(),
             raw.deny_out.unwrap_or_default(),
+            raw.rules,
             allow_internal,
         )?,
     })
@@ -196,6 +204,7 @@ fn egress(
     allow_internet_access: bool,
     allow_out: Vec<String>,
     deny_out: Vec<String>,
+    rules: Option<serde_json::Value>,
     allow_internal: &[String],
 ) -> Result<Egress> {
     let spec = PolicySpec {
@@ -215,10 +224,18 @@ fn egress(
         };
         ApiError::bad(field, e.to_string())
     })?;
+    let rules = match rules {
+        None | Some(serde_json::Value::Null) => HeaderRules::default(),
+        Some(v) => HeaderRules::from_json(&v)
+            .and_then(|r| r.check_allowed(&policy).map(|()| r))
+            .map_err(|e| ApiError::bad("network.rules", e.to_string()))?,
+    };
+    let policy = policy.with_intercepts(rules.keys());
     Ok(Egress {
         allow_internet_access,
         allow_out: spec.allow_out,
         deny_out: spec.deny_out,
+        rules,
         policy,
     })
 }
