@@ -1419,6 +1419,7 @@ fn main() {
     write(&dir, "resolver", resolver_inputs());
     write(&dir, "first_bytes", first_bytes_inputs());
     write(&dir, "vhost_queues", vhost_queue_inputs());
+    write(&dir, "header_rewrite", slipway_fuzz::header_rewrite::seeds());
 }
 
 /// The vnet target: a mode byte (bit 0: IPv6; the MTU grows with it), then

@@ -7,11 +7,13 @@
 //!
 //! Rooms: `rules` (hostile JSON and flags → `HeaderRules`), `secrets` (the
 //! store, wiped on drop), `ca` (the sandbox's CA and its leaves),
-//! `upstream` (verified client TLS), `proxy` (one connection), and here the
+//! `upstream` (verified client TLS), `proxy` (one connection), `rewrite`
+//! (one request's head, without I/O), and here the
 //! per-sandbox `Injector` that the stack's driver hands flows to.
 
 pub mod ca;
 mod proxy;
+pub mod rewrite;
 pub mod rules;
 pub mod secrets;
 pub mod upstream;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client1, http2 as client2};
@@ -21,11 +21,10 @@ use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio_rustls::LazyConfigAcceptor;
-use zeroize::Zeroizing;
 
 use netstack::driver::InterceptedFlow;
 
-use crate::rules::echo;
+use crate::rewrite;
 use crate::upstream::{is_verification_failure, Offer};
 use crate::{Shared, Stat};
 
@@ -261,6 +260,34 @@ where
     })
 }
 
+/// The answer to a request the rewrite refused.
+fn refused(conn: &Conn, refusal: rewrite::Refusal) -> Response<Body> {
+    match refusal {
+        rewrite::Refusal::Misdirected(named) => {
+            conn.shared.count(Stat::Misdirected);
+            tracing::info!(target: "slipway::inject", flow = %conn.flow, name = %conn.name,
+                asked = %named, "421: the request names another host");
+            let message = format!(
+                "this connection is for {}; the request names {named} (Host and :authority must equal the TLS server name)",
+                conn.name
+            );
+            own_response(StatusCode::MISDIRECTED_REQUEST, message)
+        }
+        rewrite::Refusal::Upgrade => {
+            let message = "upgrades (WebSocket, CONNECT) are not carried on a connection slipway adds headers to";
+            own_response(StatusCode::NOT_IMPLEMENTED, message.to_string())
+        }
+        rewrite::Refusal::MissingSecret(secret) => {
+            conn.shared.count(Stat::MissingSecret);
+            let message = format!(
+                "the header rule for {} names secret {secret}, which is not set; nothing was sent",
+                conn.rule
+            );
+            own_response(StatusCode::BAD_GATEWAY, message)
+        }
+    }
+}
+
 /// A response slipway makes itself (never a secret in it).
 fn own_response(status: StatusCode, message: String) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(message + "\n"))));
@@ -278,51 +305,24 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body
         Ok(u) => u,
         Err(why) => return Ok(own_response(StatusCode::BAD_GATEWAY, why.clone())),
     };
-    if let Err(named) = check_authority(&req, &conn.name, conn.port) {
-        conn.shared.count(Stat::Misdirected);
-        tracing::info!(target: "slipway::inject", flow = %conn.flow, name = %conn.name,
-            asked = %named, "421: the request names another host");
-        let message = format!(
-            "this connection is for {}; the request names {named} (Host and :authority must equal the TLS server name)",
-            conn.name
-        );
-        return Ok(own_response(StatusCode::MISDIRECTED_REQUEST, message));
-    }
-    if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
-        let message =
-            "upgrades (WebSocket, CONNECT) are not carried on a connection slipway adds headers to"
-                .to_string();
-        return Ok(own_response(StatusCode::NOT_IMPLEMENTED, message));
-    }
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    match add_rule_headers(&conn, &mut parts.headers) {
+    let flow = rewrite::Flow {
+        name: &conn.name,
+        rule: &conn.rule,
+        port: conn.port,
+    };
+    let proto = match upstream {
+        Upstream::H1(_) => rewrite::Protocol::Http1,
+        Upstream::H2(_) => rewrite::Protocol::Http2,
+    };
+    let rules = conn.shared.rules();
+    match rewrite::rewrite(&mut parts, &flow, &rules, &conn.shared.secrets, proto) {
         Ok(true) => conn.shared.count(Stat::Transformed),
         Ok(false) => {}
-        Err(secret) => {
-            conn.shared.count(Stat::MissingSecret);
-            let message = format!(
-                "the header rule for {} names secret {secret}, which is not set; nothing was sent",
-                conn.rule
-            );
-            return Ok(own_response(StatusCode::BAD_GATEWAY, message));
-        }
+        Err(refusal) => return Ok(refused(&conn, refusal)),
     }
-    let authority = authority_of(&parts.uri, &parts.headers, &conn.name);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
     let sent = match upstream {
         Upstream::H1(send) => {
-            parts.version = Version::HTTP_11;
-            parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
-            if !parts.headers.contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(&authority) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
             let mut send = send.lock().await;
             match send.ready().await {
                 Ok(()) => send.send_request(Request::from_parts(parts, body)).await,
@@ -330,10 +330,6 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body
             }
         }
         Upstream::H2(send) => {
-            parts.version = Version::HTTP_2;
-            parts.uri = Uri::try_from(format!("https://{authority}{path}"))
-                .unwrap_or_else(|_| Uri::from_static("/"));
-            parts.headers.remove(header::HOST);
             let mut send = send.clone();
             match send.ready().await {
                 Ok(()) => send.send_request(Request::from_parts(parts, body)).await,
@@ -351,7 +347,7 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body
     };
     let (mut parts, body) = resp.into_parts();
     let closing = connection_closes(&parts.headers);
-    strip_hop_by_hop(&mut parts.headers);
+    rewrite::strip_hop_by_hop(&mut parts.headers);
     parts.version = match conn.guest {
         Proto::H1 => Version::HTTP_11,
         Proto::H2 => Version::HTTP_2,
@@ -365,104 +361,6 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body
     Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
-/// The rule's headers, values resolved now (a rotated secret applies to
-/// the next request), each replacing what the guest sent under that name.
-/// Placeholders the guest wrote itself are left as it wrote them: only the
-/// rule's own templates are expanded. `Err(secret)`: one is not set.
-fn add_rule_headers(conn: &Conn, headers: &mut HeaderMap) -> Result<bool, String> {
-    let rules = conn.shared.rules();
-    let Some(rule) = rules.rule(&conn.rule) else {
-        // Replaced since the flow was intercepted: nothing to add.
-        return Ok(false);
-    };
-    let mut out: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(rule.headers.len());
-    for h in &rule.headers {
-        let held: Vec<(String, Arc<crate::secrets::Secret>)> = h
-            .value
-            .secrets()
-            .map(|s| {
-                conn.shared
-                    .secrets
-                    .get(s)
-                    .map(|v| (s.to_string(), v))
-                    .ok_or(s)
-            })
-            .collect::<Result<_, _>>()
-            .map_err(str::to_string)?;
-        let mut value = Zeroizing::new(Vec::new());
-        h.value
-            .expand_into(&mut value, |name| {
-                held.iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| v.expose())
-            })
-            .map_err(str::to_string)?;
-        // The header keeps this very buffer, which is wiped when it is dropped.
-        let Ok(mut value) = HeaderValue::from_maybe_shared(Bytes::from_owner(value)) else {
-            // Secrets and templates are checked for header bytes when set.
-            return Err("(unusable value)".into());
-        };
-        value.set_sensitive(true);
-        out.push((h.name.clone(), value));
-    }
-    let changed = !out.is_empty();
-    for (name, value) in out {
-        headers.insert(name, value);
-    }
-    Ok(changed)
-}
-
-/// Every authority the request names (Host, and the URI's for HTTP/2 or an
-/// absolute-form target) must be this connection's name, on its port (or
-/// none). `Err(what it named)`, short and printable.
-fn check_authority<B>(req: &Request<B>, name: &str, port: u16) -> Result<(), String> {
-    let mut named = Vec::new();
-    if let Some(a) = req.uri().authority() {
-        named.push(a.as_str().to_string());
-    }
-    for v in req.headers().get_all(header::HOST) {
-        named.push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-    }
-    if named.is_empty() {
-        return Err("no host".into());
-    }
-    for a in named {
-        if !authority_is(&a, name, port) {
-            return Err(echo(&a));
-        }
-    }
-    Ok(())
-}
-
-fn authority_is(authority: &str, name: &str, port: u16) -> bool {
-    if authority.contains('@') {
-        return false;
-    }
-    let (host, p) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (authority, None),
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let port_ok = match p {
-        None => true,
-        Some(p) => p.parse::<u16>() == Ok(port),
-    };
-    port_ok && host.eq_ignore_ascii_case(name)
-}
-
-/// `name[:port]` as the guest named it (already checked to be this name).
-fn authority_of(uri: &Uri, headers: &HeaderMap, name: &str) -> String {
-    uri.authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| name.to_string())
-}
-
 fn connection_closes(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
@@ -470,93 +368,4 @@ fn connection_closes(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("close"))
-}
-
-/// Headers for one hop only (RFC 9110 7.6.1), and those `Connection` names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(n);
-    }
-    for n in ["keep-alive", "proxy-connection"] {
-        headers.remove(n);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_authority_must_be_the_sni_on_the_flows_port() {
-        let rows = [
-            ("api.example.test", true),
-            ("API.Example.Test", true),
-            ("api.example.test.", true),
-            ("api.example.test:443", true),
-            ("api.example.test:8443", false),
-            ("api.example.test:x", false),
-            ("evil.test", false),
-            ("api.example.test.evil.test", false),
-            ("user@api.example.test", false),
-            ("", false),
-        ];
-        for (a, ok) in rows {
-            assert_eq!(authority_is(a, "api.example.test", 443), ok, "{a}");
-        }
-        let req = |host: &str| {
-            Request::builder()
-                .uri("/x")
-                .header("host", host)
-                .body(())
-                .unwrap()
-        };
-        assert!(check_authority(&req("api.example.test"), "api.example.test", 443).is_ok());
-        assert_eq!(
-            check_authority(&req("evil.test"), "api.example.test", 443),
-            Err("evil.test".into())
-        );
-        // An absolute-form target and a Host must both name it.
-        let both = Request::builder()
-            .uri("https://evil.test/x")
-            .header("host", "api.example.test")
-            .body(())
-            .unwrap();
-        assert!(check_authority(&both, "api.example.test", 443).is_err());
-        let none = Request::builder().uri("/x").body(()).unwrap();
-        assert!(check_authority(&none, "api.example.test", 443).is_err());
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_go() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
-        );
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("authorization", HeaderValue::from_static("guest's own"));
-        strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["authorization"]);
-    }
 }

@@ -600,4 +600,63 @@ mod tests {
         let e = parse_network_update(br#"{"allowPublicTraffic": false}"#, &[]).unwrap_err();
         assert!(e.message.contains("fixed when the sandbox is created"));
     }
+
+    #[test]
+    fn rules_in_e2b_shape_carry_their_keys_into_the_policy_and_bad_ones_are_named() {
+        let network = |rules: &str| {
+            format!(
+                r#"{{"transport": {{"tap": "t"}}, "network": {{"allowOut": ["*.example.com"],
+                   "denyOut": ["ALL_TRAFFIC"], "rules": {rules}}}}}"#
+            )
+        };
+        let c = create(&network(
+            r#"{"API.example.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.K}"}}}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            c.egress
+                .policy
+                .intercept_for("api.example.com")
+                .map(|k| k.to_string()),
+            Some("api.example.com".into())
+        );
+        assert_eq!(c.egress.rules.secrets().collect::<Vec<_>>(), ["K"]);
+        let none = create(&network("null")).unwrap();
+        assert!(none.egress.rules.is_empty());
+        assert!(none.egress.policy.intercepts().iter().next().is_none());
+        let headers: Vec<String> = (0..21).map(|i| format!(r#""X-{i}": "v""#)).collect();
+        let rows = [
+            (
+                r#"{"*": [{"transform": {"headers": {"X": "1"}}}]}"#.to_string(),
+                "invalid rule domain *",
+            ),
+            (
+                format!(
+                    r#"{{"a.example.com": [{{"transform": {{"headers": {{{}}}}}}}]}}"#,
+                    headers.join(",")
+                ),
+                "too many headers (21): at most 20",
+            ),
+            (
+                r#"{"a.other.com": [{"transform": {"headers": {"X": "1"}}}]}"#.to_string(),
+                "it covers no name allowOut allows",
+            ),
+            (
+                r#"["a.example.com"]"#.to_string(),
+                "rules must be an object",
+            ),
+        ];
+        for (rules, want) in rows {
+            let (field, message) = refusal(&network(&rules));
+            assert_eq!(field, Some("network.rules"), "{message}");
+            assert!(message.contains(want), "{rules}: {message}");
+        }
+        let u = parse_network_update(
+            br#"{"allowOut": ["a.example.com"], "denyOut": ["ALL_TRAFFIC"],
+                 "rules": {"a.example.com": [{"transform": {"headers": {"X": "1"}}}]}}"#,
+            &[],
+        )
+        .unwrap();
+        assert!(u.egress.policy.intercept_for("a.example.com").is_some());
+    }
 }
