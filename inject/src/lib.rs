@@ -30,8 +30,10 @@ pub use secrets::{SecretError, SecretStore};
 pub use upstream::{UpstreamError, UpstreamTls};
 
 /// Intercepted connections one sandbox may have open at once; more are
-/// closed at once (the guest sees its connection end).
-pub const MAX_CONNECTIONS: usize = 256;
+/// closed at once (the guest sees its connection end). With the HTTP/2
+/// windows and HTTP/1.1 buffers each holds (under 1 MiB), a sandbox's
+/// interception holds about 100 MiB at the very most.
+pub const MAX_CONNECTIONS: usize = 128;
 
 /// Counters of one sandbox's interception (never a value).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -35,6 +35,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 64 << 10;
 /// HTTP/2 streams at once on one guest connection.
 const MAX_STREAMS: u32 = 128;
+/// HTTP/2 flow-control windows, both sides: what one connection may hold
+/// unread (hyper's defaults are 1 MiB and more).
+const H2_STREAM_WINDOW: u32 = 256 << 10;
+const H2_CONN_WINDOW: u32 = 512 << 10;
+const H2_SEND_BUF: usize = 256 << 10;
 /// Time a guest has to send a request's head on HTTP/1.1.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -202,6 +207,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, flow: InterceptedFlow) {
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_HEAD as u32)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONN_WINDOW)
+                .max_send_buf_size(H2_SEND_BUF)
                 .serve_connection(io, svc)
                 .await
         }
@@ -252,6 +260,9 @@ where
             let (send, conn) = client2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEAD as u32)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONN_WINDOW)
+                .max_send_buf_size(H2_SEND_BUF)
                 .handshake(io)
                 .await?;
             tokio::spawn(conn);

@@ -460,6 +460,9 @@ fn headers(domain: &str, pairs: Vec<(String, String)>) -> Result<Vec<HeaderRule>
             value: template,
         });
     }
+    // One order whatever the source (a JSON object's keys come sorted), so
+    // that equal rules compare equal.
+    out.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
     Ok(out)
 }
 
