@@ -1,6 +1,6 @@
 """Egress by name, measured (issue 12): slipway alone, the same run.
 
-In a namespace of its own (TEST-NET addresses on a dummy link, no route
+In a namespace of its own (TEST-NET addresses on a veth link, no route
 out) an echo server listens on 198.51.100.1 and .3, and dnsmasq on
 198.51.100.53 answers echo.bench.test -> 198.51.100.3. `slipway run` in that
 namespace, under `--allow-out 198.51.100.1/32 --allow-out '*.bench.test'
@@ -46,9 +46,14 @@ class World:
     def __init__(self):
         self.ns = f"slwnames{os.getpid()}"
         peers.netns_add(self.ns)
-        for cmd in ("ip link add d0 type dummy", "ip link set d0 up",
+        # A veth pair (this kernel has no dummy links); its peer end just stays up.
+        for cmd in ("ip link add d0 type veth peer name d1", "ip link set d1 up", "ip link set d0 up",
                     "ip addr add 198.51.100.1/24 dev d0", "ip addr add 198.51.100.3/24 dev d0",
-                    "ip addr add 198.51.100.53/24 dev d0"):
+                    "ip addr add 198.51.100.53/24 dev d0",
+                    # slipway's host sockets close first, so thousands of
+                    # connections a second leave their ports in TIME_WAIT:
+                    # without reuse the later repetitions run out of ports.
+                    "sysctl -qw net.ipv4.tcp_tw_reuse=1"):
             subprocess.run(["ip", "netns", "exec", self.ns] + cmd.split(), check=True, capture_output=True)
         self.echo = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, os.path.join(HERE, "echo_server.py"),

@@ -1,7 +1,7 @@
 """The egress-by-name benchmark's client, run inside `slipway run` (see
 names.py). Every figure is bounded in time and count. Prints one JSON object.
 
-  names_agent.py PORT SECONDS cidr=ADDR pinned=NAME dialed=ADDR
+  names_agent.py PORT SECONDS cidr=ADDR pinned=NAME dialed=ADDR [kinds=cidr,pinned,dialed]
   names_agent.py PORT SECONDS dns=NAME
 
 Each connection sends the same first bytes: a TLS ClientHello naming the
@@ -110,8 +110,10 @@ def main():
         pinned = opts["pinned"]
         first = client_hello(pinned)
         pinned_addr = socket.gethostbyname(pinned)  # through the filtering resolver: a pin
+        only = opts.get("kinds", "cidr,pinned,dialed").split(",")
         for kind, host in (("cidr", opts["cidr"]), ("pinned", pinned_addr), ("dialed", opts["dialed"])):
-            out[kind] = {"crr": crr(host, port, first, seconds), "rr": rr(host, port, first, seconds)}
+            if kind in only:
+                out[kind] = {"crr": crr(host, port, first, seconds), "rr": rr(host, port, first, seconds)}
     print(json.dumps(out), flush=True)
 
 

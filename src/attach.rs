@@ -20,6 +20,7 @@ pub fn attach(
     (link, connect, peer): (AttachLink, bool, Option<PathBuf>),
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
+    let egress_proxy = net.egress_proxy(&policy)?;
     let sandbox = ingress.sandbox_id.as_deref().unwrap_or("attach");
     let (policy, injection) = rules.setup(policy, sandbox)?;
     let ingress = prepare_ingress(ingress)?;
@@ -47,6 +48,10 @@ pub fn attach(
     let rt = runtime()?;
     rt.block_on(async move {
         let mut parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
+        if let Some(p) = &egress_proxy {
+            tracing::info!(proxy = %p.address(), tls = p.tls().is_some(), "TCP flows go through the egress proxy");
+        }
+        parked.set_egress_proxy(egress_proxy);
         if let Some(i) = &injection {
             parked.set_interceptor(i.injector.interceptor());
             tracing::info!(rules = i.injector.rules().keys().len(), ca_out = ?rules.ca_out,

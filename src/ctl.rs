@@ -13,6 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use vmm_glue::TransportSpec;
 
+use crate::cli::UsageError;
 use crate::serve::api::transport_json;
 
 #[derive(Args, Debug)]
@@ -44,12 +45,17 @@ pub enum CtlCommand {
         /// maskRequestHost: the Host the guest sees, ${PORT} standing for the port.
         #[arg(long = "mask-request-host", value_name = "HOST")]
         mask_request_host: Option<String>,
+        /// httpsPorts: the gateway speaks TLS to guest port N (certificate not verified).
+        /// Repeatable, or comma-separated.
+        #[arg(long = "https-port", value_name = "N", value_delimiter = ',')]
+        https_port: Vec<u16>,
     },
     /// List the sandboxes (GET /sandboxes).
     List,
     /// Show one sandbox with its counters (GET /sandboxes/ID).
     Get { id: String },
-    /// Replace a sandbox's egress rules whole (PUT /sandboxes/ID/network); flows they deny are reset.
+    /// Replace a sandbox's egress rules whole (PUT /sandboxes/ID/network): what is not given
+    /// goes back to its default; flows the new rules deny are reset.
     SetNetwork {
         id: String,
         #[command(flatten)]
@@ -114,6 +120,29 @@ pub struct EgressArgs {
     /// allowInternetAccess = false.
     #[arg(long = "no-internet")]
     no_internet: bool,
+    /// dnsServers: with names in --allow-out, DNS to ADDR:53 is answered by the filtering
+    /// resolver (IPv4, at most 10) [default: 8.8.8.8]; repeatable or comma-separated;
+    /// `none` for no address.
+    #[arg(long = "dns-server", value_name = "ADDR", value_delimiter = ',')]
+    dns_server: Vec<String>,
+    /// egressProxy: socks5://[user[:pass]@]host:port or socks5+tls://… (the
+    /// password may come from SLIPWAY_EGRESS_PROXY_PASSWORD instead).
+    #[arg(long = "egress-proxy", value_name = "URL")]
+    egress_proxy: Option<String>,
+    /// egressProxy.tls.caCert: read from FILE (PEM).
+    #[arg(
+        long = "egress-proxy-ca",
+        value_name = "FILE",
+        requires = "egress_proxy"
+    )]
+    egress_proxy_ca: Option<PathBuf>,
+    /// egressProxy.tls.serverName.
+    #[arg(
+        long = "egress-proxy-server-name",
+        value_name = "NAME",
+        requires = "egress_proxy"
+    )]
+    egress_proxy_server_name: Option<String>,
     /// rules: give HTTPS requests to NAME the header; the value may hold
     /// ${e2b.secrets.X}. One header per flag; repeat NAME for more.
     #[arg(long = "header-rule", value_name = "NAME=Header: value")]
@@ -122,13 +151,59 @@ pub struct EgressArgs {
 
 impl EgressArgs {
     /// E2B's `rules` object, or null when there are none.
-    fn rules(&self) -> Result<serde_json::Value, String> {
+    fn rules(&self) -> Result<serde_json::Value, UsageError> {
         if self.header_rule.is_empty() {
             return Ok(serde_json::Value::Null);
         }
         inject::HeaderRules::from_flags(&self.header_rule)
             .map(|r| r.to_json())
-            .map_err(|e| e.to_string())
+            .map_err(|e| UsageError(e.to_string()))
+    }
+
+    /// `dnsServers` as the API takes it: absent without the flag (the
+    /// default), `[]` for `none`; the server checks the addresses.
+    fn dns_servers(&self) -> Option<Vec<String>> {
+        match self.dns_server.as_slice() {
+            [] => None,
+            [only] if only.trim() == "none" => Some(Vec::new()),
+            many => Some(many.to_vec()),
+        }
+    }
+
+    /// E2B's `egressProxy` object for the flags, or null. Checked by the
+    /// server; here only the URL is taken apart and the CA file read.
+    fn egress_proxy(&self) -> Result<serde_json::Value, UsageError> {
+        use serde_json::json;
+        let Some(url) = &self.egress_proxy else {
+            return Ok(serde_json::Value::Null);
+        };
+        let spec = crate::cli::egress_proxy_spec(
+            url,
+            self.egress_proxy_ca.as_deref(),
+            self.egress_proxy_server_name.as_deref(),
+        )?;
+        let mut v = json!({ "address": spec.address });
+        if let Some(u) = spec.username {
+            v["username"] = u.into();
+        }
+        if let Some(p) = spec.password {
+            v["password"] = p.expose().into();
+        }
+        if let Some(tls) = spec.tls {
+            let mut t = json!({});
+            if let Some(n) = tls.server_name {
+                t["serverName"] = n.into();
+            }
+            if let Some(ca) = tls.ca_pem {
+                t["caCert"] = ca.expose().into();
+            }
+            v["tls"] = if t.as_object().is_some_and(|o| o.is_empty()) {
+                true.into()
+            } else {
+                t
+            };
+        }
+        Ok(v)
     }
 }
 
@@ -159,8 +234,8 @@ impl TransportArgs {
 }
 
 impl CtlCommand {
-    /// The request this command makes; `Err`: a usage error, said in one line.
-    fn request(&self) -> Result<(Method, String, Body), String> {
+    /// The request this command makes.
+    fn request(&self) -> Result<(Method, String, Body), UsageError> {
         use serde_json::json;
         Ok(match self {
             CtlCommand::Create {
@@ -169,6 +244,7 @@ impl CtlCommand {
                 egress,
                 public_traffic,
                 mask_request_host,
+                https_port,
             } => {
                 let t = transport
                     .spec()
@@ -179,11 +255,16 @@ impl CtlCommand {
                     "network": {
                         "allowOut": egress.allow_out,
                         "denyOut": egress.deny_out,
-                        "rules": egress.rules()?,
                         "allowPublicTraffic": public_traffic,
                         "maskRequestHost": mask_request_host,
+                        "httpsPorts": https_port,
+                        "egressProxy": egress.egress_proxy()?,
+                        "rules": egress.rules()?,
                     },
                 });
+                if let Some(servers) = egress.dns_servers() {
+                    body["network"]["dnsServers"] = servers.into();
+                }
                 if let Some(id) = id {
                     body["sandboxID"] = id.clone().into();
                 }
@@ -195,16 +276,24 @@ impl CtlCommand {
                 format!("/sandboxes/{}", escape(id)),
                 Body::None,
             ),
-            CtlCommand::SetNetwork { id, egress } => (
-                Method::PUT,
-                format!("/sandboxes/{}/network", escape(id)),
-                Body::Json(json!({
-                    "allowInternetAccess": !egress.no_internet,
+            CtlCommand::SetNetwork { id, egress } => {
+                // E2B's update shape; what is left out goes back to its default.
+                let mut body = json!({
+                    "allow_internet_access": !egress.no_internet,
                     "allowOut": egress.allow_out,
                     "denyOut": egress.deny_out,
+                    "egressProxy": egress.egress_proxy()?,
                     "rules": egress.rules()?,
-                })),
-            ),
+                });
+                if let Some(servers) = egress.dns_servers() {
+                    body["dnsServers"] = servers.into();
+                }
+                (
+                    Method::PUT,
+                    format!("/sandboxes/{}/network", escape(id)),
+                    Body::Json(body),
+                )
+            }
             CtlCommand::RotateToken { id } => (
                 Method::POST,
                 format!("/sandboxes/{}/token", escape(id)),
@@ -221,8 +310,9 @@ impl CtlCommand {
                 Body::None,
             ),
             CtlCommand::SecretPut { name, from } => {
-                let (value, _) = crate::rules::secret_source(from)
-                    .map_err(|why| format!("secret-put {}: {why}", escape(name)))?;
+                let (value, _) = crate::rules::secret_source(from).map_err(|why| {
+                    UsageError(format!("secret-put {}: {why}", escape_name(name)))
+                })?;
                 (
                     Method::PUT,
                     format!("/secrets/{}", escape_name(name)),

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
     // Every flow holds a host socket: lift the soft descriptor limit to the
     // hard one so the per-sandbox flow caps, not a default of 1024, bound it.
     vmm_glue::sys::raise_fd_limit();
+    vmm_glue::sys::tune_allocator();
     match cli.command {
         Command::Run {
             net,

@@ -22,6 +22,10 @@ pub fn run(
     command: &[std::ffi::OsString],
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
+    let egress_proxy = net.egress_proxy(&policy)?;
+    // The command must not learn the proxy's password: it would inherit the
+    // variable that may hold it. No thread exists yet.
+    std::env::remove_var(crate::cli::PROXY_PASSWORD_ENV);
     let sandbox = ingress.sandbox_id.as_deref().unwrap_or("run");
     let (policy, injection) = rules.setup(policy, sandbox)?;
     let ingress = prepare_ingress(ingress)?;
@@ -61,6 +65,7 @@ pub fn run(
     let code = rt.block_on(async move {
         let stack = Stack::new(cfg, policy, std::time::Instant::now());
         let mut driver = Driver::new(stack, tap).map_err(Failure::ServeTap)?;
+        driver.set_egress_proxy(egress_proxy);
         if let Some(i) = &injection {
             driver.set_interceptor(i.injector.interceptor());
         }

@@ -1419,7 +1419,34 @@ fn main() {
     write(&dir, "resolver", resolver_inputs());
     write(&dir, "first_bytes", first_bytes_inputs());
     write(&dir, "vhost_queues", vhost_queue_inputs());
+    write(&dir, "socks_reply", socks_reply_inputs());
     write(&dir, "header_rewrite", slipway_fuzz::header_rewrite::seeds());
+}
+
+/// The socks_reply target: a mode byte (bit 0: username/password offered;
+/// bit 1: an IPv6 target; bit 2: a name), the method and login answers,
+/// then the CONNECT reply and what the proxy relays behind it.
+fn socks_reply_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    let with = |mode: u8, reply: &[u8]| [&[mode, 5, 2, 1, 0][..], reply].concat();
+    let mut name = vec![5, 0, 0, 3, 10];
+    name.extend_from_slice(b"proxy.test");
+    name.extend_from_slice(&[0, 80]);
+    let mut v6 = vec![5, 0, 0, 4];
+    v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    v6.extend_from_slice(&[0x1f, 0x90]);
+    vec![
+        (
+            "v4-then-data",
+            with(1, b"\x05\x00\x00\x01\xc6\x33\x64\x01\x04\x38SSH-2.0"),
+        ),
+        ("v6", with(3, &v6)),
+        ("name", with(5, &name)),
+        ("refused", with(0, &[5, 5])),
+        ("not-socks", with(1, b"HTTP/1.1 400 Bad Request\r\n")),
+        ("bad-atyp", with(0, &[5, 0, 0, 2, 1, 2, 3])),
+        ("empty-name", with(4, &[5, 0, 0, 3, 0, 0, 80])),
+        ("short", with(6, &[5, 0, 0])),
+    ]
 }
 
 /// The vnet target: a mode byte (bit 0: IPv6; the MTU grows with it), then

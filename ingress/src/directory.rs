@@ -87,6 +87,9 @@ pub struct RouteSpec {
     /// Connections into the guest at once (HTTP requests in flight, open
     /// upgrades and forwards); more get 429.
     pub max_connections: usize,
+    /// E2B's `httpsPorts`: guest ports the gateway speaks TLS to (see
+    /// `guest_tls`); validated by `guest_tls::https_ports`.
+    pub https_ports: Vec<GuestPort>,
 }
 
 /// One sandbox as the gateway sees it.
@@ -95,7 +98,10 @@ pub struct Route {
     /// `None`: public traffic is allowed.
     token: RwLock<Option<TokenDigest>>,
     mask: Option<HostMask>,
+    max_connections: usize,
     slots: Arc<Semaphore>,
+    /// Sorted, without duplicates.
+    https_ports: Vec<GuestPort>,
     pub(crate) pool: GuestPool,
 }
 
@@ -110,11 +116,16 @@ impl Route {
         } else {
             Some(AccessToken::generate()?)
         };
+        let mut https_ports = spec.https_ports;
+        https_ports.sort();
+        https_ports.dedup();
         let route = Self {
             guest,
             token: RwLock::new(token.as_ref().map(AccessToken::digest)),
             mask: spec.mask_request_host,
+            max_connections: spec.max_connections,
             slots: Arc::new(Semaphore::new(spec.max_connections)),
+            https_ports,
             pool: GuestPool::default(),
         };
         Ok((route, token))
@@ -149,6 +160,16 @@ impl Route {
 
     pub fn mask(&self) -> Option<&HostMask> {
         self.mask.as_ref()
+    }
+
+    /// The incoming-connection cap (E2B's 429 message names it).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Whether the gateway speaks TLS to the guest on `port` (httpsPorts).
+    pub fn is_https(&self, port: GuestPort) -> bool {
+        crate::guest_tls::is_https(&self.https_ports, port)
     }
 
     /// A slot under the incoming-connection cap, held while a connection to
@@ -221,6 +242,7 @@ mod tests {
             allow_public_traffic: false,
             mask_request_host: None,
             max_connections: max,
+            https_ports: Vec::new(),
         };
         let (route, token) = Route::new(Arc::new(Nowhere), spec).unwrap();
         (route, token.unwrap())
@@ -257,6 +279,7 @@ mod tests {
             allow_public_traffic: true,
             mask_request_host: None,
             max_connections: 1,
+            https_ports: Vec::new(),
         };
         let (route, token) = Route::new(Arc::new(Nowhere), spec).unwrap();
         assert!(token.is_none() && route.is_public());

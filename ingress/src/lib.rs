@@ -10,6 +10,7 @@ pub mod clients;
 pub mod cookie;
 pub mod directory;
 pub mod forward;
+pub mod guest_tls;
 pub mod idle;
 pub mod pool;
 mod proxy;
@@ -24,6 +25,7 @@ pub use directory::{
     RouteSpec,
 };
 pub use forward::{Forward, ForwardSpec};
+pub use guest_tls::{https_ports, BadHttpsPorts};
 pub use refusal::Refusal;
 pub use server::{Gateway, GatewayConfig, GatewayStats, Limits};
 pub use target::{Domain, GuestPort, SandboxId, Target};

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::target::GuestPort;
 use crate::Body;
 
-/// Idle connections kept per guest port.
+/// Idle connections kept per guest port (per port and SNI on httpsPorts).
 pub const MAX_IDLE_PER_PORT: usize = 16;
 /// Idle connections kept per sandbox, all ports together.
 pub const MAX_IDLE: usize = 64;
@@ -30,18 +30,27 @@ const READY_WAIT: Duration = Duration::from_millis(20);
 /// A kept connection and since when it is idle.
 type Kept = (SendRequest<Body>, Instant);
 
+/// What a kept connection may serve again: the same guest port and, on an
+/// httpsPorts port, the same SNI (a guest may serve other sites by name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub port: GuestPort,
+    /// The host its TLS session named; `None` on a plain port.
+    pub tls_host: Option<String>,
+}
+
 #[derive(Default)]
 pub(crate) struct GuestPool {
-    idle: Mutex<HashMap<GuestPort, Vec<Kept>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Kept>>>,
 }
 
 impl GuestPool {
-    /// A ready connection to `port`, if one is idle.
-    pub async fn take(&self, port: GuestPort) -> Option<SendRequest<Body>> {
+    /// A ready connection for `key`, if one is idle.
+    pub async fn take(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
         loop {
             let (mut sender, since) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(&port)?.pop()?
+                idle.get_mut(key)?.pop()?
             };
             if since.elapsed() > IDLE_FOR || sender.is_closed() {
                 continue;
@@ -56,7 +65,7 @@ impl GuestPool {
     }
 
     /// Keep a connection whose last response was read to the end.
-    pub fn give_back(&self, port: GuestPort, sender: SendRequest<Body>) {
+    pub fn give_back(&self, key: PoolKey, sender: SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
@@ -67,7 +76,7 @@ impl GuestPool {
         }
         idle.retain(|_, list| !list.is_empty());
         let total: usize = idle.values().map(Vec::len).sum();
-        let list = idle.entry(port).or_default();
+        let list = idle.entry(key).or_default();
         if total < MAX_IDLE && list.len() < MAX_IDLE_PER_PORT {
             list.push((sender, now));
         }

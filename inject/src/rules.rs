@@ -274,7 +274,10 @@ impl HeaderRules {
                 }
                 transforms.push(pairs);
             }
-            raw.push((domain.clone(), transforms));
+            // A domain with no transform (E2B's `[]`) has nothing to apply.
+            if !transforms.is_empty() {
+                raw.push((domain.clone(), transforms));
+            }
         }
         Self::validate(raw)
     }
@@ -582,10 +585,6 @@ mod tests {
                 "rules for a.test: a transform sets no header",
             ),
             (
-                json!({"a.test": []}),
-                "rules for a.test: the list of rules is empty",
-            ),
-            (
                 json!({"a.test": [{"transform": {"body": {}}}]}),
                 "unknown field body in a transform",
             ),
@@ -607,6 +606,8 @@ mod tests {
             let got = parse(v.clone()).expect_err(&v.to_string());
             assert!(got.contains(want), "{v}: got {got:?}, want {want:?}");
         }
+        // E2B's empty list for a domain: no rule, nothing to intercept.
+        assert!(parse(json!({"a.test": []})).unwrap().is_empty());
         let dup = HeaderRules::from_flags(&["a.test=X-A: 1".into(), "a.test=x-a: 2".into()]);
         assert_eq!(
             dup.unwrap_err().to_string(),

@@ -4,6 +4,7 @@
 //! the registry's lock and either completes or leaves nothing behind.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,9 @@ use vmm_glue::{Transport, TransportError, TransportSpec};
 use super::api::{CreateSandbox, Egress, NetworkUpdate};
 use super::secrets::InjectBase;
 use super::settings::SandboxDefaults;
-use super::view::{CountersView, GuestView, NetworkView, SandboxView, TransportView};
+use super::view::{
+    CountersView, EgressProxyView, GuestView, NetworkView, SandboxView, TransportView,
+};
 use crate::door::StackDoor;
 
 /// How long a sandbox's driver may take to answer a question or to stop.
@@ -108,15 +111,29 @@ struct AskedEgress {
     allow_internet_access: bool,
     allow_out: Vec<String>,
     deny_out: Vec<String>,
+    /// In force: as asked, or the sandbox's default when not given.
+    dns_servers: Vec<IpAddr>,
+    /// What GET shows of it: no password, no CA.
+    egress_proxy: Option<EgressProxyView>,
 }
 
-impl From<&Egress> for AskedEgress {
-    fn from(e: &Egress) -> Self {
+impl AskedEgress {
+    fn new(e: &Egress, default_dns_servers: &[IpAddr]) -> Self {
         Self {
             allow_internet_access: e.allow_internet_access,
             allow_out: e.allow_out.clone(),
             deny_out: e.deny_out.clone(),
+            dns_servers: dns_servers_in_force(e, default_dns_servers),
+            egress_proxy: e.egress_proxy.as_ref().map(EgressProxyView::from),
         }
+    }
+}
+
+/// The DNS servers a sandbox's resolver answers for: those asked, else the default.
+fn dns_servers_in_force(e: &Egress, default: &[IpAddr]) -> Vec<IpAddr> {
+    match &e.dns_servers {
+        Some(asked) => asked.iter().copied().map(IpAddr::V4).collect(),
+        None => default.to_vec(),
     }
 }
 
@@ -128,10 +145,13 @@ pub struct Sandbox {
     transport_detail: String,
     pub state: Arc<Mutex<LinkState>>,
     egress: Mutex<AskedEgress>,
+    /// dnsServers when a request leaves them out (serve's stack default).
+    default_dns_servers: Vec<IpAddr>,
     /// Its CA and header rules (replaced with the policy).
     pub injector: inject::Injector,
     allow_public_traffic: bool,
     mask_request_host: Option<String>,
+    https_ports: Vec<u16>,
     plan: AddressPlan,
     mtu: usize,
     created_at: SystemTime,
@@ -171,8 +191,11 @@ impl Sandbox {
             network: NetworkView {
                 allow_out: egress.allow_out,
                 deny_out: egress.deny_out,
+                dns_servers: egress.dns_servers.iter().map(IpAddr::to_string).collect(),
                 allow_public_traffic: self.allow_public_traffic,
                 mask_request_host: self.mask_request_host.clone(),
+                egress_proxy: egress.egress_proxy,
+                https_ports: self.https_ports.clone(),
                 rules: {
                     let rules = self.injector.rules();
                     (!rules.is_empty()).then(|| rules.to_json())
@@ -311,9 +334,12 @@ impl Registry {
         let transport_detail = transport.describe();
         let mut cfg = defaults.stack.clone();
         cfg.random_seed = random_u64()?;
+        let default_dns_servers = cfg.dns_servers.clone();
+        cfg.dns_servers = dns_servers_in_force(&req.egress, &default_dns_servers);
         let (plan, mtu) = (cfg.plan.clone(), cfg.mtu);
         let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
         let mut parked = Parked::new(stack);
+        parked.set_egress_proxy(req.egress.egress_proxy.clone());
         parked.set_interceptor(injector.interceptor());
         let handle = parked.handle();
         let door = StackDoor::new(handle.clone(), self.guest_connections.clone());
@@ -321,6 +347,7 @@ impl Registry {
             allow_public_traffic: req.public.allow_public_traffic,
             mask_request_host: req.public.mask_request_host.as_ref().map(|m| m.1.clone()),
             max_connections: defaults.max_inbound,
+            https_ports: req.public.https_ports.clone(),
         };
         let (route, token) = Route::new(Arc::new(door), spec)?;
         // Nothing can fail from here on.
@@ -338,10 +365,12 @@ impl Registry {
             transport: req.transport,
             transport_detail,
             state,
-            egress: Mutex::new(AskedEgress::from(&req.egress)),
+            egress: Mutex::new(AskedEgress::new(&req.egress, &default_dns_servers)),
+            default_dns_servers,
             injector,
             allow_public_traffic: req.public.allow_public_traffic,
             mask_request_host: req.public.mask_request_host.map(|m| m.0),
+            https_ports: req.public.https_ports.iter().map(|p| p.get()).collect(),
             plan,
             mtu,
             created_at: SystemTime::now(),
@@ -366,27 +395,40 @@ impl Registry {
         Ok(sandbox.view(None, snapshot.as_ref()))
     }
 
-    /// Replace the egress policy whole; the driver resets the flows it now denies.
+    /// Replace the egress configuration whole (E2B's PUT: what the update
+    /// leaves out goes back to its default): the policy, whose newly denied
+    /// flows the driver resets, and the DNS servers its resolver answers for.
     pub fn set_network(&self, id: &SandboxId, update: NetworkUpdate) -> Result<(), RegistryError> {
         let sandbox = self.get(id)?;
         let secrets = &self.inject.secrets;
         update.egress.rules.check_secrets(|n| secrets.contains(n))?;
         let mut asked = lock(&sandbox.egress);
+        let fresh = AskedEgress::new(&update.egress, &sandbox.default_dns_servers);
         // Rules first: a flow the new policy marks finds its rule. A flow
         // the old one marked meanwhile may find none and gets no header:
         // never a header for a name whose rule is gone.
         let old_rules = sandbox.injector.rules();
         sandbox.injector.set_rules(update.egress.rules.clone());
-        if !sandbox.handle.set_policy(update.egress.policy.clone()) {
+        // Both commands go down the driver's one queue, in this order; a
+        // closed queue refuses the first.
+        if !sandbox.handle.set_policy(update.egress.policy.clone())
+            || !sandbox.handle.set_dns_servers(fresh.dns_servers.clone())
+        {
             sandbox.injector.set_rules((*old_rules).clone());
             return Err(RegistryError::NotRunning {
                 id: id.clone(),
                 state: lock(&sandbox.state).describe(),
             });
         }
-        *asked = AskedEgress::from(&update.egress);
+        // Flows opened from now on take the new path; open ones keep theirs.
+        sandbox
+            .handle
+            .set_egress_proxy(update.egress.egress_proxy.clone());
+        *asked = fresh;
+        let egress_proxy = asked.egress_proxy.as_ref().map(|p| p.address.as_str());
         tracing::info!(sandbox = %id, allow_out = ?asked.allow_out, deny_out = ?asked.deny_out,
-                       allow_internet_access = asked.allow_internet_access, "policy replaced");
+                       allow_internet_access = asked.allow_internet_access,
+                       dns_servers = ?asked.dns_servers, ?egress_proxy, "policy replaced");
         Ok(())
     }
 

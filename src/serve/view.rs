@@ -50,17 +50,56 @@ pub struct GuestView {
     pub mtu: usize,
 }
 
+/// E2B's `SandboxNetworkInfo`: every list present (`[]`, never null), no
+/// secret ever.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkView {
     pub allow_out: Vec<String>,
     pub deny_out: Vec<String>,
+    /// In force: as asked, or the default (8.8.8.8) when not given.
+    pub dns_servers: Vec<String>,
+    /// Absent when flows connect directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<EgressProxyView>,
     pub allow_public_traffic: bool,
     pub mask_request_host: Option<String>,
+    pub https_ports: Vec<u16>,
     /// E2B's `rules`, as written (placeholders, never a secret); absent
     /// when there are none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules: Option<serde_json::Value>,
+}
+
+/// E2B's `SandboxEgressProxyInfo`: where the proxy is and who logs in,
+/// never the password or the CA.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressProxyView {
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ProxyTlsView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTlsView {
+    /// The name the proxy's certificate is checked against.
+    pub server_name: String,
+}
+
+impl From<&netstack::EgressProxy> for EgressProxyView {
+    fn from(p: &netstack::EgressProxy) -> Self {
+        Self {
+            address: p.address().to_string(),
+            username: p.username().map(str::to_string),
+            tls: p
+                .tls_server_name()
+                .map(|server_name| ProxyTlsView { server_name }),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

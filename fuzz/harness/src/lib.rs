@@ -15,6 +15,7 @@ pub mod policy;
 pub mod qemu_stream;
 pub mod resolver;
 pub mod services;
+pub mod socks;
 pub mod stack_frames;
 pub mod tcp_segments;
 pub mod vhost_queues;
@@ -37,6 +38,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vhost_queues", vhost_queues::run),
     ("resolver", resolver::run),
     ("first_bytes", first_bytes::run),
+    ("socks_reply", socks::run),
     ("header_rewrite", header_rewrite::run),
 ];
 

@@ -10,12 +10,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 
 use crate::stack::FlowId;
 
-/// A byte stream to the real server: a host TCP connection today, any
-/// other carrier (an egress proxy's tunnel) tomorrow.
+/// A byte stream to the real server: a host TCP connection, or a tunnel
+/// through the egress proxy (plain or TLS).
 pub trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {}
 
@@ -67,7 +67,7 @@ pub(super) fn hand_over(
     interceptor: &dyn Interceptor,
     flow: FlowId,
     pending: Pending,
-    upstream: TcpStream,
+    upstream: Pin<Box<dyn UpstreamIo>>,
 ) -> std::io::Result<UnixStream> {
     let (ours, theirs) = UnixStream::pair()?;
     interceptor.intercept(InterceptedFlow {
@@ -76,7 +76,7 @@ pub(super) fn hand_over(
         rule: pending.rule,
         port: pending.port,
         guest: theirs,
-        upstream: Box::pin(upstream),
+        upstream,
     });
     Ok(ours)
 }
