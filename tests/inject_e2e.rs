@@ -110,7 +110,7 @@ fn https_server(
     listener.set_nonblocking(true).unwrap();
     rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        while let Ok((tcp, _)) = listener.accept().await {
+        while let Ok((tcp, peer)) = listener.accept().await {
             let (acceptor, seen) = (acceptor.clone(), s.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
@@ -122,6 +122,7 @@ fn https_server(
                     for (k, v) in req.headers() {
                         record += &format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()));
                     }
+                    record += &format!("(peer {})\n", peer.ip().to_canonical());
                     seen.lock().unwrap().push(record);
                     // Never the request's headers: what the guest sees must
                     // not carry the secret unless slipway leaks it.
@@ -756,4 +757,149 @@ fn bad_rules_and_secrets_are_refused_before_anything_starts() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(!err.contains("sk-pasted"), "{err}");
     }
+}
+
+/// The egress proxy and header rules together: the interceptor's TLS to
+/// the server rides in the proxy's tunnel (a real microsocks in the world,
+/// which resolves the names it is given with the world's dnsmasq), on the
+/// name-dial path and on a pinned address alike.
+#[test]
+fn an_intercepted_flow_goes_through_the_egress_proxy() {
+    require_world!();
+    if !has_dnsmasq() || !common::has_tool("microsocks") {
+        assert_ne!(
+            std::env::var("SLIPWAY_E2E").as_deref(),
+            Ok("required"),
+            "dnsmasq or microsocks is missing (apt-get install dnsmasq-base microsocks)"
+        );
+        eprintln!("skipped: no dnsmasq or microsocks");
+        return;
+    }
+    const SOCKS: &str = "198.51.100.10";
+    let w = World::new();
+    let _dns = Dnsmasq::start(&w);
+    let servers = Servers::start(&w);
+    // `ip netns exec` puts /etc/netns/NAME/* over /etc for microsocks.
+    struct EtcNetns(std::path::PathBuf);
+    impl Drop for EtcNetns {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let etc = EtcNetns(std::path::PathBuf::from("/etc/netns").join(&w.name));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(
+        etc.0.join("resolv.conf"),
+        format!("nameserver {RESOLVER}\n"),
+    )
+    .unwrap();
+    let out = w.exec(&format!("ip addr add {SOCKS}/24 dev w0"));
+    assert!(out.status.success(), "{out:?}");
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _socks = Killed(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &w.name,
+                "microsocks",
+                "-i",
+                SOCKS,
+                "-p",
+                "1080",
+                "-b",
+                SOCKS,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start microsocks"),
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    let listening = format!("import socket; socket.create_connection(('{SOCKS}', 1080), 1)");
+    while !w
+        .exec(&format!("python3 -c \"{listening}\""))
+        .status
+        .success()
+    {
+        assert!(Instant::now() < until, "microsocks does not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secret = format!("sk-socks-{}", std::process::id());
+    let key_file = w.dir.join("key");
+    std::fs::write(&key_file, &secret).unwrap();
+    let curl = "curl -sS --max-time 10 -D -";
+    let script = [
+        // An address no answer gave: the name-dial path.
+        format!("{curl} --resolve api.allowed.test:443:203.0.113.77 https://api.allowed.test/dialed; echo dialed-exit-$?"),
+        // Through the resolver: a pinned address.
+        format!("{curl} --http2 https://api.allowed.test/pinned; echo pinned-exit-$?"),
+    ]
+    .join("\n");
+    let rule = "api.allowed.test=Authorization: Bearer ${e2b.secrets.KEY}";
+    let secret_arg = format!("KEY=@{}", key_file.display());
+    let ca = servers.ca_file.display().to_string();
+    let args = [
+        "--allow-out",
+        "*.allowed.test",
+        "--deny-out",
+        "ALL_TRAFFIC",
+        "--dns-upstream",
+        RESOLVER,
+        "--egress-proxy",
+        "socks5://198.51.100.10:1080",
+        "--header-rule",
+        rule,
+        "--secret",
+        &secret_arg,
+        "--upstream-ca",
+        &ca,
+    ];
+    let output = Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            "120",
+            "ip",
+            "netns",
+            "exec",
+            &w.name,
+            common::slipway(),
+            "run",
+        ])
+        .args(args)
+        .args(["--", "sh", "-c", &script])
+        .env("SLIPWAY_LOG", "slipway::flow=info,warn")
+        .output()
+        .expect("run slipway");
+    let (out, log) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    let both = format!("stdout:\n{out}\nstderr:\n{log}");
+    assert!(
+        out.contains("dialed-exit-0") && out.contains("pinned-exit-0"),
+        "{both}"
+    );
+    let seen = servers.good.lock().unwrap().clone();
+    for path in ["/dialed", "/pinned"] {
+        let r = seen
+            .iter()
+            .find(|r| r.contains(&format!(" {path}\n")))
+            .unwrap_or_else(|| panic!("no {path}: {seen:?}\n{both}"));
+        assert!(
+            r.contains(&format!("authorization: Bearer {secret}\n")),
+            "{r}"
+        );
+        // The server saw the proxy, not slipway's host address.
+        assert!(r.contains(&format!("(peer {SOCKS})")), "{r}");
+    }
+    assert!(!out.contains(&secret) && !log.contains(&secret), "{both}");
 }
