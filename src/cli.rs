@@ -31,6 +31,8 @@ pub enum Command {
         #[command(flatten)]
         net: NetOpts,
         #[command(flatten)]
+        rules: crate::rules::RuleOpts,
+        #[command(flatten)]
         ingress: IngressOpts,
         #[command(flatten)]
         confine: ConfineOpts,
@@ -59,6 +61,8 @@ pub enum Command {
         peer: Option<std::path::PathBuf>,
         #[command(flatten)]
         net: NetOpts,
+        #[command(flatten)]
+        rules: crate::rules::RuleOpts,
         #[command(flatten)]
         ingress: IngressOpts,
         #[command(flatten)]

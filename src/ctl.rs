@@ -65,6 +65,28 @@ pub enum CtlCommand {
     RotateToken { id: String },
     /// Tear a sandbox down (DELETE /sandboxes/ID): flows reset, everything freed.
     Delete { id: String },
+    /// Print a sandbox's CA certificate, PEM (GET /sandboxes/ID/ca.pem).
+    Ca { id: String },
+    /// Set or replace a secret for header rules (PUT /secrets/NAME); the
+    /// value comes from a file or a variable, never the command line.
+    SecretPut {
+        name: String,
+        /// `@FILE` or `env:VAR`.
+        #[arg(value_name = "@FILE|env:VAR")]
+        from: String,
+    },
+    /// List the secrets' names (GET /secrets); values are never shown.
+    Secrets,
+    /// Forget a secret no sandbox's rules use (DELETE /secrets/NAME).
+    SecretDelete { name: String },
+}
+
+/// What a request carries.
+enum Body {
+    None,
+    Json(serde_json::Value),
+    /// A secret's value: wiped once sent.
+    Raw(zeroize::Zeroizing<Vec<u8>>),
 }
 
 #[derive(Args, Debug)]
@@ -121,9 +143,23 @@ pub struct EgressArgs {
         requires = "egress_proxy"
     )]
     egress_proxy_server_name: Option<String>,
+    /// rules: give HTTPS requests to NAME the header; the value may hold
+    /// ${e2b.secrets.X}. One header per flag; repeat NAME for more.
+    #[arg(long = "header-rule", value_name = "NAME=Header: value")]
+    header_rule: Vec<String>,
 }
 
 impl EgressArgs {
+    /// E2B's `rules` object, or null when there are none.
+    fn rules(&self) -> Result<serde_json::Value, UsageError> {
+        if self.header_rule.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        inject::HeaderRules::from_flags(&self.header_rule)
+            .map(|r| r.to_json())
+            .map_err(|e| UsageError(e.to_string()))
+    }
+
     /// `dnsServers` as the API takes it: absent without the flag (the
     /// default), `[]` for `none`; the server checks the addresses.
     fn dns_servers(&self) -> Option<Vec<String>> {
@@ -199,7 +235,7 @@ impl TransportArgs {
 
 impl CtlCommand {
     /// The request this command makes.
-    fn request(&self) -> Result<(Method, String, Option<serde_json::Value>), UsageError> {
+    fn request(&self) -> Result<(Method, String, Body), UsageError> {
         use serde_json::json;
         Ok(match self {
             CtlCommand::Create {
@@ -223,6 +259,7 @@ impl CtlCommand {
                         "maskRequestHost": mask_request_host,
                         "httpsPorts": https_port,
                         "egressProxy": egress.egress_proxy()?,
+                        "rules": egress.rules()?,
                     },
                 });
                 if let Some(servers) = egress.dns_servers() {
@@ -231,10 +268,14 @@ impl CtlCommand {
                 if let Some(id) = id {
                     body["sandboxID"] = id.clone().into();
                 }
-                (Method::POST, "/sandboxes".into(), Some(body))
+                (Method::POST, "/sandboxes".into(), Body::Json(body))
             }
-            CtlCommand::List => (Method::GET, "/sandboxes".into(), None),
-            CtlCommand::Get { id } => (Method::GET, format!("/sandboxes/{}", escape(id)), None),
+            CtlCommand::List => (Method::GET, "/sandboxes".into(), Body::None),
+            CtlCommand::Get { id } => (
+                Method::GET,
+                format!("/sandboxes/{}", escape(id)),
+                Body::None,
+            ),
             CtlCommand::SetNetwork { id, egress } => {
                 // E2B's update shape; what is left out goes back to its default.
                 let mut body = json!({
@@ -242,6 +283,7 @@ impl CtlCommand {
                     "allowOut": egress.allow_out,
                     "denyOut": egress.deny_out,
                     "egressProxy": egress.egress_proxy()?,
+                    "rules": egress.rules()?,
                 });
                 if let Some(servers) = egress.dns_servers() {
                     body["dnsServers"] = servers.into();
@@ -249,19 +291,55 @@ impl CtlCommand {
                 (
                     Method::PUT,
                     format!("/sandboxes/{}/network", escape(id)),
-                    Some(body),
+                    Body::Json(body),
                 )
             }
             CtlCommand::RotateToken { id } => (
                 Method::POST,
                 format!("/sandboxes/{}/token", escape(id)),
-                None,
+                Body::None,
             ),
-            CtlCommand::Delete { id } => {
-                (Method::DELETE, format!("/sandboxes/{}", escape(id)), None)
+            CtlCommand::Delete { id } => (
+                Method::DELETE,
+                format!("/sandboxes/{}", escape(id)),
+                Body::None,
+            ),
+            CtlCommand::Ca { id } => (
+                Method::GET,
+                format!("/sandboxes/{}/ca.pem", escape(id)),
+                Body::None,
+            ),
+            CtlCommand::SecretPut { name, from } => {
+                let (value, _) = crate::rules::secret_source(from).map_err(|why| {
+                    UsageError(format!("secret-put {}: {why}", escape_name(name)))
+                })?;
+                (
+                    Method::PUT,
+                    format!("/secrets/{}", escape_name(name)),
+                    Body::Raw(zeroize::Zeroizing::new(value)),
+                )
             }
+            CtlCommand::Secrets => (Method::GET, "/secrets".into(), Body::None),
+            CtlCommand::SecretDelete { name } => (
+                Method::DELETE,
+                format!("/secrets/{}", escape_name(name)),
+                Body::None,
+            ),
         })
     }
+}
+
+/// A secret's name in the path: `_` and `.` as well.
+fn escape_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Ids go into the path as given; anything outside a-z0-9- is escaped so the
@@ -367,7 +445,7 @@ async fn call(
     token: Option<&str>,
     method: Method,
     path: &str,
-    body: Option<serde_json::Value>,
+    body: Body,
 ) -> Result<(StatusCode, Bytes), CtlError> {
     let at = || socket.to_owned();
     let stream = tokio::net::UnixStream::connect(socket)
@@ -392,11 +470,13 @@ async fn call(
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let body = match body {
-        Some(v) => {
+        Body::Json(v) => {
             req = req.header("content-type", "application/json");
             Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
         }
-        None => Bytes::new(),
+        // The buffer is wiped when the request is done with it.
+        Body::Raw(v) => Bytes::from_owner(v),
+        Body::None => Bytes::new(),
     };
     let req = req.body(Full::new(body)).map_err(CtlError::Build)?;
     let resp = sender

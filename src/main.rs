@@ -9,6 +9,7 @@ mod confine;
 mod ctl;
 mod door;
 mod public_url;
+mod rules;
 mod run;
 mod serve;
 
@@ -34,22 +35,30 @@ fn main() -> ExitCode {
         Command::Run {
             net,
             ingress,
+            rules,
             confine,
             command,
-        } => exit_with(run::run(&net, &ingress, confine.confine, &command)),
+        } => exit_with(run::run(&net, &ingress, &rules, confine.confine, &command)),
         Command::Attach {
             link,
             connect,
             peer,
             net,
             ingress,
+            rules,
             confine,
         } => {
             init_logging(&net, "info");
             let plan = confine
                 .confine
                 .then(|| confine::modes::attach(&link, connect));
-            exit_with(attach::attach(&net, &ingress, plan, (link, connect, peer)))
+            exit_with(attach::attach(
+                &net,
+                &ingress,
+                &rules,
+                plan,
+                (link, connect, peer),
+            ))
         }
         Command::Serve(args) => serve::main(args),
         Command::Ctl(args) => ctl::main(args),
@@ -82,6 +91,14 @@ pub enum Failure {
     Transport(#[from] vmm_glue::TransportError),
     #[error(transparent)]
     PublicUrl(#[from] public_url::PublicUrlError),
+    #[error(transparent)]
+    Ca(#[from] inject::CaError),
+    #[error("cannot write the sandbox's CA certificate to {path}")]
+    CaOut {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start the runtime")]
     Runtime(#[source] io::Error),
     #[error("cannot serve the tap")]

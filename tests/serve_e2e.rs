@@ -368,7 +368,8 @@ fn bad_requests_get_their_code_and_message_and_leave_nothing_behind() {
                 ),
             ),
             400,
-            "rules are not supported yet",
+            // A rule applies to names allowed by name only: here none is.
+            "rules for api.example.test: it covers no name allowOut allows by name",
             "network.rules",
         ),
         (
@@ -1680,7 +1681,9 @@ fn an_e2b_network_body_round_trips_and_dns_servers_change_live() {
     for (body, message) in [
         (
             r#"{"rules": {"world.test": [{"transform": {"headers": {"X-Key": "v"}}}]}}"#,
-            "rules are not supported yet",
+            "rules for world.test: it covers no name allowOut allows by name (a rule applies \
+             only to names the policy allows by name, with all other traffic denied; it does \
+             not allow egress itself)",
         ),
         (
             r#"{"httpsPorts": [443]}"#,

@@ -1420,6 +1420,7 @@ fn main() {
     write(&dir, "first_bytes", first_bytes_inputs());
     write(&dir, "vhost_queues", vhost_queue_inputs());
     write(&dir, "socks_reply", socks_reply_inputs());
+    write(&dir, "header_rewrite", slipway_fuzz::header_rewrite::seeds());
 }
 
 /// The socks_reply target: a mode byte (bit 0: username/password offered;

@@ -3,12 +3,12 @@
 //! `NetworkUpdate`); the handlers only ever see those. Every rejection is an
 //! `ApiError` whose message names the field and the value.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use hyper::StatusCode;
 use ingress::{BadHttpsPorts, GuestPort, HostMask, SandboxId};
+use inject::HeaderRules;
 use netstack::{EgressPolicy, EgressProxy, PolicyError, PolicySpec, ProxyError, ProxySpec, Secret};
 use serde::Deserialize;
 use serde_json::Value;
@@ -68,6 +68,8 @@ pub struct Egress {
     pub dns_servers: Option<Vec<Ipv4Addr>>,
     /// E2B's `egressProxy`; `None`: direct.
     pub egress_proxy: Option<EgressProxy>,
+    /// E2B's `rules`: header injection per name. Their keys ride in `policy`.
+    pub rules: HeaderRules,
     pub policy: EgressPolicy,
 }
 
@@ -117,7 +119,7 @@ struct RawNetwork {
     // Entries as JSON values, so that a bad one is named, whatever its type.
     dns_servers: Option<Vec<Value>>,
     egress_proxy: Option<Value>,
-    rules: Option<RawRules>,
+    rules: Option<Value>,
     allow_public_traffic: Option<bool>,
     mask_request_host: Option<String>,
     https_ports: Option<Vec<Value>>,
@@ -134,32 +136,11 @@ struct RawNetworkUpdate {
     deny_out: Option<Vec<String>>,
     dns_servers: Option<Vec<Value>>,
     egress_proxy: Option<Value>,
-    rules: Option<RawRules>,
+    rules: Option<Value>,
     // Named so that the refusal can say why, rather than "unknown field".
     allow_public_traffic: Option<Value>,
     mask_request_host: Option<Value>,
     https_ports: Option<Value>,
-}
-
-/// E2B's `rules`: per-domain transforms of egress requests (header
-/// injection, `{"api.example.com": [{"transform": {"headers": {"K": "V"}}}]}`).
-/// Parsed in E2B's shape, so that a body an E2B client sends is understood,
-/// then refused while slipway cannot apply it: never silently ignored.
-type RawRules = BTreeMap<String, Vec<RawRule>>;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    // Parsed for its shape only, until header injection lands.
-    #[allow(dead_code)]
-    transform: Option<RawTransform>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTransform {
-    #[allow(dead_code)]
-    headers: Option<BTreeMap<String, String>>,
 }
 
 /// The egress fields of either body, as sent.
@@ -169,7 +150,7 @@ struct RawEgress {
     deny_out: Option<Vec<String>>,
     dns_servers: Option<Vec<Value>>,
     egress_proxy: Option<Value>,
-    rules: Option<RawRules>,
+    rules: Option<Value>,
 }
 
 fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T> {
@@ -266,15 +247,6 @@ pub fn parse_network_update(body: &[u8], allow_internal: &[String]) -> Result<Ne
 
 /// The egress fields, validated; an omitted one is its default.
 fn egress(raw: RawEgress, allow_internal: &[String]) -> Result<Egress> {
-    if raw
-        .rules
-        .is_some_and(|r| r.values().any(|rules| !rules.is_empty()))
-    {
-        return Err(ApiError::bad(
-            "network.rules",
-            "rules are not supported yet",
-        ));
-    }
     let dns_servers = dns_servers(raw.dns_servers)?;
     let allow_internet_access = raw.allow_internet_access.unwrap_or(true);
     let spec = PolicySpec {
@@ -295,12 +267,24 @@ fn egress(raw: RawEgress, allow_internal: &[String]) -> Result<Egress> {
         ApiError::bad(field, e.to_string())
     })?;
     let egress_proxy = egress_proxy(raw.egress_proxy, &policy)?;
+    // E2B's `rules` (`{"api.example.com": [{"transform": {"headers":
+    // {"K": "V"}}}]}`), read as a JSON value so that a bad one is named
+    // whatever its shape; their keys go into the policy, which marks the
+    // flows to intercept.
+    let rules = match raw.rules {
+        None | Some(Value::Null) => HeaderRules::default(),
+        Some(v) => HeaderRules::from_json(&v)
+            .and_then(|r| r.check_allowed(&policy).map(|()| r))
+            .map_err(|e| ApiError::bad("network.rules", e.to_string()))?,
+    };
+    let policy = policy.with_intercepts(rules.keys());
     Ok(Egress {
         allow_internet_access,
         allow_out: spec.allow_out,
         deny_out: spec.deny_out,
         dns_servers,
         egress_proxy,
+        rules,
         policy,
     })
 }
@@ -901,37 +885,68 @@ mod tests {
     }
 
     #[test]
-    fn rules_in_e2bs_shape_are_refused_by_name_not_ignored() {
-        let rules =
-            r#"{"api.example.com": [{"transform": {"headers": {"Authorization": "Bearer x"}}}]}"#;
-        let (field, msg) = network_refusal(&format!(r#"{{"rules": {rules}}}"#));
-        assert_eq!(
-            (field, msg.as_str()),
-            (Some("network.rules"), "rules are not supported yet")
-        );
-        let e = update(&format!(r#"{{"rules": {rules}}}"#)).unwrap_err();
-        assert_eq!(
-            (e.status, e.field, e.message.as_str()),
-            (
-                StatusCode::BAD_REQUEST,
-                Some("network.rules"),
-                "rules are not supported yet"
-            )
-        );
-        // No rule at all is nothing to refuse.
-        for empty in ["{}", "null", r#"{"api.example.com": []}"#] {
+    fn rules_in_e2bs_shape_carry_their_keys_into_the_policy_and_bad_ones_are_named() {
+        let names = r#""allowOut": ["*.example.com"], "denyOut": ["ALL_TRAFFIC"]"#;
+        let with = |rules: &str| {
             create(&format!(
-                r#"{{"transport": {{"tap": "t"}}, "network": {{"rules": {empty}}}}}"#
+                r#"{{"transport": {{"tap": "t"}}, "network": {{{names}, "rules": {rules}}}}}"#
             ))
-            .unwrap();
-            update(&format!(r#"{{"rules": {empty}}}"#)).unwrap();
+        };
+        let c = with(
+            r#"{"API.example.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.K}"}}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.egress
+                .policy
+                .intercept_for("api.example.com")
+                .map(|k| k.to_string()),
+            Some("api.example.com".into())
+        );
+        assert_eq!(c.egress.rules.secrets().collect::<Vec<_>>(), ["K"]);
+        // No rule at all is nothing to intercept.
+        for empty in ["{}", "null", r#"{"a.example.com": []}"#] {
+            let c = with(empty).unwrap();
+            assert!(c.egress.rules.is_empty(), "{empty}");
+            assert!(c.egress.policy.intercepts().iter().next().is_none());
         }
-        // Not E2B's shape: the parser says where.
-        let (field, msg) = network_refusal(r#"{"rules": {"a.test": [{"inject": {}}]}}"#);
-        assert_eq!(field, Some("body"));
-        assert!(msg.contains("unknown field `inject`"), "{msg}");
-        let (_, msg) = network_refusal(r#"{"rules": ["a.test"]}"#);
-        assert!(msg.starts_with("invalid JSON body"), "{msg}");
+        let headers: Vec<String> = (0..21).map(|i| format!(r#""X-{i}": "v""#)).collect();
+        let rows = [
+            (
+                r#"{"*": [{"transform": {"headers": {"X": "1"}}}]}"#.to_string(),
+                "invalid rule domain *",
+            ),
+            (
+                format!(
+                    r#"{{"a.example.com": [{{"transform": {{"headers": {{{}}}}}}}]}}"#,
+                    headers.join(",")
+                ),
+                "too many headers (21): at most 20",
+            ),
+            (
+                r#"{"a.other.com": [{"transform": {"headers": {"X": "1"}}}]}"#.to_string(),
+                "it covers no name allowOut allows",
+            ),
+            (
+                r#"{"a.example.com": [{"inject": {}}]}"#.to_string(),
+                "unknown field inject in a rule",
+            ),
+            (
+                r#"["a.example.com"]"#.to_string(),
+                "rules must be an object",
+            ),
+        ];
+        for (rules, want) in rows {
+            let (field, message) = network_refusal(&format!(r#"{{{names}, "rules": {rules}}}"#));
+            assert_eq!(field, Some("network.rules"), "{message}");
+            assert!(message.contains(want), "{rules}: {message}");
+        }
+        let u = update(
+            r#"{"allowOut": ["a.example.com"], "denyOut": ["ALL_TRAFFIC"],
+                "rules": {"a.example.com": [{"transform": {"headers": {"X": "1"}}}]}}"#,
+        )
+        .unwrap();
+        assert!(u.egress.policy.intercept_for("a.example.com").is_some());
     }
 
     #[test]
@@ -1000,7 +1015,11 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let registry = Registry::new(tokio::runtime::Handle::current());
+            let base = crate::serve::secrets::InjectBase {
+                secrets: inject::SecretStore::new(),
+                upstream: inject::UpstreamTls::new(&[] as &[std::path::PathBuf]).unwrap(),
+            };
+            let registry = Registry::new(tokio::runtime::Handle::current(), base);
             let body = serde_json::json!({
                 "sandboxID": "e2b-1",
                 "transport": {"qemuDgram": sock},

@@ -153,6 +153,11 @@ pub async fn render(shared: &Shared) -> String {
         "counter",
         "Egress by name: DNS queries forwarded and blocked by the filtering resolver, answers rewritten without internal addresses, flows a DNS pin allowed, flows allowed by their TLS SNI or HTTP Host, flows reset for naming no allowed host (fronting_refused: on a pinned address).",
     );
+    let mut rules = Family::new(
+        "slipway_header_rules_total",
+        "counter",
+        "Header rules: TLS flows intercepted, requests seen and transformed, requests answered 421 (Host not the SNI), servers whose certificate failed verification, other server failures, requests refused for a secret not set, connections refused over the cap.",
+    );
     let mut panics = Family::new(
         "slipway_stack_panics_total",
         "counter",
@@ -222,6 +227,23 @@ pub async fn render(shared: &Shared) -> String {
                 n,
             );
         }
+        let c = s.injector.counts();
+        for (kind, n) in [
+            ("intercepted_flow", st.intercepted_flows),
+            ("request", c.requests),
+            ("transformed", c.transformed),
+            ("misdirected", c.misdirected),
+            ("upstream_unverified", c.upstream_unverified),
+            ("upstream_failed", c.upstream_failed),
+            ("missing_secret", c.missing_secret),
+            ("over_cap", c.refused_over_cap),
+        ] {
+            rules.sample(
+                "slipway_header_rules_total",
+                &format!("sandbox=\"{id}\",kind=\"{kind}\""),
+                n,
+            );
+        }
         panics.sample(
             "slipway_stack_panics_total",
             &format!("sandbox=\"{id}\""),
@@ -269,7 +291,7 @@ pub async fn render(shared: &Shared) -> String {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     for f in [
-        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics, names,
+        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics, names, rules,
     ] {
         out.push_str(&f.text);
     }

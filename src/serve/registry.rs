@@ -22,6 +22,7 @@ use vmm_glue::transport::{FdOwner, OpenOptions};
 use vmm_glue::{Transport, TransportError, TransportSpec};
 
 use super::api::{CreateSandbox, Egress, NetworkUpdate};
+use super::secrets::InjectBase;
 use super::settings::SandboxDefaults;
 use super::view::{
     CountersView, EgressProxyView, GuestView, NetworkView, SandboxView, TransportView,
@@ -67,6 +68,23 @@ pub enum RegistryError {
     NotRunning { id: SandboxId, state: String },
     #[error("sandbox {0} allows public traffic: it has no traffic access token")]
     NoToken(SandboxId),
+    /// A rule names a secret that is not set (checked at create and update).
+    #[error(transparent)]
+    Rules(#[from] inject::RuleError),
+    #[error(transparent)]
+    Secret(#[from] inject::SecretError),
+    #[error("secret {0} is not set")]
+    NoSecret(String),
+    #[error(
+        "secret {name} is used by the header rules of sandbox {users}: change their rules first"
+    )]
+    SecretInUse { name: String, users: String },
+    #[error("cannot make sandbox {id}'s CA")]
+    Ca {
+        id: SandboxId,
+        #[source]
+        source: inject::CaError,
+    },
 }
 
 /// What became of a sandbox's link.
@@ -129,6 +147,8 @@ pub struct Sandbox {
     egress: Mutex<AskedEgress>,
     /// dnsServers when a request leaves them out (serve's stack default).
     default_dns_servers: Vec<IpAddr>,
+    /// Its CA and header rules (replaced with the policy).
+    pub injector: inject::Injector,
     allow_public_traffic: bool,
     mask_request_host: Option<String>,
     https_ports: Vec<u16>,
@@ -176,14 +196,19 @@ impl Sandbox {
                 mask_request_host: self.mask_request_host.clone(),
                 egress_proxy: egress.egress_proxy,
                 https_ports: self.https_ports.clone(),
+                rules: {
+                    let rules = self.injector.rules();
+                    (!rules.is_empty()).then(|| rules.to_json())
+                },
             },
+            ca_cert: None,
             traffic_access_token: token,
             created_at: self
                 .created_at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            counters: snapshot.map(CountersView::from),
+            counters: snapshot.map(|s| CountersView::new(s, self.injector.counts())),
         }
     }
 
@@ -227,16 +252,19 @@ pub struct Registry {
     /// Connections from the gateway into guests, alive now.
     pub guest_connections: Arc<AtomicUsize>,
     draining: AtomicBool,
+    /// The secrets and upstream trust every sandbox's header rules use.
+    inject: InjectBase,
 }
 
 impl Registry {
-    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(runtime: tokio::runtime::Handle, inject: InjectBase) -> Self {
         Self {
             sandboxes: Mutex::new(HashMap::new()),
             directory: Arc::new(Directory::new()),
             runtime,
             guest_connections: Arc::new(AtomicUsize::new(0)),
             draining: AtomicBool::new(false),
+            inject,
         }
     }
 
@@ -290,6 +318,18 @@ impl Registry {
                 });
             }
         }
+        let secrets = &self.inject.secrets;
+        req.egress.rules.check_secrets(|n| secrets.contains(n))?;
+        let injector = inject::Injector::new(
+            id.as_str(),
+            req.egress.rules.clone(),
+            self.inject.secrets.clone(),
+            self.inject.upstream.clone(),
+        )
+        .map_err(|source| RegistryError::Ca {
+            id: id.clone(),
+            source,
+        })?;
         let transport = open(&req.transport, caller, defaults.stack.mtu)?;
         let transport_detail = transport.describe();
         let mut cfg = defaults.stack.clone();
@@ -300,6 +340,7 @@ impl Registry {
         let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
         let mut parked = Parked::new(stack);
         parked.set_egress_proxy(req.egress.egress_proxy.clone());
+        parked.set_interceptor(injector.interceptor());
         let handle = parked.handle();
         let door = StackDoor::new(handle.clone(), self.guest_connections.clone());
         let spec = RouteSpec {
@@ -326,6 +367,7 @@ impl Registry {
             state,
             egress: Mutex::new(AskedEgress::new(&req.egress, &default_dns_servers)),
             default_dns_servers,
+            injector,
             allow_public_traffic: req.public.allow_public_traffic,
             mask_request_host: req.public.mask_request_host.map(|m| m.0),
             https_ports: req.public.https_ports.iter().map(|p| p.get()).collect(),
@@ -335,7 +377,8 @@ impl Registry {
             stop: Mutex::new(Some(stop)),
             task: Mutex::new(Some(task)),
         });
-        let view = sandbox.view(token.map(|t| t.as_str().to_string()), None);
+        let mut view = sandbox.view(token.map(|t| t.as_str().to_string()), None);
+        view.ca_cert = Some(sandbox.injector.ca_pem().to_string());
         sandboxes.insert(id, sandbox);
         tracing::info!(sandbox = %view.sandbox_id, transport = %view.transport.detail, "sandbox created");
         Ok(view)
@@ -357,13 +400,21 @@ impl Registry {
     /// flows the driver resets, and the DNS servers its resolver answers for.
     pub fn set_network(&self, id: &SandboxId, update: NetworkUpdate) -> Result<(), RegistryError> {
         let sandbox = self.get(id)?;
+        let secrets = &self.inject.secrets;
+        update.egress.rules.check_secrets(|n| secrets.contains(n))?;
         let mut asked = lock(&sandbox.egress);
         let fresh = AskedEgress::new(&update.egress, &sandbox.default_dns_servers);
+        // Rules first: a flow the new policy marks finds its rule. A flow
+        // the old one marked meanwhile may find none and gets no header:
+        // never a header for a name whose rule is gone.
+        let old_rules = sandbox.injector.rules();
+        sandbox.injector.set_rules(update.egress.rules.clone());
         // Both commands go down the driver's one queue, in this order; a
         // closed queue refuses the first.
         if !sandbox.handle.set_policy(update.egress.policy.clone())
             || !sandbox.handle.set_dns_servers(fresh.dns_servers.clone())
         {
+            sandbox.injector.set_rules((*old_rules).clone());
             return Err(RegistryError::NotRunning {
                 id: id.clone(),
                 state: lock(&sandbox.state).describe(),
@@ -378,6 +429,45 @@ impl Registry {
         tracing::info!(sandbox = %id, allow_out = ?asked.allow_out, deny_out = ?asked.deny_out,
                        allow_internet_access = asked.allow_internet_access,
                        dns_servers = ?asked.dns_servers, ?egress_proxy, "policy replaced");
+        Ok(())
+    }
+
+    /// The sandbox's CA certificate (PEM), for its guest to trust.
+    pub fn ca_pem(&self, id: &SandboxId) -> Result<String, RegistryError> {
+        Ok(self.get(id)?.injector.ca_pem().to_string())
+    }
+
+    /// Set or replace a secret; the next request that names it uses it.
+    pub fn put_secret(&self, name: &str, value: Vec<u8>) -> Result<(), RegistryError> {
+        self.inject.secrets.put(name, value)?;
+        tracing::info!(secret = name, "secret set");
+        Ok(())
+    }
+
+    pub fn secret_names(&self) -> Vec<String> {
+        self.inject.secrets.names()
+    }
+
+    /// Forget a secret no sandbox's rules name.
+    pub fn delete_secret(&self, name: &str) -> Result<(), RegistryError> {
+        // Under the registry's lock, so no create or update slips in between.
+        let sandboxes = lock(&self.sandboxes);
+        let mut users: Vec<&str> = sandboxes
+            .values()
+            .filter(|s| s.injector.rules().secrets().any(|n| n == name))
+            .map(|s| s.id.as_str())
+            .collect();
+        if !users.is_empty() {
+            users.sort();
+            return Err(RegistryError::SecretInUse {
+                name: name.to_string(),
+                users: users.join(", "),
+            });
+        }
+        if !self.inject.secrets.remove(name) {
+            return Err(RegistryError::NoSecret(name.to_string()));
+        }
+        tracing::info!(secret = name, "secret removed");
         Ok(())
     }
 

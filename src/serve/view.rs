@@ -17,6 +17,11 @@ pub struct SandboxView {
     /// On create (and rotate) only, and only for private sandboxes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traffic_access_token: Option<String>,
+    /// On create only: the sandbox's CA certificate (PEM), which signs what
+    /// the guest sees on connections its header rules apply to; also at
+    /// `GET /sandboxes/{id}/ca.pem`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     /// `GET /sandboxes/{id}` only.
@@ -60,6 +65,10 @@ pub struct NetworkView {
     pub allow_public_traffic: bool,
     pub mask_request_host: Option<String>,
     pub https_ports: Vec<u16>,
+    /// E2B's `rules`, as written (placeholders, never a secret); absent
+    /// when there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
 }
 
 /// E2B's `SandboxEgressProxyInfo`: where the proxy is and who logs in,
@@ -122,10 +131,20 @@ pub struct CountersView {
     pub host_flows: u64,
     pub name_refused: u64,
     pub fronting_refused: u64,
+    /// Header rules: TLS flows intercepted, requests given a rule's
+    /// headers, requests answered 421 (their Host was not the SNI), servers
+    /// whose certificate failed verification, requests refused because a
+    /// secret was not set.
+    pub intercepted_flows: u64,
+    pub requests_transformed: u64,
+    pub requests_misdirected: u64,
+    pub upstream_unverified: u64,
+    pub upstream_failed: u64,
+    pub missing_secret: u64,
 }
 
-impl From<&netstack::driver::Snapshot> for CountersView {
-    fn from(s: &netstack::driver::Snapshot) -> Self {
+impl CountersView {
+    pub fn new(s: &netstack::driver::Snapshot, inject: inject::InjectCounts) -> Self {
         Self {
             tcp_flows: s.tcp_flows,
             datagram_flows: s.datagram_flows,
@@ -146,6 +165,12 @@ impl From<&netstack::driver::Snapshot> for CountersView {
             host_flows: s.stats.host_flows,
             name_refused: s.stats.name_refused,
             fronting_refused: s.stats.fronting_refused,
+            intercepted_flows: s.stats.intercepted_flows,
+            requests_transformed: inject.transformed,
+            requests_misdirected: inject.misdirected,
+            upstream_unverified: inject.upstream_unverified,
+            upstream_failed: inject.upstream_failed,
+            missing_secret: inject.missing_secret,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod classify;
 pub mod first_bytes;
 pub mod frames;
 pub mod gateway;
+pub mod header_rewrite;
 pub mod input;
 pub mod kit;
 pub mod policy;
@@ -38,6 +39,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("resolver", resolver::run),
     ("first_bytes", first_bytes::run),
     ("socks_reply", socks::run),
+    ("header_rewrite", header_rewrite::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.

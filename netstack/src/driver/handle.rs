@@ -113,6 +113,7 @@ pub struct Parked {
     egress_proxy: Option<Arc<EgressProxy>>,
     commands_tx: mpsc::UnboundedSender<Command>,
     commands: mpsc::UnboundedReceiver<Command>,
+    interceptor: Option<super::SharedInterceptor>,
 }
 
 impl Parked {
@@ -126,7 +127,18 @@ impl Parked {
             egress_proxy: None,
             commands_tx,
             commands,
+            interceptor: None,
         }
+    }
+
+    /// Where the driver that resumes this sandbox sends intercepted flows
+    /// (`Driver::set_interceptor`); kept across links.
+    pub fn set_interceptor(&mut self, interceptor: super::SharedInterceptor) {
+        self.interceptor = Some(interceptor);
+    }
+
+    pub(super) fn interceptor(&self) -> Option<super::SharedInterceptor> {
+        self.interceptor.clone()
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -149,6 +161,7 @@ impl Parked {
             egress_proxy,
             commands_tx,
             commands,
+            interceptor: None,
         }
     }
 

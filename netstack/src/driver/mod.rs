@@ -14,6 +14,7 @@
 mod dial;
 mod handle;
 mod host;
+mod intercept;
 mod link;
 
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use host::{
     connect_error, connect_outcome, guest_to_host, guest_to_tls, host_to_guest, open_datagram,
     start_connect, tls_to_guest, HostDatagram, HostStream, HostTcp, OpenTcp, OpenTls, TlsShutdown,
 };
+pub use intercept::{InterceptedFlow, Interceptor, SharedInterceptor, UpstreamIo};
 pub use link::Link;
 
 use crate::policy::EgressPolicy;
@@ -69,6 +71,10 @@ pub struct Driver<L: Link> {
     /// The policy as the dials last saw it (its operator holes decide
     /// which proxy addresses are allowed); made anew after a policy change.
     dial_policy: Option<Arc<EgressPolicy>>,
+    /// Where intercepted flows go; without one they are reset.
+    interceptor: Option<SharedInterceptor>,
+    /// `Intercept` requests whose host connect (or proxy dial) is still in flight.
+    intercepts: HashMap<FlowId, intercept::Pending>,
 }
 
 impl<L: Link> Driver<L> {
@@ -91,7 +97,16 @@ impl<L: Link> Driver<L> {
             icmp_warned: false,
             egress_proxy: None,
             dial_policy: None,
+            interceptor: None,
+            intercepts: HashMap::new(),
         })
+    }
+
+    /// Where the flows the core marks for interception go (see
+    /// `HostRequest::Intercept`). Without one, such a flow is reset: its
+    /// bytes never go out unchanged.
+    pub fn set_interceptor(&mut self, interceptor: SharedInterceptor) {
+        self.interceptor = Some(interceptor);
     }
 
     /// Send the TCP flows opened from now on through `proxy` (`None`:
@@ -150,12 +165,15 @@ impl<L: Link> Driver<L> {
                 HostTcp::Connecting(_) | HostTcp::Dialing(_) | HostTcp::Inbound { .. } => {}
             }
         }
-        let parked = Parked::from_parts(
+        let mut parked = Parked::from_parts(
             self.stack,
             self.egress_proxy,
             self.commands_tx,
             self.commands,
         );
+        if let Some(i) = self.interceptor {
+            parked.set_interceptor(i);
+        }
         (parked, result.err())
     }
 
@@ -163,12 +181,14 @@ impl<L: Link> Driver<L> {
     /// host sockets went with the old link); addresses, the DHCP lease, the
     /// policy and every `DriverHandle` stay valid.
     pub fn resume(parked: Parked, link: L) -> io::Result<Self> {
+        let interceptor = parked.interceptor();
         let (mut stack, egress_proxy, commands_tx, commands) = parked.into_parts();
         stack.reset_flows(Instant::now());
         let mut driver = Self::new(stack, link)?;
         driver.egress_proxy = egress_proxy;
         driver.commands_tx = commands_tx;
         driver.commands = commands;
+        driver.interceptor = interceptor;
         Ok(driver)
     }
 
@@ -238,6 +258,7 @@ impl<L: Link> Driver<L> {
                 HostTcp::Connecting(_) | HostTcp::Dialing(_) => {}
             }
         }
+        self.intercepts.clear();
         self.datagrams.clear();
     }
 
@@ -437,10 +458,20 @@ impl<L: Link> Driver<L> {
         match result {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
+                let stream = match self.intercepts.remove(&flow) {
+                    Some(pending) => match self.hand_over(flow, pending, Box::pin(stream)) {
+                        Some(ours) => HostStream::Unix(ours),
+                        None => {
+                            self.stack.handle_host(now, flow, HostEvent::Reset);
+                            return;
+                        }
+                    },
+                    None => HostStream::Tcp(stream),
+                };
                 self.tcp.insert(
                     flow,
                     HostTcp::Open(OpenTcp {
-                        stream: HostStream::Tcp(stream),
+                        stream,
                         read_done: false,
                     }),
                 );
@@ -460,12 +491,27 @@ impl<L: Link> Driver<L> {
         match result {
             Ok(tunnel) => {
                 tracing::debug!(%flow, bound = ?tunnel.bound, "connected through the egress proxy");
-                let host = match tunnel.stream {
-                    TunnelStream::Tcp(stream) => HostTcp::Open(OpenTcp {
+                let host = match (self.intercepts.remove(&flow), tunnel.stream) {
+                    // The interceptor's TLS to the server rides in the tunnel.
+                    (Some(pending), stream) => {
+                        let upstream: Pin<Box<dyn UpstreamIo>> = match stream {
+                            TunnelStream::Tcp(s) => Box::pin(s),
+                            TunnelStream::Tls(s) => Box::pin(s),
+                        };
+                        let Some(ours) = self.hand_over(flow, pending, upstream) else {
+                            self.stack.handle_host(now, flow, HostEvent::Reset);
+                            return;
+                        };
+                        HostTcp::Open(OpenTcp {
+                            stream: HostStream::Unix(ours),
+                            read_done: false,
+                        })
+                    }
+                    (None, TunnelStream::Tcp(stream)) => HostTcp::Open(OpenTcp {
                         stream: HostStream::Tcp(stream),
                         read_done: false,
                     }),
-                    TunnelStream::Tls(stream) => HostTcp::OpenTls(OpenTls::new(stream)),
+                    (None, TunnelStream::Tls(stream)) => HostTcp::OpenTls(OpenTls::new(stream)),
                 };
                 self.tcp.insert(flow, host);
                 self.stack.handle_host(now, flow, HostEvent::Connected);
@@ -582,6 +628,12 @@ impl<L: Link> Driver<L> {
                     }
                     self.connect_directly(now, flow, dst);
                 }
+                HostRequest::Intercept {
+                    flow,
+                    name,
+                    rule,
+                    port,
+                } => self.intercept(now, flow, intercept::Pending { name, rule, port }),
                 HostRequest::TcpShutdown { flow } => match self.tcp.get_mut(&flow) {
                     Some(HostTcp::Open(open)) => {
                         let _ = open.stream.sock().shutdown(Shutdown::Write);
@@ -620,20 +672,23 @@ impl<L: Link> Driver<L> {
                         }));
                     }
                 }
-                HostRequest::TcpClose { flow, reset } => match self.tcp.remove(&flow) {
-                    // A dial dropped here ends there: its proxy connection closes.
-                    Some(HostTcp::Connecting(_) | HostTcp::Dialing(_)) => {}
-                    Some(HostTcp::Open(open)) if reset => {
-                        let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                HostRequest::TcpClose { flow, reset } => {
+                    self.intercepts.remove(&flow);
+                    match self.tcp.remove(&flow) {
+                        // A dial dropped here ends there: its proxy connection closes.
+                        Some(HostTcp::Connecting(_) | HostTcp::Dialing(_)) => {}
+                        Some(HostTcp::Open(open)) if reset => {
+                            let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                        }
+                        Some(HostTcp::OpenTls(open)) if reset => {
+                            let _ = open.sock().set_linger(Some(Duration::ZERO));
+                        }
+                        Some(HostTcp::Inbound { reply, .. }) => {
+                            let _ = reply.send(Err(GuestConnectError::Refused));
+                        }
+                        Some(HostTcp::Open(_) | HostTcp::OpenTls(_)) | None => {}
                     }
-                    Some(HostTcp::OpenTls(open)) if reset => {
-                        let _ = open.sock().set_linger(Some(Duration::ZERO));
-                    }
-                    Some(HostTcp::Inbound { reply, .. }) => {
-                        let _ = reply.send(Err(GuestConnectError::Refused));
-                    }
-                    Some(HostTcp::Open(_) | HostTcp::OpenTls(_)) | None => {}
-                },
+                }
                 HostRequest::DatagramOpen { flow, kind, dst } => match open_datagram(kind, dst) {
                     Ok(socket) => {
                         self.datagrams.insert(flow, HostDatagram { socket });
@@ -675,6 +730,75 @@ impl<L: Link> Driver<L> {
             }
         }
         progress
+    }
+}
+
+impl<L: Link> Driver<L> {
+    /// The core marked `flow` for interception: hand its host connection
+    /// over now if it is open (a flow a DNS pin allowed), else when its
+    /// connect or proxy dial succeeds.
+    fn intercept(&mut self, now: Instant, flow: FlowId, pending: intercept::Pending) {
+        let upstream: Pin<Box<dyn UpstreamIo>> = match self.tcp.remove(&flow) {
+            Some(HostTcp::Open(OpenTcp {
+                stream: HostStream::Tcp(stream),
+                read_done: false,
+            })) => Box::pin(stream),
+            Some(HostTcp::OpenTls(OpenTls {
+                stream,
+                read_done: false,
+                shutdown: TlsShutdown::No,
+            })) => Box::pin(stream),
+            Some(host @ (HostTcp::Connecting(_) | HostTcp::Dialing(_))) => {
+                self.tcp.insert(flow, host);
+                self.intercepts.insert(flow, pending);
+                return;
+            }
+            None => {
+                self.intercepts.insert(flow, pending);
+                return;
+            }
+            Some(other) => {
+                // A host side already closed, or not a connection out: no
+                // TLS to terminate here. Reset rather than splice.
+                self.tcp.insert(flow, other);
+                tracing::info!(target: "slipway::flow", flow = %flow,
+                    "reset: cannot intercept a connection whose host side is done");
+                self.stack.handle_host(now, flow, HostEvent::Reset);
+                return;
+            }
+        };
+        match self.hand_over(flow, pending, upstream) {
+            Some(ours) => {
+                let open = OpenTcp {
+                    stream: HostStream::Unix(ours),
+                    read_done: false,
+                };
+                self.tcp.insert(flow, HostTcp::Open(open));
+            }
+            None => self.stack.handle_host(now, flow, HostEvent::Reset),
+        }
+    }
+
+    /// Give the interceptor its flow; the socket pair's near end, or
+    /// `None` (the flow is to be reset) when there is none to take it.
+    fn hand_over(
+        &mut self,
+        flow: FlowId,
+        pending: intercept::Pending,
+        upstream: Pin<Box<dyn UpstreamIo>>,
+    ) -> Option<UnixStream> {
+        let Some(interceptor) = &self.interceptor else {
+            tracing::warn!(target: "slipway::flow", flow = %flow, rule = %pending.rule,
+                "reset: a header rule matched but this sandbox has no interceptor");
+            return None;
+        };
+        match intercept::hand_over(interceptor.as_ref(), flow, pending, upstream) {
+            Ok(ours) => Some(ours),
+            Err(e) => {
+                tracing::warn!(flow = %flow, error = %e, "cannot make a socket pair");
+                None
+            }
+        }
     }
 }
 

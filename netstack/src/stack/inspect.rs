@@ -358,8 +358,10 @@ impl Stack {
             How::Host => self.stats.host_flows += 1,
         }
         self.stats.tcp_allowed += 1;
+        let intercepted = self.intercept_if_ruled(tcp, &name, how);
         tracing::info!(target: "slipway::flow", flow = %tcp, proto = "tcp", %src, %dst,
-            verdict = "allow", rule = %rule, name = %name, pattern = %pattern, dialed = %to, "new flow");
+            verdict = "allow", rule = %rule, name = %name, pattern = %pattern, dialed = %to,
+            intercepted = intercepted.as_deref(), "new flow");
         self.requests.push_back(HostRequest::TcpConnect {
             flow: tcp,
             dst: to,
@@ -387,6 +389,12 @@ impl Stack {
         match what {
             Sniff::Name { name, how } => {
                 if self.policy.allows_name(&name).is_some() {
+                    if let Some(rule) = self.intercept_if_ruled(id, &name, how) {
+                        let f = &self.tcp[&id];
+                        tracing::info!(target: "slipway::flow", flow = %id, proto = "tcp",
+                            src = %f.key.0, dst = %f.key.1, name = %name,
+                            intercepted = %rule, "intercepted, rule {rule}");
+                    }
                     self.release(id);
                 } else {
                     self.stats.fronting_refused += 1;
@@ -409,6 +417,29 @@ impl Stack {
             }
             Sniff::NoName(_) | Sniff::Other => self.release(id),
         }
+    }
+
+    /// A TLS flow to an allowed `name` that a header rule matches is the
+    /// interceptor's: the host is told before it may take a byte of the
+    /// guest's (see `TcpFlow::intercept_pending`). Plain HTTP never is:
+    /// no secret goes out in clear text. The rule's key, if one matched.
+    fn intercept_if_ruled(&mut self, id: FlowId, name: &str, how: How) -> Option<String> {
+        if how != How::Sni {
+            return None;
+        }
+        let rule = self.policy.intercept_for(name)?.to_string();
+        let f = self.tcp.get_mut(&id)?;
+        f.intercept = Some(rule.clone());
+        f.intercept_pending = true;
+        let port = f.key.1.port();
+        self.stats.intercepted_flows += 1;
+        self.requests.push_back(HostRequest::Intercept {
+            flow: id,
+            name: name.to_string(),
+            rule: rule.clone(),
+            port,
+        });
+        Some(rule)
     }
 
     fn release(&mut self, id: FlowId) {

@@ -120,6 +120,19 @@ pub enum HostRequest {
     DatagramClose {
         flow: FlowId,
     },
+    /// The flow's TLS is to be terminated and its requests given the
+    /// header rule `rule` (the key as written, e.g. `*.example.com`):
+    /// `name` is the guest's SNI, which the policy allows, and `port` the
+    /// guest's destination port. It comes before the flow's first guest
+    /// byte can be taken, and for a flow the host dials by name, before its
+    /// `TcpConnect`: the host end of the flow is the interceptor's upstream
+    /// (already open for a flow a DNS pin allowed).
+    Intercept {
+        flow: FlowId,
+        name: String,
+        rule: String,
+        port: u16,
+    },
     /// A connection opened with `connect_to_guest` was accepted by the guest.
     InboundReady {
         flow: FlowId,
@@ -184,6 +197,9 @@ pub struct Stats {
     pub name_refused: u64,
     /// ... of which were flows to a pinned address naming another host.
     pub fronting_refused: u64,
+    /// TLS flows handed to the interceptor because a header rule matched
+    /// their SNI.
+    pub intercepted_flows: u64,
 }
 
 impl Stats {
@@ -674,7 +690,14 @@ impl Stack {
     /// The next request for the host, in order.
     pub fn poll_request(&mut self) -> Option<HostRequest> {
         self.flush();
-        self.requests.pop_front()
+        let req = self.requests.pop_front()?;
+        if let HostRequest::Intercept { flow, .. } = &req {
+            // The host knows now: the flow's bytes are for its interceptor.
+            if let Some(f) = self.tcp.get_mut(flow) {
+                f.intercept_pending = false;
+            }
+        }
+        Some(req)
     }
 
     /// The next frame for the guest. Hand spent buffers back with `recycle`.

@@ -52,6 +52,11 @@ pub(super) struct TcpFlow {
     pub(super) held: bool,
     /// When the first bytes must have said enough.
     pub(super) inspect_deadline: Option<Instant>,
+    /// The header rule this flow is intercepted for, and whether the host
+    /// has yet to take the `Intercept` request: until it has, none of the
+    /// guest's bytes may be taken (they would go to the server unchanged).
+    pub(super) intercept: Option<String>,
+    pub(super) intercept_pending: bool,
     /// The stack's own query flow to its upstream for this flow.
     pub(super) lookup: Option<FlowId>,
     pub(super) started: Instant,
@@ -110,6 +115,8 @@ impl TcpFlow {
             name: None,
             held: false,
             inspect_deadline: None,
+            intercept: None,
+            intercept_pending: false,
             lookup: None,
             started: now,
             to_host: 0,
@@ -486,7 +493,7 @@ impl Stack {
     /// Guest→host bytes waiting in the flow's receive buffer.
     pub fn tcp_recv_pending(&self, flow: FlowId) -> usize {
         match self.tcp.get(&flow) {
-            Some(f) if f.phase == TcpPhase::Open && !f.held => {
+            Some(f) if f.phase == TcpPhase::Open && !f.held && !f.intercept_pending => {
                 self.sockets.get::<tcp::Socket>(f.handle).recv_queue()
             }
             _ => 0,
@@ -503,8 +510,9 @@ impl Stack {
     ) -> Option<R> {
         self.dirty = true;
         let (s, f) = self.open_socket(flow)?;
-        if f.phase != TcpPhase::Open || f.held {
-            // Not the host's yet: being inspected, or held for a check.
+        if f.phase != TcpPhase::Open || f.held || f.intercept_pending {
+            // Not the host's yet: being inspected, held for a check, or
+            // for an interceptor the host has not been told about.
             return None;
         }
         let (n, r) = s
@@ -631,6 +639,7 @@ impl Stack {
                 src = %f.key.0,
                 dst = %f.key.1,
                 rule = %f.rule,
+                intercepted = f.intercept.as_deref(),
                 to_host = f.to_host,
                 to_guest = f.to_guest,
                 secs = (now - f.started).total_millis() as f64 / 1000.0,
