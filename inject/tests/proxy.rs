@@ -59,7 +59,11 @@ fn test_ca(tag: &str) -> TestCa {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let cert = params.self_signed(&key).unwrap();
-    let file = std::env::temp_dir().join(format!("inject-{}-{tag}.pem", std::process::id()));
+    // One file per CA: the tests run in parallel in one process, and a
+    // shared name let one test's CA replace another's under its feet.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = std::env::temp_dir().join(format!("inject-{}-{tag}-{n}.pem", std::process::id()));
     std::fs::write(&file, cert.pem()).unwrap();
     TestCa { cert, key, file }
 }
