@@ -30,7 +30,7 @@ use super::check;
 use super::frames::{self, GUEST_V4};
 use super::input::{Bytes, List};
 use super::kit;
-use super::resolver::Addr;
+use super::resolver::{internal, records_answer, Addr};
 
 const MAX_OPS: usize = 64;
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
@@ -130,13 +130,6 @@ fn spec(bits: u8) -> PolicySpec {
         allow_out: allow,
         deny_out: vec!["ALL_TRAFFIC".into()],
         ..PolicySpec::new()
-    }
-}
-
-fn internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => a.is_private() || a.is_loopback() || a.is_link_local(),
-        IpAddr::V6(_) => false,
     }
 }
 
@@ -331,32 +324,7 @@ impl Harness {
         let name = lookup.name.clone();
         let msg = match reply {
             Reply::Raw(b) => b.0.clone(),
-            Reply::Records(addrs) => {
-                let mut r = query.clone();
-                r[2] |= 0x80;
-                r[3] = 0x80;
-                let mut n = 0u16;
-                for (a, ttl) in addrs.iter().take(8) {
-                    r.extend_from_slice(&[0xc0, 0x0c]);
-                    match a.ip() {
-                        IpAddr::V4(v4) => {
-                            r.extend_from_slice(&[0, 1, 0, 1, 0, 0]);
-                            r.extend_from_slice(&ttl.to_be_bytes());
-                            r.extend_from_slice(&[0, 4]);
-                            r.extend_from_slice(&v4.octets());
-                        }
-                        IpAddr::V6(v6) => {
-                            r.extend_from_slice(&[0, 28, 0, 1, 0, 0]);
-                            r.extend_from_slice(&ttl.to_be_bytes());
-                            r.extend_from_slice(&[0, 16]);
-                            r.extend_from_slice(&v6.octets());
-                        }
-                    }
-                    n += 1;
-                }
-                r[6..8].copy_from_slice(&n.to_be_bytes());
-                r
-            }
+            Reply::Records(addrs) => records_answer(&query, &addrs.0, false),
         };
         if let Some(a) = netstack::dns::Answer::parse(&msg) {
             if a.name.as_deref() == Some(name.as_str()) {
