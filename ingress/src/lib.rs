@@ -13,6 +13,7 @@ pub mod forward;
 pub mod idle;
 pub mod pool;
 mod proxy;
+pub mod record;
 pub mod refusal;
 pub mod server;
 pub mod target;
@@ -24,6 +25,7 @@ pub use directory::{
     RouteSpec,
 };
 pub use forward::{Forward, ForwardSpec};
+pub use record::{NodeName, SandboxRecord};
 pub use refusal::Refusal;
 pub use server::{Gateway, GatewayConfig, GatewayStats, Limits};
 pub use target::{Domain, GuestPort, SandboxId, Target};

@@ -2,6 +2,10 @@
 //! the same port: a new connection costs a TCP handshake inside the stack and
 //! an accept in the guest, which for small requests is most of the work.
 //!
+//! Kept per port and per the token that opened them: a way in through
+//! another host (`slipway edge`'s tunnels) had the token checked there when
+//! it opened, so a connection is only reused for the same token.
+//!
 //! Bounded: a few idle connections per port, each forgotten after a short
 //! idle time. An idle connection holds no slot under the sandbox's cap (it
 //! serves no one); the stack's own inbound cap leaves room for them.
@@ -14,6 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
 use crate::target::GuestPort;
+use crate::token::TokenDigest;
 use crate::Body;
 
 /// Idle connections kept per guest port.
@@ -30,18 +35,35 @@ const READY_WAIT: Duration = Duration::from_millis(20);
 /// A kept connection and since when it is idle.
 type Kept = (SendRequest<Body>, Instant);
 
+/// What a kept connection may be reused for: its guest port, and the digest
+/// of the token presented when it opened (`None` for a public sandbox).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    port: GuestPort,
+    token: Option<[u8; 32]>,
+}
+
+impl PoolKey {
+    pub fn new(port: GuestPort, presented: Option<&TokenDigest>) -> Self {
+        Self {
+            port,
+            token: presented.map(TokenDigest::bytes),
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct GuestPool {
-    idle: Mutex<HashMap<GuestPort, Vec<Kept>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Kept>>>,
 }
 
 impl GuestPool {
-    /// A ready connection to `port`, if one is idle.
-    pub async fn take(&self, port: GuestPort) -> Option<SendRequest<Body>> {
+    /// A ready connection for `key`, if one is idle.
+    pub async fn take(&self, key: PoolKey) -> Option<SendRequest<Body>> {
         loop {
             let (mut sender, since) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(&port)?.pop()?
+                idle.get_mut(&key)?.pop()?
             };
             if since.elapsed() > IDLE_FOR || sender.is_closed() {
                 continue;
@@ -56,7 +78,7 @@ impl GuestPool {
     }
 
     /// Keep a connection whose last response was read to the end.
-    pub fn give_back(&self, port: GuestPort, sender: SendRequest<Body>) {
+    pub fn give_back(&self, key: PoolKey, sender: SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
@@ -67,7 +89,7 @@ impl GuestPool {
         }
         idle.retain(|_, list| !list.is_empty());
         let total: usize = idle.values().map(Vec::len).sum();
-        let list = idle.entry(port).or_default();
+        let list = idle.entry(key).or_default();
         if total < MAX_IDLE && list.len() < MAX_IDLE_PER_PORT {
             list.push((sender, now));
         }

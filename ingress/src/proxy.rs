@@ -28,9 +28,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::cookie;
 use crate::directory::{Directory, GuestError, Route};
 use crate::idle::{until_idle, Activity, Watched};
+use crate::pool::PoolKey;
 use crate::refusal::{wants_html, Refusal};
 use crate::target::{authority_of, host_part, parse_target, Domain, GuestPort, SandboxId, Target};
-use crate::token::{TokenCheck, TOKEN_HEADER};
+use crate::token::{TokenCheck, TokenDigest, TOKEN_HEADER};
 use crate::Body;
 
 /// What every connection of one gateway shares.
@@ -92,11 +93,21 @@ async fn forward(
         .directory
         .get(&sandbox)
         .ok_or_else(|| Refusal::UnknownSandbox(sandbox.clone()))?;
+    let public = route.is_public();
+    if !public && shared.directory.private_refused() {
+        return Err(Refusal::RoutesStale(sandbox));
+    }
     match route.check_access(req.headers()) {
         TokenCheck::Granted => {}
         TokenCheck::Missing => return Err(Refusal::TokenMissing(sandbox)),
         TokenCheck::Invalid => return Err(Refusal::TokenInvalid(sandbox)),
     }
+    // A way in through another host checks the token again there; kept
+    // connections are reused only for the token that opened them.
+    let presented = (!public)
+        .then(|| TokenDigest::presented(req.headers()))
+        .flatten();
+    let key = PoolKey::new(port, presented.as_ref());
     let slot = route
         .try_slot()
         .ok_or_else(|| Refusal::OverCap(sandbox.clone()))?;
@@ -107,13 +118,13 @@ async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let masked = route.mask().map(|m| m.render(port));
     let pooled = match upgrade {
-        None => route.pool.take(port).await,
+        None => route.pool.take(key).await,
         Some(_) => None,
     };
     let reused = pooled.is_some();
     let mut sender = match pooled {
         Some(s) => s,
-        None => open(&route, &sandbox, port, idle).await?,
+        None => open(&route, &sandbox, port, presented, idle).await?,
     };
     let upstream = to_guest(req, &authority, masked, &client, upgrade.clone());
     // A kept connection may be closed by the guest just as a request goes
@@ -127,7 +138,7 @@ async fn forward(
             let unsent = e.take_message();
             match (reused, unsent.or(again)) {
                 (true, Some(req)) => {
-                    sender = open(&route, &sandbox, port, idle).await?;
+                    sender = open(&route, &sandbox, port, presented, idle).await?;
                     sender.send_request(req).await.map_err(|e| {
                         tracing::debug!(target: "slipway::ingress", %sandbox, %port, error = %e, "guest answered no HTTP");
                         broke()
@@ -163,7 +174,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     cookie::confine(&mut parts.headers, &host);
     parts.version = Version::default();
-    let keep = upgrade.is_none().then(|| (route.clone(), port, sender));
+    let keep = upgrade.is_none().then(|| (route.clone(), key, sender));
     let body = Held {
         body,
         done: false,
@@ -181,15 +192,20 @@ async fn open(
     route: &Route,
     sandbox: &SandboxId,
     port: GuestPort,
+    presented: Option<TokenDigest>,
     idle: Duration,
 ) -> Result<SendRequest<Body>, Refusal> {
-    let stream = route.connect(port).await.map_err(|e| match e {
-        GuestError::OverCap => Refusal::OverCap(sandbox.clone()),
-        GuestError::NoPort => Refusal::NoLocalPort(sandbox.clone(), port),
-        GuestError::Refused => Refusal::PortNotOpen(sandbox.clone(), port),
-        GuestError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
-        GuestError::Gone => Refusal::UnknownSandbox(sandbox.clone()),
-    })?;
+    let stream = route
+        .connect_presenting(port, presented)
+        .await
+        .map_err(|e| match e {
+            GuestError::OverCap => Refusal::OverCap(sandbox.clone()),
+            GuestError::NoPort => Refusal::NoLocalPort(sandbox.clone(), port),
+            GuestError::Refused => Refusal::PortNotOpen(sandbox.clone(), port),
+            GuestError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
+            GuestError::Gone => Refusal::UnknownSandbox(sandbox.clone()),
+            GuestError::Forbidden => Refusal::TokenInvalid(sandbox.clone()),
+        })?;
     let activity = Activity::new();
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, Body>(TokioIo::new(Watched::new(stream, activity.clone())))
@@ -391,7 +407,7 @@ fn client_ip(addr: SocketAddr) -> String {
 struct Held<B: HttpBody> {
     body: B,
     done: bool,
-    keep: Option<(Arc<Route>, GuestPort, SendRequest<Body>)>,
+    keep: Option<(Arc<Route>, PoolKey, SendRequest<Body>)>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -424,8 +440,8 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Held<B> {
 impl<B: HttpBody> Drop for Held<B> {
     fn drop(&mut self) {
         if self.done || self.body.is_end_stream() {
-            if let Some((route, port, sender)) = self.keep.take() {
-                route.pool.give_back(port, sender);
+            if let Some((route, key, sender)) = self.keep.take() {
+                route.pool.give_back(key, sender);
             }
         }
     }
