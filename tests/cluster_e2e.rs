@@ -424,7 +424,7 @@ impl Node {
         args.extend_from_slice(flags);
         let created = self.ctl_ok(&args);
         let guest = Guest::adopt(w, id, &tap, &self.name);
-        guest.serve(server, id);
+        guest.serve(server, &format!("{id}@{}", self.name));
         (guest, created)
     }
 
@@ -442,7 +442,7 @@ impl Node {
 /// What a guest runs on port 8000.
 #[derive(Clone, Copy)]
 enum Server {
-    /// serve_guest.py: "hello from <id>".
+    /// serve_guest.py: "hello from <id>@<node>".
     Ident,
     /// ingress_guest.py: /headers, /sse, /ws, /upload.
     Web,
@@ -474,14 +474,15 @@ impl Guest {
         guest
     }
 
-    fn serve(&self, server: Server, id: &str) {
+    /// Start `server`; an `Ident` server says "hello from NAME".
+    fn serve(&self, server: Server, name: &str) {
         let script = match server {
             Server::Ident => IDENT_GUEST,
             Server::Web => WEB_GUEST,
         };
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "python3", script])
-            .args(matches!(server, Server::Ident).then_some(id))
+            .args(matches!(server, Server::Ident).then_some(name))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -738,7 +739,7 @@ fn requests_through_the_edge_reach_guests_on_two_nodes_with_everything_the_gatew
     let (code, body) = plain.get(&w, "hello", "/", "");
     assert_eq!(
         (code, body.as_str()),
-        (200, "hello from hello"),
+        (200, "hello from hello@host-b"),
         "{}",
         plain.proc.log()
     );
@@ -774,7 +775,7 @@ fn requests_through_the_edge_reach_guests_on_two_nodes_with_everything_the_gatew
             p = tls.port
         ),
     );
-    assert_eq!(out, "hello from hello 200 2", "{}", tls.proc.log());
+    assert_eq!(out, "hello from hello@host-b 200 2", "{}", tls.proc.log());
     // A WebSocket (an upgrade, spliced through the tunnel) and SSE
     // (streamed event by event, not buffered).
     let ws = sh(
@@ -896,4 +897,546 @@ fn requests_through_the_edge_reach_guests_on_two_nodes_with_everything_the_gatew
         assert!(metric(&m, series).unwrap_or(0.0) >= 1.0, "{series}: {m}");
     }
     assert_eq!(metric(&m, "slipway_edge_routes"), Some(4.0), "{m}");
+}
+
+/// Wait (bounded) until `f` holds; how long it took.
+fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// What the store holds under a key ("" when nothing).
+fn stored(w: &World, endpoints: &str, key: &str) -> String {
+    etcdctl_ok(w, endpoints, &["get", key, "--print-value-only"])
+}
+
+#[test]
+fn a_killed_nodes_routes_leave_every_edge_within_the_ttl_and_a_drained_one_leaves_at_once() {
+    require_cluster!();
+    let w = World::new();
+    let _store = one_store(&w);
+    let certs = certs(&w);
+    let mut a = Node::start(&w, "host-a", 0, STORE, &certs, "", "lease_ttl = 3");
+    let mut b = Node::start(&w, "host-b", 1, STORE, &certs, "", "lease_ttl = 30");
+    let edges = [
+        Edge::start(&w, 0, STORE, &certs, "", ""),
+        Edge::start(&w, 1, STORE, &certs, "", ""),
+    ];
+    let (_ga, _) = a.sandbox(&w, "on-a", &[], Server::Ident);
+    let (_gb, _) = b.sandbox(&w, "on-b", &[], Server::Ident);
+    for e in &edges {
+        e.wait_routes(&w, 2, Duration::from_secs(5));
+        assert_eq!(e.get(&w, "on-a", "/", "").0, 200);
+        assert_eq!(e.get(&w, "on-b", "/", "").0, 200);
+    }
+
+    a.proc.kill();
+    let killed = Instant::now();
+    // Its sandboxes get 502 at once (the node refuses), never a hang.
+    let asked = Instant::now();
+    let (code, body) = edges[0].get(&w, "on-a", "/", "");
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("sandbox_not_found"), "{body}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    // Its routes leave every edge within the TTL (3 s) plus 2 s.
+    for e in &edges {
+        let left = Duration::from_secs(5).saturating_sub(killed.elapsed());
+        e.wait_routes(&w, 1, left);
+    }
+    eprintln!(
+        "node A's routes left both edges {:?} after SIGKILL",
+        killed.elapsed()
+    );
+    for e in &edges {
+        let (code, body) = e.get(&w, "on-a", "/", "");
+        assert_eq!(code, 502);
+        assert!(body.contains("sandbox_not_found"), "{body}");
+        assert_eq!(e.get(&w, "on-b", "/", "").1, "hello from on-b@host-b");
+    }
+
+    // SIGTERM: B revokes its lease before anything else, so its routes
+    // leave at once, not after its 30 s TTL.
+    b.proc.signal(libc::SIGTERM);
+    let drained = Instant::now();
+    for e in &edges {
+        e.wait_routes(&w, 0, Duration::from_secs(3));
+    }
+    eprintln!(
+        "node B's routes left both edges {:?} after SIGTERM",
+        drained.elapsed()
+    );
+    assert!(
+        b.proc.wait_exit(Duration::from_secs(10)),
+        "{}",
+        b.proc.log()
+    );
+    assert!(
+        b.proc.log().contains("left the cluster (lease revoked)"),
+        "{}",
+        b.proc.log()
+    );
+}
+
+#[test]
+fn a_stopped_node_loses_its_routes_and_publishes_them_again_when_it_wakes() {
+    require_cluster!();
+    let w = World::new();
+    let _store = one_store(&w);
+    let certs = certs(&w);
+    let a = Node::start(&w, "host-a", 0, STORE, &certs, "", "lease_ttl = 6");
+    let edge = Edge::start(&w, 0, STORE, &certs, "", "");
+    let (_g, _) = a.sandbox(&w, "nap", &[], Server::Ident);
+    let (_k, _) = a.sandbox(&w, "kept", &[], Server::Web);
+    edge.wait_routes(&w, 2, Duration::from_secs(5));
+    assert_eq!(edge.get(&w, "nap", "/", "").1, "hello from nap@host-a");
+    // An HTTP/1.1 guest: the edge keeps its connection for the next request.
+    assert_eq!(edge.get(&w, "kept", "/headers", "").0, 200);
+
+    a.proc.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    // A node that does not answer: 504 after about a second for a new
+    // tunnel; a request on a kept one waits for the link's pings to fail
+    // first (about three seconds). Never a hang.
+    let asked = Instant::now();
+    let (code, body) = edge.get(&w, "nap", "/", "");
+    let took = asked.elapsed();
+    assert_eq!(code, 504, "{body}\n{}", edge.proc.log());
+    assert!(body.contains("sandbox_timed_out"), "{body}");
+    assert!(took < Duration::from_secs(3), "the 504 took {took:?}");
+    eprintln!("a stopped node's sandbox answered 504 after {took:?}");
+    let asked = Instant::now();
+    let (code, body) = edge.get(&w, "kept", "/headers", "");
+    let took = asked.elapsed();
+    assert_eq!(code, 504, "{body}\n{}", edge.proc.log());
+    assert!(took < Duration::from_secs(5), "the 504 took {took:?}");
+    eprintln!("on a kept connection: 504 after {took:?}");
+    // Stopped past its TTL (6 s): its routes vanish within 2 s more.
+    edge.wait_routes(
+        &w,
+        0,
+        Duration::from_secs(8).saturating_sub(stopped.elapsed()),
+    );
+    let (code, body) = edge.get(&w, "nap", "/", "");
+    assert_eq!(code, 502);
+    assert!(body.contains("sandbox_not_found"), "{body}");
+
+    // Awake: it finds its lease gone, takes a new one and publishes again.
+    a.proc.signal(libc::SIGCONT);
+    let woke = Instant::now();
+    edge.wait_routes(&w, 2, Duration::from_secs(10));
+    eprintln!("the routes were back {:?} after SIGCONT", woke.elapsed());
+    let (code, body) = edge.get(&w, "nap", "/", "");
+    assert_eq!((code, body.as_str()), (200, "hello from nap@host-a"));
+    let log = a.proc.log();
+    assert!(log.contains("the lease is gone from the store"), "{log}");
+    assert!(log.contains("published every sandbox again"), "{log}");
+    let m = a.metrics(&w);
+    assert_eq!(
+        metric(&m, "slipway_cluster_leases_granted_total"),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn edges_ride_out_a_store_restart_and_creates_answer_503_meanwhile() {
+    require_cluster!();
+    let w = World::new();
+    let mut store = one_store(&w);
+    let certs = certs(&w);
+    let a = Node::start(&w, "host-a", 0, STORE, &certs, "", "");
+    let edge = Edge::start(&w, 0, STORE, &certs, "", "stale_after = 4");
+    let (_gp, _) = a.sandbox(&w, "open", &[], Server::Ident);
+    let (_gs, created) = a.sandbox(&w, "shut", &["--public-traffic=false"], Server::Ident);
+    let token = format!(
+        "-H 'e2b-traffic-access-token: {}'",
+        created["trafficAccessToken"].as_str().unwrap()
+    );
+    edge.wait_routes(&w, 2, Duration::from_secs(5));
+
+    store.kill();
+    let down = Instant::now();
+    // The edge serves from its copy, private sandboxes too (for now).
+    assert_eq!(edge.get(&w, "open", "/", "").0, 200);
+    assert_eq!(edge.get(&w, "shut", "/", &token).0, 200);
+    // A create answers 503 and leaves nothing behind.
+    let asked = Instant::now();
+    let out = a.ctl(&["create", "late", "--tap", "calate"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("(503") && err.contains("cluster store"),
+        "{err}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        asked.elapsed()
+    );
+    let listed = a.ctl_ok(&["list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert!(
+        !w.exec("ip link show calate").status.success(),
+        "the tap stayed"
+    );
+
+    // Past stale_after without the store: private sandboxes are refused,
+    // public ones keep working, and the health endpoint says so.
+    until("stale", Duration::from_secs(8), || {
+        edge.health(&w)["status"] == "stale"
+    });
+    // The store last answered a progress request at most a second before it died.
+    assert!(
+        down.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        down.elapsed()
+    );
+    let (code, body) = edge.get(&w, "shut", "/", &token);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("routes_stale"), "{body}");
+    assert_eq!(edge.get(&w, "open", "/", "").0, 200);
+    let health = w.exec(&format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{}/health",
+        edge.metrics
+    ));
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "503");
+
+    // The store is back (same data directory): everything converges.
+    store.restart(&w);
+    wait_store(&w, STORE);
+    let back = until("fresh", Duration::from_secs(10), || {
+        edge.health(&w)["status"] == "ok"
+    });
+    eprintln!("the edge was fresh again {back:?} after the store came back");
+    assert_eq!(edge.get(&w, "shut", "/", &token).0, 200);
+    let mut made = None;
+    until("a create", Duration::from_secs(10), || {
+        let out = a.ctl(&["create", "late", "--tap", "calate"]);
+        made = out.status.success().then_some(out);
+        made.is_some()
+    });
+    let g = Guest::adopt(&w, "late", "calate", "host-a");
+    g.serve(Server::Ident, "late@host-a");
+    edge.wait_routes(&w, 3, Duration::from_secs(5));
+    assert_eq!(edge.get(&w, "late", "/", "").1, "hello from late@host-a");
+}
+
+#[test]
+fn a_compaction_while_the_edge_was_away_loses_no_delete() {
+    require_cluster!();
+    let w = World::new();
+    let mut store = one_store(&w);
+    let certs = certs(&w);
+    let a = Node::start(&w, "host-a", 0, STORE, &certs, "", "");
+    let edge = Edge::start(&w, 0, STORE, &certs, "", "");
+    a.ctl_ok(&["create", "x1", "--tap", "cax1"]);
+    a.ctl_ok(&["create", "x2", "--tap", "cax2"]);
+    edge.wait_routes(&w, 2, Duration::from_secs(5));
+
+    // The edge is away while its watch breaks (the store restarts), x1 is
+    // deleted, and the history is compacted past where its watch stood.
+    edge.proc.signal(libc::SIGSTOP);
+    store.restart(&w);
+    wait_store(&w, STORE);
+    a.ctl_ok(&["delete", "x1"]);
+    until("x1 out of the store", Duration::from_secs(10), || {
+        stored(&w, STORE, "/slipway/v1/sbx/x1").trim().is_empty()
+    });
+    for v in ["a", "b"] {
+        etcdctl_ok(&w, STORE, &["put", "/unrelated", v]);
+    }
+    let rev = revision(&w, STORE).to_string();
+    etcdctl_ok(&w, STORE, &["compact", &rev]);
+    edge.proc.signal(libc::SIGCONT);
+
+    // Its watch cannot resume: it lists again, and x1 goes.
+    edge.wait_routes(&w, 1, Duration::from_secs(10));
+    let m = edge.metrics(&w);
+    assert!(
+        metric(&m, "slipway_edge_compactions_total").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "slipway_edge_lists_total").unwrap() >= 2.0,
+        "{m}"
+    );
+    assert!(
+        edge.proc.log().contains("compacted away"),
+        "{}",
+        edge.proc.log()
+    );
+}
+
+#[test]
+fn a_rotated_token_is_refused_through_the_edge_at_once() {
+    require_cluster!();
+    let w = World::new();
+    let _store = one_store(&w);
+    let certs = certs(&w);
+    let a = Node::start(&w, "host-a", 0, STORE, &certs, "", "");
+    let edge = Edge::start(&w, 0, STORE, &certs, "", "");
+    let (_g, created) = a.sandbox(&w, "sec", &["--public-traffic=false"], Server::Web);
+    let old = created["trafficAccessToken"].as_str().unwrap().to_string();
+    edge.wait_routes(&w, 1, Duration::from_secs(5));
+    let with = |t: &str| format!("-H 'e2b-traffic-access-token: {t}'");
+    assert_eq!(edge.get(&w, "sec", "/headers", &with(&old)).0, 200);
+
+    // A stream opened with the old token, through the edge.
+    let mut stream = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.name,
+            "timeout",
+            "30",
+            "python3",
+            CLUSTER_CLIENT,
+            "stream",
+        ])
+        .args([
+            "127.0.0.1",
+            &edge.port.to_string(),
+            &format!("8000-sec.{DOMAIN}"),
+            &old,
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = stream.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).ok().as_deref(),
+        Some("open")
+    );
+
+    let new = a.ctl_ok(&["rotate-token", "sec"])["trafficAccessToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rotated = Instant::now();
+    // At once: the old token is refused, and what it opened is closed.
+    let (code, body) = edge.get(&w, "sec", "/headers", &with(&old));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("invalid_traffic_access_token"), "{body}");
+    let ended = rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    assert!(
+        ended.starts_with("closed"),
+        "the old token's stream: {ended:?}"
+    );
+    eprintln!(
+        "the old token's stream was cut {:?} after the rotation",
+        rotated.elapsed()
+    );
+    // The edge learns the new digest from the watch.
+    let learned = until("the new token works", Duration::from_secs(3), || {
+        edge.get(&w, "sec", "/headers", &with(&new)).0 == 200
+    });
+    eprintln!("the new token worked through the edge {learned:?} after the rotation");
+    assert_eq!(edge.get(&w, "sec", "/headers", &with(&old)).0, 403);
+    let _ = stream.kill();
+    let _ = stream.wait();
+}
+
+#[test]
+fn a_late_delete_cannot_remove_another_nodes_entry() {
+    require_cluster!();
+    let w = World::new();
+    let _store = one_store(&w);
+    let certs = certs(&w);
+    let a = Node::start(&w, "host-a", 0, STORE, &certs, "", "lease_ttl = 3");
+    let b = Node::start(&w, "host-b", 1, STORE, &certs, "", "");
+    let edge = Edge::start(&w, 0, STORE, &certs, "", "");
+    let (_ga, _) = a.sandbox(&w, "dup", &[], Server::Ident);
+
+    // B cannot take an id A holds: 409, and nothing is left on B.
+    let out = b.ctl(&["create", "dup", "--tap", "cbdup"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sandbox id dup taken: node host-a holds it") && err.contains("(409"),
+        "{err}"
+    );
+    assert_eq!(b.ctl_ok(&["list"]), serde_json::json!([]));
+    assert!(
+        !w.exec("ip link show cbdup").status.success(),
+        "the tap stayed"
+    );
+
+    // A stops past its TTL; its record expires and B takes the id.
+    a.proc.signal(libc::SIGSTOP);
+    until("dup out of the store", Duration::from_secs(8), || {
+        stored(&w, STORE, "/slipway/v1/sbx/dup").trim().is_empty()
+    });
+    let (_gb, _) = b.sandbox(&w, "dup", &[], Server::Ident);
+    until("dup on B", Duration::from_secs(5), || {
+        edge.get(&w, "dup", "/", "").1 == "hello from dup@host-b"
+    });
+
+    // A wakes: B holds the id, so A serves its sandbox on, unpublished...
+    a.proc.signal(libc::SIGCONT);
+    a.proc.wait_for(
+        "another node claimed this sandbox's id",
+        Duration::from_secs(10),
+    );
+    // ... and its late delete leaves B's entry alone.
+    a.ctl_ok(&["delete", "dup"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let held = stored(&w, STORE, "/slipway/v1/sbx/dup");
+    assert!(held.contains("\"node\":\"host-b\""), "{held}");
+    assert_eq!(edge.get(&w, "dup", "/", "").1, "hello from dup@host-b");
+    let m = a.metrics(&w);
+    assert_eq!(
+        metric(&m, "slipway_cluster_ids_lost_total"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn garbage_under_the_prefix_is_skipped_and_counted() {
+    require_cluster!();
+    let w = World::new();
+    let _store = one_store(&w);
+    let certs = certs(&w);
+    let a = Node::start(&w, "host-a", 0, STORE, &certs, "", "");
+    let edge = Edge::start(&w, 0, STORE, &certs, "", "");
+    let (_g, _) = a.sandbox(&w, "good", &[], Server::Ident);
+    edge.wait_routes(&w, 1, Duration::from_secs(5));
+
+    let huge = "x".repeat(5000);
+    for (key, value) in [
+        ("junk", "not json at all"),
+        ("NOT_AN_ID", "{}"),
+        (
+            "wild",
+            r#"{"node":"host-a","addr":"0.0.0.0:1","public":true}"#,
+        ),
+        ("huge", huge.as_str()),
+        (
+            "half",
+            r#"{"node":"host-a","addr":"127.0.0.1:7441","public":false}"#,
+        ),
+    ] {
+        etcdctl_ok(
+            &w,
+            STORE,
+            &["put", &format!("/slipway/v1/sbx/{key}"), value],
+        );
+    }
+    // A well-formed record of a node that is not there.
+    etcdctl_ok(
+        &w,
+        STORE,
+        &[
+            "put",
+            "/slipway/v1/sbx/ghost",
+            r#"{"node":"host-c","addr":"127.0.0.1:7449","public":true}"#,
+        ],
+    );
+    until("five bad records", Duration::from_secs(5), || {
+        metric(&edge.metrics(&w), "slipway_edge_bad_records") == Some(5.0)
+    });
+    let m = edge.metrics(&w);
+    assert_eq!(
+        metric(&m, "slipway_edge_bad_records_total"),
+        Some(5.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "slipway_edge_routes"), Some(2.0), "{m}");
+    assert!(
+        edge.proc.log().contains("skipped a bad record"),
+        "{}",
+        edge.proc.log()
+    );
+    // The good route keeps working; the ghost's node is gone: 502 at once.
+    assert_eq!(edge.get(&w, "good", "/", "").1, "hello from good@host-a");
+    let asked = Instant::now();
+    let (code, body) = edge.get(&w, "ghost", "/", "");
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("sandbox_not_found"), "{body}");
+    assert!(asked.elapsed() < Duration::from_secs(3));
+
+    // A second edge lists the same store: the same table, the same count.
+    let e1 = Edge::start(&w, 1, STORE, &certs, "", "");
+    let m = e1.metrics(&w);
+    assert_eq!(metric(&m, "slipway_edge_bad_records"), Some(5.0), "{m}");
+    assert_eq!(metric(&m, "slipway_edge_routes"), Some(2.0), "{m}");
+    assert_eq!(e1.get(&w, "good", "/", "").1, "hello from good@host-a");
+    // A bad value replaced by a good one is a route; deleted, it is no longer counted.
+    etcdctl_ok(&w, STORE, &["del", "/slipway/v1/sbx/junk"]);
+    until("four bad records", Duration::from_secs(5), || {
+        metric(&edge.metrics(&w), "slipway_edge_bad_records") == Some(4.0)
+    });
+}
+
+#[test]
+fn a_three_member_store_loses_one_member_and_the_edges_do_not_notice() {
+    require_cluster!();
+    let w = World::new();
+    let members = [("m1", 2379, 2380), ("m2", 2479, 2480), ("m3", 2579, 2580)];
+    let mut store: Vec<Etcd> = members
+        .iter()
+        .map(|m| Etcd::start(&w, m.0, &members))
+        .collect();
+    let all = "http://127.0.0.1:2379,http://127.0.0.1:2479,http://127.0.0.1:2579";
+    wait_store(&w, all);
+    let certs = certs(&w);
+    let a = Node::start(&w, "host-a", 0, all, &certs, "", "lease_ttl = 5");
+    let b = Node::start(&w, "host-b", 1, all, &certs, "", "lease_ttl = 5");
+    let edge = Edge::start(&w, 0, all, &certs, "", "");
+    let (_ga, _) = a.sandbox(&w, "on-a", &[], Server::Ident);
+    let (_gb, _) = b.sandbox(&w, "on-b", &[], Server::Ident);
+    edge.wait_routes(&w, 2, Duration::from_secs(5));
+
+    // The first member goes (the one every client lists first).
+    store[0].kill();
+    let killed = Instant::now();
+    let mut served = 0;
+    while killed.elapsed() < Duration::from_secs(8) {
+        for id in ["on-a", "on-b"] {
+            let (code, body) = edge.get(&w, id, "/", "");
+            assert_eq!(
+                code,
+                200,
+                "{id} {:?} after the kill: {body}",
+                killed.elapsed()
+            );
+            served += 1;
+        }
+        let h = edge.health(&w);
+        assert_eq!(h["status"], "ok", "{h}");
+        assert_eq!(h["routes"], 2, "{h}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("{served} requests served while one member of three was down");
+    // Writes go on through the other two: a create, seen by the edge.
+    until("a create", Duration::from_secs(10), || {
+        a.ctl(&["create", "later", "--tap", "calater"])
+            .status
+            .success()
+    });
+    edge.wait_routes(&w, 3, Duration::from_secs(5));
+    // The nodes kept their leases through it.
+    for n in [&a, &b] {
+        let m = n.metrics(&w);
+        assert_eq!(
+            metric(&m, "slipway_cluster_leases_granted_total"),
+            Some(1.0),
+            "{m}"
+        );
+    }
 }

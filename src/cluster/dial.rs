@@ -199,8 +199,11 @@ impl Dialer {
             .initial_connection_window_size(LINK_WINDOW)
             .max_frame_size(64 << 10)
             .max_send_buf_size(1 << 20)
-            .keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(4))
+            // A node that stops answering pings is taken as gone within
+            // about three seconds: requests on kept tunnels fail then, and
+            // an idempotent one goes again on a new tunnel (504 or 502).
+            .keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
@@ -244,37 +247,53 @@ impl Dialer {
         port: GuestPort,
         presented: Option<TokenDigest>,
     ) -> Result<BoxGuestStream, DialOutcome> {
-        let started = tokio::time::Instant::now();
-        // Bounded as a whole: requests queued behind a dial to a stopped
-        // node give up together, not one after another.
-        let mut link = tokio::time::timeout(NODE_ANSWER, self.link(&record.node, record.addr))
-            .await
-            .map_err(|_| DialOutcome::NodeTimedOut)??;
-        let mut req = Request::new(Empty::new());
-        *req.method_mut() = Method::CONNECT;
-        *req.uri_mut() = format!("{id}:{port}")
-            .parse()
-            .map_err(|_| DialOutcome::Protocol)?;
-        if let Some(d) = presented {
-            if let Ok(v) = d.to_hex().parse() {
-                req.headers_mut().insert(DIGEST_HEADER, v);
+        let connect = || {
+            let mut req = Request::new(Empty::new());
+            *req.method_mut() = Method::CONNECT;
+            *req.uri_mut() = format!("{id}:{port}")
+                .parse()
+                .map_err(|_| DialOutcome::Protocol)?;
+            if let Some(d) = presented {
+                if let Ok(v) = d.to_hex().parse() {
+                    req.headers_mut().insert(DIGEST_HEADER, v);
+                }
             }
-        }
-        // The node answers at once (its checks are in memory): a node that
-        // does not is stopped or overloaded, whatever the guest would do.
-        let left = NODE_ANSWER.saturating_sub(started.elapsed());
-        let answered = tokio::time::timeout(left.max(Duration::from_millis(100)), async {
-            link.ready().await?;
-            link.send_request(req).await
-        })
-        .await;
-        let mut resp = match answered {
-            Err(_) => return Err(DialOutcome::NodeTimedOut),
-            Ok(Err(e)) => {
-                tracing::info!(target: "slipway::edge", node = %record.node, error = %e, "tunnel refused by the link");
-                return Err(DialOutcome::NodeUnreachable);
+            Ok::<_, DialOutcome>(req)
+        };
+        // A link that breaks under the request (the node died, or stopped
+        // answering its pings) gets one more try on a new link: that one
+        // tells a dead node (refused: 502) from a stopped one (no answer: 504).
+        let mut retried = false;
+        let mut resp = loop {
+            // Each try bounded as a whole: requests queued behind a dial to
+            // a stopped node give up together, not one after another.
+            let started = tokio::time::Instant::now();
+            let mut link = tokio::time::timeout(NODE_ANSWER, self.link(&record.node, record.addr))
+                .await
+                .map_err(|_| DialOutcome::NodeTimedOut)??;
+            // The node answers at once (its checks are in memory): a node
+            // that does not is stopped or overloaded, whatever the guest would do.
+            let left = NODE_ANSWER.saturating_sub(started.elapsed());
+            let req = connect()?;
+            let answered = tokio::time::timeout(left.max(Duration::from_millis(100)), async {
+                link.ready().await?;
+                link.send_request(req).await
+            })
+            .await;
+            match answered {
+                Err(_) => return Err(DialOutcome::NodeTimedOut),
+                Ok(Ok(resp)) => break resp,
+                Ok(Err(e)) if !retried => {
+                    tracing::debug!(target: "slipway::edge", node = %record.node, error = %e,
+                        "the link broke under a tunnel request; once more on a new link");
+                    retried = true;
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(target: "slipway::edge", node = %record.node, error = %e,
+                        "tunnel refused by the link");
+                    return Err(DialOutcome::NodeUnreachable);
+                }
             }
-            Ok(Ok(resp)) => resp,
         };
         match resp.status() {
             StatusCode::OK => {}

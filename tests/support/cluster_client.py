@@ -15,7 +15,10 @@ import time
 def stream(addr, port, host, token, secs):
     s = socket.create_connection((addr, int(port)), timeout=10)
     extra = "" if token == "-" else f"e2b-traffic-access-token: {token}\r\n"
-    s.sendall(f"GET /sse?n=10000&ms=100 HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode())
+    # Connection: close: the end of the stream is the end of the connection.
+    s.sendall(
+        f"GET /sse?n=10000&ms=100 HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode()
+    )
     buf, events, opened = b"", 0, False
     deadline = time.monotonic() + float(secs)
     while True:
