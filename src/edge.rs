@@ -369,7 +369,7 @@ fn health(table: &RouteTable) -> metrics::Page {
 
 fn render(table: &RouteTable, dialer: &Dialer, gw: &ingress::Gateway) -> String {
     let mut out = String::new();
-    let gauge = |name: &str, help: &str, v: f64| {
+    let gauge = |name: &str, help: &str, v: &dyn std::fmt::Display| {
         let mut f = Family::new(name, "gauge", help);
         f.sample(name, "", v);
         f.text
@@ -383,27 +383,30 @@ fn render(table: &RouteTable, dialer: &Dialer, gw: &ingress::Gateway) -> String 
     out.push_str(&gauge(
         "slipway_edge_routes",
         "Sandboxes in the route table.",
-        table.len() as f64,
+        &table.len(),
     ));
     out.push_str(&gauge(
         "slipway_edge_watch_lag_seconds",
         "Seconds since the store last confirmed the route table is current (an event or a progress answer).",
-        table.contact_age().map_or(f64::INFINITY, |d| d.as_secs_f64()),
+        // Prometheus's infinity before the first answer.
+        &table
+            .contact_age()
+            .map_or("+Inf".to_string(), |d| d.as_secs_f64().to_string()),
     ));
     out.push_str(&gauge(
         "slipway_edge_watch_revision",
         "The store revision the route table is known to be current at.",
-        s.revision.load(Relaxed) as f64,
+        &s.revision.load(Relaxed),
     ));
     out.push_str(&gauge(
         "slipway_edge_stale",
         "1 while the store has been silent past stale_after: private sandboxes are refused.",
-        f64::from(u8::from(table.is_stale())),
+        &u8::from(table.is_stale()),
     ));
     out.push_str(&gauge(
         "slipway_edge_bad_records",
         "Keys under the prefix whose value is not a valid record, now.",
-        table.bad_now() as f64,
+        &table.bad_now(),
     ));
     out.push_str(&counter(
         "slipway_edge_bad_records_total",
@@ -441,12 +444,12 @@ fn render(table: &RouteTable, dialer: &Dialer, gw: &ingress::Gateway) -> String 
     out.push_str(&gauge(
         "slipway_edge_tunnels_open",
         "Tunnels open now (in use or kept idle for the next request).",
-        dialer.stats.live.load(Relaxed) as f64,
+        &dialer.stats.live.load(Relaxed),
     ));
     out.push_str(&gauge(
         "slipway_edge_links",
         "Live mTLS links to nodes.",
-        dialer.links() as f64,
+        &dialer.links(),
     ));
     out.push_str(&counter(
         "slipway_edge_links_made_total",
@@ -456,12 +459,12 @@ fn render(table: &RouteTable, dialer: &Dialer, gw: &ingress::Gateway) -> String 
     out.push_str(&gauge(
         "process_resident_memory_bytes",
         "Resident memory size in bytes.",
-        metrics::resident_bytes().unwrap_or(0) as f64,
+        &metrics::resident_bytes().unwrap_or(0),
     ));
     out.push_str(&gauge(
         "process_open_fds",
         "Open file descriptors.",
-        metrics::open_fds().unwrap_or(0) as f64,
+        &metrics::open_fds().unwrap_or(0),
     ));
     out.push_str(&metrics::gateway_families(gw));
     out

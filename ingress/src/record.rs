@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::directory::{BadHostMask, HostMask};
-use crate::target::SandboxId;
+use crate::target::{GuestPort, SandboxId};
 use crate::token::TokenDigest;
 
 /// Where a sandbox's record lives: this, then its id.
@@ -214,6 +214,14 @@ pub fn parse_sandbox_key(key: &[u8]) -> Result<SandboxId, BadRecord> {
     }
 }
 
+/// A tunnel's target as the edge names it in its CONNECT (`<id>:<port>`),
+/// both parts as strict as in a public request, the id in canonical form.
+pub fn parse_tunnel_target(s: &str) -> Option<(SandboxId, GuestPort)> {
+    let (id, port) = s.rsplit_once(':')?;
+    let sandbox = SandboxId::parse(id).ok().filter(|i| i.as_str() == id)?;
+    Some((sandbox, GuestPort::parse(port).ok()?))
+}
+
 /// Hostile input echoed in a message: short, no control characters.
 fn echo(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(80).collect()
@@ -347,6 +355,24 @@ mod tests {
             b"/slipway/v1/sbx/\xff",
         ] {
             assert!(parse_sandbox_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tunnel_targets_are_as_strict_as_public_hosts() {
+        let (id, port) = parse_tunnel_target("abc-1:8000").unwrap();
+        assert_eq!((id.as_str(), port.get()), ("abc-1", 8000));
+        for bad in [
+            "abc",
+            "ABC:80",
+            "abc:0",
+            "abc:+80",
+            ":80",
+            "a b:80",
+            "abc:80:1",
+            "abc:65536",
+        ] {
+            assert!(parse_tunnel_target(bad).is_none(), "{bad}");
         }
     }
 

@@ -23,8 +23,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ingress::record::parse_tunnel_target;
 use ingress::token::TokenDigest;
-use ingress::{Directory, GuestError, GuestPort, SandboxId, TokenCheck};
+use ingress::{Directory, GuestError, TokenCheck};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -226,13 +227,6 @@ fn answer(status: StatusCode, outcome: Outcome) -> Response<Empty<Bytes>> {
     r
 }
 
-/// `id:port`, both as strict as a public request's.
-pub fn parse_authority(s: &str) -> Option<(SandboxId, GuestPort)> {
-    let (id, port) = s.rsplit_once(':')?;
-    let sandbox = SandboxId::parse(id).ok().filter(|i| i.as_str() == id)?;
-    Some((sandbox, GuestPort::parse(port).ok()?))
-}
-
 impl TunnelServer {
     /// One CONNECT: checked at once (the edge is waiting, and bounds the
     /// wait), then the guest connect and the splice go on in a task.
@@ -250,7 +244,7 @@ impl TunnelServer {
         let Some((id, port)) = req
             .uri()
             .authority()
-            .and_then(|a| parse_authority(a.as_str()))
+            .and_then(|a| parse_tunnel_target(a.as_str()))
         else {
             return refuse(StatusCode::BAD_REQUEST, Outcome::BadRequest);
         };
@@ -341,23 +335,5 @@ mod tests {
             assert_eq!(Opened::from_byte(o.to_byte()), Some(o));
         }
         assert!((7..=255).all(|b| Opened::from_byte(b).is_none()));
-    }
-
-    #[test]
-    fn authorities_are_as_strict_as_public_hosts() {
-        let (id, port) = parse_authority("abc-1:8000").unwrap();
-        assert_eq!((id.as_str(), port.get()), ("abc-1", 8000));
-        for bad in [
-            "abc",
-            "ABC:80",
-            "abc:0",
-            "abc:+80",
-            ":80",
-            "a b:80",
-            "abc:80:1",
-            "abc:65536",
-        ] {
-            assert!(parse_authority(bad).is_none(), "{bad}");
-        }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod classify;
+pub mod cluster_record;
 pub mod frames;
 pub mod gateway;
 pub mod input;
@@ -34,6 +35,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vnet", vnet::run),
     ("vhost_queues", vhost_queues::run),
     ("resolver", resolver::run),
+    ("cluster_record", cluster_record::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.
