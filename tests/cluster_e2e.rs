@@ -1060,10 +1060,14 @@ fn edges_ride_out_a_store_restart_and_creates_answer_503_meanwhile() {
         "-H 'e2b-traffic-access-token: {}'",
         created["trafficAccessToken"].as_str().unwrap()
     );
-    edge.wait_routes(&w, 2, Duration::from_secs(5));
+    a.ctl_ok(&["create", "gone", "--tap", "cagone"]);
+    edge.wait_routes(&w, 3, Duration::from_secs(5));
 
     store.kill();
     let down = Instant::now();
+    // A delete while the store is down is done here at once; its record
+    // goes when the store is back.
+    a.ctl_ok(&["delete", "gone"]);
     // The edge serves from its copy, private sandboxes too (for now).
     assert_eq!(edge.get(&w, "open", "/", "").0, 200);
     assert_eq!(edge.get(&w, "shut", "/", &token).0, 200);
@@ -1116,6 +1120,8 @@ fn edges_ride_out_a_store_restart_and_creates_answer_503_meanwhile() {
         edge.health(&w)["status"] == "ok"
     });
     eprintln!("the edge was fresh again {back:?} after the store came back");
+    edge.wait_routes(&w, 2, Duration::from_secs(10));
+    assert_eq!(stored(&w, STORE, "/slipway/v1/sbx/gone").trim(), "");
     assert_eq!(edge.get(&w, "shut", "/", &token).0, 200);
     let mut made = None;
     until("a create", Duration::from_secs(10), || {

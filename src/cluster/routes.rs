@@ -393,3 +393,94 @@ fn short(key: &[u8]) -> Vec<u8> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ingress::AccessToken;
+
+    fn table() -> Arc<RouteTable> {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        RouteTable::new(
+            Arc::new(Directory::new()),
+            Dialer::new(Arc::new(tls)),
+            8,
+            Duration::from_secs(30),
+        )
+    }
+
+    fn value(node: &str, digest: Option<&AccessToken>) -> Vec<u8> {
+        match digest {
+            None => format!(r#"{{"node":"{node}","addr":"127.0.0.1:7441","public":true}}"#),
+            Some(t) => format!(
+                r#"{{"node":"{node}","addr":"127.0.0.1:7441","public":false,"tokenDigest":"{}"}}"#,
+                t.digest().to_hex()
+            ),
+        }
+        .into_bytes()
+    }
+
+    fn id(s: &str) -> SandboxId {
+        SandboxId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_live_route_and_a_move_replaces_it() {
+        let t = table();
+        let (t1, t2) = (
+            AccessToken::generate().unwrap(),
+            AccessToken::generate().unwrap(),
+        );
+        t.put(b"/slipway/v1/sbx/b", &value("host-a", Some(&t1)), 2);
+        let before = t.directory.get(&id("b")).unwrap();
+        t.put(b"/slipway/v1/sbx/b", &value("host-a", Some(&t2)), 3);
+        let after = t.directory.get(&id("b")).unwrap();
+        assert!(Arc::ptr_eq(&before, &after), "a rotation made a new route");
+        assert!(after.token_digest().unwrap().same_as(&t2.digest()));
+        t.put(b"/slipway/v1/sbx/b", &value("host-b", Some(&t2)), 4);
+        let moved = t.directory.get(&id("b")).unwrap();
+        assert!(!Arc::ptr_eq(&after, &moved), "a move kept the old route");
+    }
+
+    #[test]
+    fn a_listing_becomes_the_table_and_bad_values_take_their_id_out() {
+        let t = table();
+        t.put(b"/slipway/v1/sbx/a", &value("host-a", None), 2);
+        t.put(b"/slipway/v1/sbx/b", &value("host-a", None), 3);
+        assert_eq!((t.len(), t.directory.len()), (2, 2));
+        // b turns to garbage: it is no route any more, and counted once.
+        t.put(b"/slipway/v1/sbx/b", b"garbage", 4);
+        t.put(b"/slipway/v1/sbx/b", b"garbage", 4);
+        assert!(t.directory.get(&id("b")).is_none());
+        assert_eq!(
+            (t.bad_now(), t.stats.bad_records.load(Ordering::Relaxed)),
+            (1, 1)
+        );
+        // A listing without a, with c, and b's garbage seen again.
+        let mut good = HashMap::new();
+        good.insert(
+            id("c"),
+            SandboxRecord::parse(&value("host-b", None)).unwrap(),
+        );
+        let mut bad = HashMap::new();
+        bad.insert(
+            b"/slipway/v1/sbx/b".to_vec(),
+            (4, BadRecord::Json("x".into()), Some(id("b"))),
+        );
+        t.replace_all(good, bad);
+        assert_eq!(t.directory.ids(), [id("c")]);
+        assert_eq!(
+            (t.bad_now(), t.stats.bad_records.load(Ordering::Relaxed)),
+            (1, 1)
+        );
+        t.delete(b"/slipway/v1/sbx/b");
+        t.delete(b"/slipway/v1/sbx/c");
+        assert_eq!((t.len(), t.bad_now(), t.directory.len()), (0, 0, 0));
+    }
+}
