@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -118,8 +118,9 @@ pub struct Route {
     /// `None`: public traffic is allowed.
     token: RwLock<Option<TokenDigest>>,
     /// Bumped whenever the token changes, so that whoever admitted a
-    /// connection with the old one can end it.
-    token_changes: watch::Sender<u64>,
+    /// connection with the old one can end it. Made on first use: most
+    /// routes (an edge holds one per sandbox of the cluster) never need it.
+    token_changes: OnceLock<watch::Sender<u64>>,
     mask: Option<HostMask>,
     slots: Arc<Semaphore>,
     pub(crate) pool: GuestPool,
@@ -156,7 +157,7 @@ impl Route {
         Self {
             guest,
             token: RwLock::new(digest),
-            token_changes: watch::Sender::new(0),
+            token_changes: OnceLock::new(),
             mask,
             slots: Arc::new(Semaphore::new(max_connections)),
             pool: GuestPool::default(),
@@ -190,7 +191,9 @@ impl Route {
         }
         *slot = digest;
         drop(slot);
-        self.token_changes.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(changes) = self.token_changes.get() {
+            changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
         true
     }
 
@@ -201,7 +204,9 @@ impl Route {
 
     /// Wakes whenever the token changes.
     pub fn token_changes(&self) -> watch::Receiver<u64> {
-        self.token_changes.subscribe()
+        self.token_changes
+            .get_or_init(|| watch::Sender::new(0))
+            .subscribe()
     }
 
     pub fn is_public(&self) -> bool {

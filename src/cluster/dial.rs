@@ -336,7 +336,7 @@ fn live(slot: &LinkSlot) -> Option<Link> {
 pub struct TunnelConnector {
     pub dialer: Arc<Dialer>,
     pub id: SandboxId,
-    pub record: SandboxRecord,
+    pub record: Arc<SandboxRecord>,
 }
 
 impl GuestConnector for TunnelConnector {

@@ -45,7 +45,9 @@ pub struct RouteTable {
     directory: Arc<Directory>,
     dialer: Arc<Dialer>,
     max_inbound: usize,
-    records: Mutex<HashMap<SandboxId, SandboxRecord>>,
+    /// The record each route was made from (shared with its connector: an
+    /// edge holds one copy per route).
+    records: Mutex<HashMap<SandboxId, Arc<SandboxRecord>>>,
     /// Keys under the prefix whose value is not a record, and the revision
     /// of the bad value (counted once per version).
     bad: Mutex<HashMap<Vec<u8>, i64>>,
@@ -291,28 +293,25 @@ impl RouteTable {
     fn upsert(&self, id: SandboxId, rec: SandboxRecord) {
         let mut records = lock(&self.records);
         let same_way = records.get(&id).is_some_and(|old| old.same_way(&rec));
-        let live = self.directory.get(&id);
-        match (same_way, live) {
+        if let (true, Some(route)) = (same_way, self.directory.get(&id)) {
             // Only the token changed: the live route (its pool, its cap)
             // stays, with the new digest.
-            (true, Some(route)) => {
-                route.set_digest(rec.token_digest);
-            }
-            _ => {
-                let connector = TunnelConnector {
-                    dialer: self.dialer.clone(),
-                    id: id.clone(),
-                    record: rec.clone(),
-                };
-                let route = Route::with_digest(
-                    Arc::new(connector),
-                    rec.token_digest,
-                    rec.mask.clone(),
-                    self.max_inbound,
-                );
-                self.directory.insert(id.clone(), route);
-            }
+            route.set_digest(rec.token_digest);
+            return;
         }
+        let rec = Arc::new(rec);
+        let connector = TunnelConnector {
+            dialer: self.dialer.clone(),
+            id: id.clone(),
+            record: rec.clone(),
+        };
+        let route = Route::with_digest(
+            Arc::new(connector),
+            rec.token_digest,
+            rec.mask.clone(),
+            self.max_inbound,
+        );
+        self.directory.insert(id.clone(), route);
         records.insert(id, rec);
     }
 
