@@ -448,13 +448,18 @@ fn render(table: &RouteTable, dialer: &Dialer, gw: &ingress::Gateway) -> String 
     ));
     out.push_str(&gauge(
         "slipway_edge_links",
-        "Live mTLS links to nodes.",
+        "Liveness links to nodes up now (HTTP/2 pings every second).",
         &dialer.links(),
     ));
     out.push_str(&counter(
         "slipway_edge_links_made_total",
-        "mTLS links to nodes made.",
+        "Liveness links to nodes made.",
         dialer.stats.links_made.load(Relaxed),
+    ));
+    out.push_str(&counter(
+        "slipway_edge_nodes_silent_total",
+        "Times a node left its liveness pings unanswered (its tunnels were closed).",
+        dialer.stats.nodes_silent.load(Relaxed),
     ));
     out.push_str(&gauge(
         "process_resident_memory_bytes",

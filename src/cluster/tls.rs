@@ -1,9 +1,11 @@
 //! The cluster's own mTLS between edges and nodes: one CA for the cluster,
 //! a server certificate per node whose name (SAN) is the node's name, a
-//! client certificate per edge. Both sides speak HTTP/2 (ALPN `h2`) and trust
-//! nothing but the cluster CA. Each side's own certificate is checked at
-//! start exactly as the other side will check it, so a wrong file is a
-//! clear error at start rather than a refused tunnel later.
+//! client certificate per edge. Both sides trust nothing but the cluster
+//! CA; ALPN says whether a connection is a tunnel or a liveness link (see
+//! `tunnel`). Each side's own certificate is checked at start exactly as the
+//! other side will check it, so a wrong file is a clear error at start
+//! rather than a refused tunnel later. Nodes hand out TLS 1.3 session
+//! tickets, so an edge's next tunnel resumes instead of a full handshake.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,8 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
-/// ALPN for the tunnels: HTTP/2, one CONNECT stream per tunnel.
-pub const ALPN: &[u8] = b"h2";
+use super::tunnel::{LIVENESS_ALPN, TUNNEL_ALPN};
 
 /// Why the cluster's certificates cannot be used; each names its file.
 #[derive(Debug, thiserror::Error)]
@@ -173,13 +174,19 @@ pub fn node_server(
             path: cert.to_owned(),
             source,
         })?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![TUNNEL_ALPN.to_vec(), LIVENESS_ALPN.to_vec()];
+    cfg.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|source| ClusterTlsError::Config {
+            path: cert.to_owned(),
+            source,
+        })?;
     Ok(Arc::new(cfg))
 }
 
 /// The edge's side of the tunnels: the CA as the only root (a node is
 /// checked by the name in the route, see `dial`), and this edge's client
-/// certificate, which must chain to the CA.
+/// certificate, which must chain to the CA. No ALPN yet: `dial` sets it per
+/// kind of connection.
 pub fn edge_client(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<rustls::ClientConfig>> {
     let roots = roots(ca)?;
     let chain = certs("cluster.cert", cert)?;
@@ -208,6 +215,7 @@ pub fn edge_client(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<rustls::Cli
             path: cert.to_owned(),
             source,
         })?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // Tunnels come and go: keep enough tickets for many at once.
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);
     Ok(Arc::new(cfg))
 }

@@ -1,15 +1,21 @@
 //! The node's tunnel listener: edges reach this node's sandboxes through it.
-//! mTLS (both sides under the cluster CA), HTTP/2, and one `CONNECT
-//! <sandboxId>:<port>` stream per tunnel: the node checks again the token
-//! digest the edge forwards (so a rotation here bites at once, before any
-//! edge hears of it), takes a slot under the sandbox's inbound cap, answers
-//! 200, and splices the stream to the guest through the same way in the
-//! local gateway uses. The first byte on the stream says how the guest
-//! connect went.
+//! Every connection is mTLS under the cluster CA, and ALPN says what it is:
 //!
-//! Why HTTP/2 and not a TLS connection per tunnel: a new public connection
-//! at the edge costs one stream on a link that is already up, not a TCP and
-//! TLS handshake to the node.
+//! - `slipway-tunnel/1`: one tunnel. The edge sends `CONNECT
+//!   <sandboxId>:<port>` (HTTP/1.1, with the digest of the token its client
+//!   presented); the node checks that digest again (so a rotation here bites
+//!   at once, before any edge hears of it), takes a slot under the sandbox's
+//!   inbound cap, connects to the guest through the same way in the local
+//!   gateway uses, and answers: 200 and the connection becomes the splice,
+//!   or the status the local gateway would give and why.
+//! - `h2`: the edge's liveness link to this node. Nothing is asked on it;
+//!   its HTTP/2 pings tell the edge within seconds that a node stopped
+//!   answering, and the edge then closes its kept tunnels here.
+//!
+//! Why a TLS connection per tunnel and not an HTTP/2 stream: a request on a
+//! kept tunnel then crosses no task but the splice's on either side (a
+//! stream would go through each side's HTTP/2 connection task too); TLS 1.3
+//! resumption keeps a new tunnel's handshake cheap.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,67 +32,30 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ingress::record::parse_tunnel_target;
 use ingress::token::TokenDigest;
 use ingress::{Directory, GuestError, TokenCheck};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+/// ALPN of a tunnel connection (HTTP/1.1 CONNECT, then the splice).
+pub const TUNNEL_ALPN: &[u8] = b"slipway-tunnel/1";
+/// ALPN of an edge's liveness link (HTTP/2, pings only).
+pub const LIVENESS_ALPN: &[u8] = b"h2";
 /// The header carrying the digest of the token the edge's client presented.
 pub const DIGEST_HEADER: &str = "slipway-token-digest";
 /// The header naming why a node refused a tunnel (beside the status).
 pub const REFUSAL_HEADER: &str = "slipway-refusal";
 
-/// How long a TLS handshake on the tunnel listener may take.
+/// How long a TLS handshake, and then the CONNECT's head, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Links (edge connections) at once; more are closed at once.
-const MAX_LINKS: usize = 1024;
-/// Tunnels at once on one link. The connection-level flow-control window
-/// bounds what they can make this side buffer.
-pub const MAX_STREAMS: u32 = 8192;
-/// Flow-control windows: large enough for a download to run at full speed
-/// over one link, small enough that a stalled tunnel holds little.
-pub const STREAM_WINDOW: u32 = 2 << 20;
-pub const LINK_WINDOW: u32 = 32 << 20;
+/// Connections at once (tunnels, kept idle ones and liveness links); more
+/// are closed at once.
+const MAX_CONNECTIONS: usize = 16384;
 /// The guest connect, bounded (the stack's own bound is shorter).
 const GUEST_CONNECT: Duration = Duration::from_secs(15);
 
-/// The first byte of an accepted tunnel: how the connect to the guest went.
+/// How each tunnel request ended, as counted, as the metrics name it and as
+/// the refusal header tells the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Opened {
-    Connected,
-    Failed(GuestError),
-}
-
-impl Opened {
-    pub fn to_byte(self) -> u8 {
-        match self {
-            Opened::Connected => 0,
-            Opened::Failed(GuestError::Refused) => 1,
-            Opened::Failed(GuestError::TimedOut) => 2,
-            Opened::Failed(GuestError::OverCap) => 3,
-            Opened::Failed(GuestError::NoPort) => 4,
-            Opened::Failed(GuestError::Gone) => 5,
-            Opened::Failed(GuestError::Forbidden) => 6,
-        }
-    }
-
-    /// Any other byte is a node speaking another protocol.
-    pub fn from_byte(b: u8) -> Option<Self> {
-        Some(match b {
-            0 => Opened::Connected,
-            1 => Opened::Failed(GuestError::Refused),
-            2 => Opened::Failed(GuestError::TimedOut),
-            3 => Opened::Failed(GuestError::OverCap),
-            4 => Opened::Failed(GuestError::NoPort),
-            5 => Opened::Failed(GuestError::Gone),
-            6 => Opened::Failed(GuestError::Forbidden),
-            _ => return None,
-        })
-    }
-}
-
-/// How each tunnel request ended, as counted and as the metrics name it.
-#[derive(Debug, Clone, Copy)]
 pub enum Outcome {
     Opened,
     BadRequest,
@@ -96,11 +65,12 @@ pub enum Outcome {
     Draining,
     GuestRefused,
     GuestTimedOut,
+    NoPort,
     GuestUnreachable,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Opened,
         Outcome::BadRequest,
         Outcome::NotFound,
@@ -109,6 +79,7 @@ impl Outcome {
         Outcome::Draining,
         Outcome::GuestRefused,
         Outcome::GuestTimedOut,
+        Outcome::NoPort,
         Outcome::GuestUnreachable,
     ];
 
@@ -122,15 +93,44 @@ impl Outcome {
             Outcome::Draining => "draining",
             Outcome::GuestRefused => "port_not_open",
             Outcome::GuestTimedOut => "guest_timed_out",
+            Outcome::NoPort => "no_port",
             Outcome::GuestUnreachable => "guest_unreachable",
+        }
+    }
+
+    /// What the edge reads from an answer's refusal header.
+    pub fn from_name(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.name() == s)
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Outcome::Opened => StatusCode::OK,
+            Outcome::BadRequest => StatusCode::BAD_REQUEST,
+            Outcome::NotFound => StatusCode::NOT_FOUND,
+            Outcome::Forbidden => StatusCode::FORBIDDEN,
+            Outcome::OverCap => StatusCode::TOO_MANY_REQUESTS,
+            Outcome::Draining | Outcome::NoPort => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::GuestRefused | Outcome::GuestUnreachable => StatusCode::BAD_GATEWAY,
+            Outcome::GuestTimedOut => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn of_guest(e: GuestError) -> Outcome {
+        match e {
+            GuestError::Refused => Outcome::GuestRefused,
+            GuestError::TimedOut => Outcome::GuestTimedOut,
+            GuestError::OverCap => Outcome::OverCap,
+            GuestError::NoPort => Outcome::NoPort,
+            GuestError::Gone | GuestError::Forbidden => Outcome::GuestUnreachable,
         }
     }
 }
 
-/// Tunnel requests by outcome, and links refused over the cap.
+/// Tunnel requests by outcome, and connections refused.
 #[derive(Default)]
 pub struct TunnelStats {
-    by_outcome: [AtomicU64; 9],
+    by_outcome: [AtomicU64; 10],
     pub links_refused: AtomicU64,
     pub handshakes_failed: AtomicU64,
 }
@@ -154,21 +154,11 @@ pub struct TunnelServer {
     pub stats: Arc<TunnelStats>,
 }
 
-/// Accept edge links forever.
+/// Accept edge connections forever.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, server: TunnelServer) {
     let server = Arc::new(server);
     let acceptor = TlsAcceptor::from(tls);
-    let links = Arc::new(Semaphore::new(MAX_LINKS));
-    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http.timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(LINK_WINDOW)
-        .max_frame_size(64 << 10)
-        .max_send_buf_size(1 << 20)
-        .max_pending_accept_reset_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(10)))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -178,12 +168,12 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, server
                 continue;
             }
         };
-        let Ok(slot) = links.clone().try_acquire_owned() else {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             server.stats.links_refused.fetch_add(1, Ordering::Relaxed);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (acceptor, server, http) = (acceptor.clone(), server.clone(), http.clone());
+        let (acceptor, server) = (acceptor.clone(), server.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -193,7 +183,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, server
                         .handshakes_failed
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(target: "slipway::cluster", peer = %peer, error = %e,
-                        "tunnel link refused: TLS handshake failed");
+                        "tunnel connection refused: TLS handshake failed");
                     return;
                 }
                 Err(_) => {
@@ -204,95 +194,101 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, server
                     return;
                 }
             };
-            let s = server.clone();
-            let service = service_fn(move |req| {
-                let s = s.clone();
-                async move { Ok::<_, Infallible>(s.open(req, peer)) }
-            });
-            if let Err(e) = http.serve_connection(TokioIo::new(tls), service).await {
-                tracing::debug!(target: "slipway::cluster", peer = %peer, error = %e, "tunnel link ended");
+            let liveness = tls.get_ref().1.alpn_protocol() == Some(LIVENESS_ALPN);
+            let io = TokioIo::new(tls);
+            if liveness {
+                // Pings only: every request is refused.
+                let service = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(answer(Outcome::BadRequest))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(1)
+                    .serve_connection(io, service)
+                    .await;
+            } else {
+                let s = server.clone();
+                let service = service_fn(move |req| {
+                    let s = s.clone();
+                    async move { Ok::<_, Infallible>(s.open(req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
+                    .max_buf_size(8192)
+                    .serve_connection(io, service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    tracing::debug!(target: "slipway::cluster", peer = %peer, error = %e, "tunnel ended");
+                }
             }
             drop(slot);
         });
     }
 }
 
-fn answer(status: StatusCode, outcome: Outcome) -> Response<Empty<Bytes>> {
+fn answer(outcome: Outcome) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        REFUSAL_HEADER,
-        hyper::header::HeaderValue::from_static(outcome.name()),
-    );
+    *r.status_mut() = outcome.status();
+    if outcome != Outcome::Opened {
+        r.headers_mut().insert(
+            REFUSAL_HEADER,
+            hyper::header::HeaderValue::from_static(outcome.name()),
+        );
+    }
     r
 }
 
 impl TunnelServer {
-    /// One CONNECT: checked at once (the edge is waiting, and bounds the
-    /// wait), then the guest connect and the splice go on in a task.
-    fn open(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Empty<Bytes>> {
-        let refuse = |status, outcome| {
+    /// One CONNECT: the checks, the guest connect, the answer; on 200 a
+    /// task splices the connection to the guest.
+    async fn open(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Empty<Bytes>> {
+        let refuse = |outcome| {
             self.stats.count(outcome);
-            answer(status, outcome)
+            answer(outcome)
         };
         if req.method() != Method::CONNECT {
-            return refuse(StatusCode::METHOD_NOT_ALLOWED, Outcome::BadRequest);
+            return refuse(Outcome::BadRequest);
         }
         if (self.draining)() {
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, Outcome::Draining);
+            return refuse(Outcome::Draining);
         }
         let Some((id, port)) = req
             .uri()
             .authority()
             .and_then(|a| parse_tunnel_target(a.as_str()))
         else {
-            return refuse(StatusCode::BAD_REQUEST, Outcome::BadRequest);
+            return refuse(Outcome::BadRequest);
         };
         let presented = match req.headers().get(DIGEST_HEADER) {
             None => None,
             Some(v) => match v.to_str().ok().and_then(TokenDigest::from_hex) {
                 Some(d) => Some(d),
-                None => return refuse(StatusCode::BAD_REQUEST, Outcome::BadRequest),
+                None => return refuse(Outcome::BadRequest),
             },
         };
         let Some(route) = self.directory.get(&id) else {
-            return refuse(StatusCode::NOT_FOUND, Outcome::NotFound);
+            return refuse(Outcome::NotFound);
         };
         if route.check_presented(presented.as_ref()) != TokenCheck::Granted {
-            return refuse(StatusCode::FORBIDDEN, Outcome::Forbidden);
+            return refuse(Outcome::Forbidden);
         }
         let Some(slot) = route.try_slot() else {
-            return refuse(StatusCode::TOO_MANY_REQUESTS, Outcome::OverCap);
+            return refuse(Outcome::OverCap);
         };
+        let guest = match tokio::time::timeout(GUEST_CONNECT, route.connect(port)).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => return refuse(Outcome::of_guest(e)),
+            Err(_) => return refuse(Outcome::GuestTimedOut),
+        };
+        self.stats.count(Outcome::Opened);
         let upgrade = hyper::upgrade::on(&mut req);
         let mut changes = route.token_changes();
-        let (stats, idle) = (self.stats.clone(), self.idle_timeout);
+        let idle = self.idle_timeout;
         tokio::spawn(async move {
-            let connect = tokio::time::timeout(GUEST_CONNECT, route.connect(port));
-            let (edge, guest) = tokio::join!(upgrade, connect);
-            let guest = guest.unwrap_or(Err(GuestError::TimedOut));
-            let opened = match &guest {
-                Ok(_) => Opened::Connected,
-                Err(e) => Opened::Failed(*e),
-            };
-            stats.count(match opened {
-                Opened::Connected => Outcome::Opened,
-                Opened::Failed(GuestError::Refused) => Outcome::GuestRefused,
-                Opened::Failed(GuestError::TimedOut) => Outcome::GuestTimedOut,
-                Opened::Failed(GuestError::OverCap) => Outcome::OverCap,
-                Opened::Failed(_) => Outcome::GuestUnreachable,
-            });
-            let Ok(edge) = edge else { return };
-            let mut edge = TokioIo::new(edge);
-            if edge.write_all(&[opened.to_byte()]).await.is_err() {
-                return;
-            }
-            let Ok(guest) = guest else {
-                let _ = edge.shutdown().await;
-                return;
-            };
-            // A rotation here ends the tunnels the old token opened: a
-            // kept connection at the edge must not outlive the token.
+            let Ok(edge) = upgrade.await else { return };
+            // A rotation here ends the tunnels the old token opened: a kept
+            // connection at the edge must not outlive the token.
             let revoked = async {
                 loop {
                     if changes.changed().await.is_err() {
@@ -304,7 +300,7 @@ impl TunnelServer {
                 }
             };
             tokio::select! {
-                _ = ingress::forward::splice(edge, guest, idle) => {}
+                _ = ingress::forward::splice(TokioIo::new(edge), guest, idle) => {}
                 _ = revoked => {
                     tracing::info!(target: "slipway::cluster", sandbox = %id, peer = %peer,
                         "tunnel closed: the token it was opened with was rotated");
@@ -312,7 +308,7 @@ impl TunnelServer {
             }
             drop(slot);
         });
-        Response::new(Empty::new())
+        answer(Outcome::Opened)
     }
 }
 
@@ -321,19 +317,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn opened_bytes_round_trip_and_nothing_else_parses() {
-        let all = [
-            Opened::Connected,
-            Opened::Failed(GuestError::Refused),
-            Opened::Failed(GuestError::TimedOut),
-            Opened::Failed(GuestError::OverCap),
-            Opened::Failed(GuestError::NoPort),
-            Opened::Failed(GuestError::Gone),
-            Opened::Failed(GuestError::Forbidden),
-        ];
-        for o in all {
-            assert_eq!(Opened::from_byte(o.to_byte()), Some(o));
+    fn every_outcome_is_named_once_and_read_back() {
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::from_name(o.name()), Some(o));
         }
-        assert!((7..=255).all(|b| Opened::from_byte(b).is_none()));
+        assert_eq!(Outcome::from_name("nonsense"), None);
+        // The edge tells these apart by the header, not the status.
+        assert_eq!(Outcome::Draining.status(), Outcome::NoPort.status());
+        assert_eq!(
+            Outcome::GuestRefused.status(),
+            Outcome::GuestUnreachable.status()
+        );
     }
 }
