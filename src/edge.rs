@@ -441,6 +441,22 @@ fn render(table: &RouteTable, dialer: &Dialer, gw: &ingress::Gateway) -> String 
         );
     }
     out.push_str(&tunnels.text);
+    let mut handshakes = Family::new(
+        "slipway_edge_tunnel_handshakes_total",
+        "counter",
+        "Tunnel TLS handshakes, by kind (resumed: a session ticket, no certificates).",
+    );
+    for (kind, n) in [
+        ("full", dialer.stats.full_handshakes.load(Relaxed)),
+        ("resumed", dialer.stats.resumed.load(Relaxed)),
+    ] {
+        handshakes.sample(
+            "slipway_edge_tunnel_handshakes_total",
+            &format!("kind=\"{kind}\""),
+            n,
+        );
+    }
+    out.push_str(&handshakes.text);
     out.push_str(&gauge(
         "slipway_edge_tunnels_open",
         "Tunnels open now (in use or kept idle for the next request).",

@@ -897,6 +897,11 @@ fn requests_through_the_edge_reach_guests_on_two_nodes_with_everything_the_gatew
         assert!(metric(&m, series).unwrap_or(0.0) >= 1.0, "{series}: {m}");
     }
     assert_eq!(metric(&m, "slipway_edge_routes"), Some(4.0), "{m}");
+    // After the first tunnel to a node, the next ones resume its TLS session.
+    assert!(
+        metric(&m, "slipway_edge_tunnel_handshakes_total{kind=\"resumed\"}").unwrap() >= 1.0,
+        "{m}"
+    );
 }
 
 /// Wait (bounded) until `f` holds; how long it took.

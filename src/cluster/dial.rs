@@ -143,6 +143,10 @@ pub struct DialStats {
     pub links_made: AtomicU64,
     /// Times a node stopped answering its liveness pings.
     pub nodes_silent: AtomicU64,
+    /// Tunnel TLS handshakes that resumed a session (no certificates sent
+    /// or checked) and ones that did not.
+    pub resumed: AtomicU64,
+    pub full_handshakes: AtomicU64,
     /// Tunnels open now (in use, or kept idle by the gateway's pool).
     pub live: Arc<AtomicUsize>,
 }
@@ -323,6 +327,13 @@ impl Dialer {
         )
         .await
         .map_err(|_| DialOutcome::NodeTimedOut)??;
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        if resumed {
+            &self.stats.resumed
+        } else {
+            &self.stats.full_handshakes
+        }
+        .fetch_add(1, Ordering::Relaxed);
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
             .await
