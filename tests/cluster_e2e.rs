@@ -136,6 +136,10 @@ impl Proc {
         }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     fn signal(&self, sig: libc::c_int) {
         if let Some(child) = &self.child {
             // SAFETY: plain kill(2) on our own child (ip netns exec execs it).
@@ -897,6 +901,11 @@ fn requests_through_the_edge_reach_guests_on_two_nodes_with_everything_the_gatew
         assert!(metric(&m, series).unwrap_or(0.0) >= 1.0, "{series}: {m}");
     }
     assert_eq!(metric(&m, "slipway_edge_routes"), Some(4.0), "{m}");
+    // The edge confined itself: no capability, no_new_privs, seccomp.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", plain.proc.pid())).unwrap();
+    for want in ["NoNewPrivs:\t1", "Seccomp:\t2", "CapEff:\t0000000000000000"] {
+        assert!(status.contains(want), "{want}: {status}");
+    }
     // After the first tunnel to a node, the next ones resume its TLS session.
     assert!(
         metric(&m, "slipway_edge_tunnel_handshakes_total{kind=\"resumed\"}").unwrap() >= 1.0,
@@ -1450,4 +1459,90 @@ fn a_three_member_store_loses_one_member_and_the_edges_do_not_notice() {
             "{m}"
         );
     }
+}
+
+#[test]
+fn bad_cluster_settings_are_refused_at_start_naming_the_key() {
+    if !common::has_tool("openssl") {
+        assert_ne!(
+            std::env::var("SLIPWAY_E2E").as_deref(),
+            Ok("required"),
+            "needs openssl"
+        );
+        eprintln!("skipped: needs openssl");
+        return;
+    }
+    let dir = common::Scratch::new("cluster-cfg");
+    let certs = dir.0.join("certs");
+    let made = Command::new(CERTS)
+        .arg(&certs)
+        .args(["host-a", "host-b"])
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let c = certs.display();
+    let run = |cmd: &str, text: String| {
+        let path = dir.0.join(format!("{cmd}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(common::slipway())
+            .args([cmd, "--print-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let node = |name: &str, cert: &str, store: &str| {
+        run(
+            "serve",
+            format!(
+                "[cluster]\nstore = \"{store}\"\nnode = \"{name}\"\nadvertise = \"127.0.0.1:7441\"\n\
+                 ca = \"{c}/ca.pem\"\ncert = \"{c}/{cert}.pem\"\nkey = \"{c}/{cert}-key.pem\"\n"
+            ),
+        )
+    };
+    let (code, err) = node("host-a", "host-a", STORE);
+    assert_eq!(code, Some(0), "{err}");
+    // A node whose certificate names another node.
+    let (code, err) = node("host-a", "host-b", STORE);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cluster.cert") && err.contains("not valid for node host-a"),
+        "{err}"
+    );
+    // An edge's client certificate as a node's: not a server certificate.
+    let (code, err) = node("edge", "edge", STORE);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cluster.cert"), "{err}");
+    let (code, err) = node("host-a", "host-a", "127.0.0.1:2379");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cluster.store") && err.contains("http://HOST:PORT"),
+        "{err}"
+    );
+    // An edge with a node's (server) certificate as its client certificate.
+    let edge = |cert: &str, extra: &str| {
+        run(
+            "edge",
+            format!(
+                "[cluster]\nstore = \"{STORE}\"\nca = \"{c}/ca.pem\"\ncert = \"{c}/{cert}.pem\"\n\
+                 key = \"{c}/{cert}-key.pem\"\n{extra}"
+            ),
+        )
+    };
+    assert_eq!(edge("edge", "").0, Some(0));
+    let (code, err) = edge("host-a", "");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("not a client certificate of the cluster CA"),
+        "{err}"
+    );
+    let (code, err) = edge("edge", "stale_after = 0\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cluster.stale_after"), "{err}");
+    let (code, err) = run("edge", "[cluster]\n".into());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cluster.store"), "{err}");
 }
