@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::directory::{BadHostMask, HostMask};
+use crate::directory::HostMask;
 use crate::target::{GuestPort, SandboxId};
 use crate::token::TokenDigest;
 
@@ -49,8 +49,9 @@ pub enum BadRecord {
     PublicWithDigest,
     #[error("a private sandbox's record carries no tokenDigest")]
     PrivateWithoutDigest,
-    #[error(transparent)]
-    Mask(#[from] BadHostMask),
+    /// The mask, cut short: a stored value may be as long as the record.
+    #[error("invalid mask {0:?}: give a host[:port], e.g. localhost:${{PORT}}")]
+    Mask(String),
 }
 
 /// A node's name: a DNS name (lower-case labels of `a-z`, `0-9` and inner
@@ -158,7 +159,11 @@ impl SandboxRecord {
             (false, None) => return Err(BadRecord::PrivateWithoutDigest),
             (false, Some(hex)) => Some(TokenDigest::from_hex(&hex).ok_or(BadRecord::Digest)?),
         };
-        let mask = wire.mask.as_deref().map(HostMask::parse).transpose()?;
+        let mask = wire
+            .mask
+            .as_deref()
+            .map(|m| HostMask::parse(m).map_err(|_| BadRecord::Mask(echo(m))))
+            .transpose()?;
         Ok(Self {
             node,
             addr,
@@ -215,11 +220,15 @@ pub fn parse_sandbox_key(key: &[u8]) -> Result<SandboxId, BadRecord> {
 }
 
 /// A tunnel's target as the edge names it in its CONNECT (`<id>:<port>`),
-/// both parts as strict as in a public request, the id in canonical form.
+/// both parts as strict as in a public request and in canonical form (no
+/// upper case, no leading zeros): one target, one spelling.
 pub fn parse_tunnel_target(s: &str) -> Option<(SandboxId, GuestPort)> {
     let (id, port) = s.rsplit_once(':')?;
     let sandbox = SandboxId::parse(id).ok().filter(|i| i.as_str() == id)?;
-    Some((sandbox, GuestPort::parse(port).ok()?))
+    let guest_port = GuestPort::parse(port)
+        .ok()
+        .filter(|p| p.to_string() == port)?;
+    Some((sandbox, guest_port))
 }
 
 /// Hostile input echoed in a message: short, no control characters.
@@ -315,7 +324,7 @@ mod tests {
             ),
             (
                 r#"{"node":"a","addr":"10.0.0.1:1","public":true,"mask":"a b"}"#.into(),
-                "invalid mask-request-host",
+                "invalid mask",
             ),
             (
                 format!(
@@ -325,6 +334,13 @@ mod tests {
                 "more than 1024",
             ),
             ("[".repeat(1000), "not a sandbox record"),
+            (
+                format!(
+                    r#"{{"node":"a","addr":"10.0.0.1:1","public":true,"mask":"{}"}}"#,
+                    "$".repeat(900)
+                ),
+                "invalid mask",
+            ),
         ];
         for (value, want) in rows {
             let err = SandboxRecord::parse(value.as_bytes())
@@ -371,6 +387,7 @@ mod tests {
             "a b:80",
             "abc:80:1",
             "abc:65536",
+            "abc:0080",
         ] {
             assert!(parse_tunnel_target(bad).is_none(), "{bad}");
         }
