@@ -287,6 +287,39 @@ mod tests {
     }
 
     #[test]
+    fn every_node_key_is_also_an_environment_variable() {
+        let env = |var: &str| {
+            Some(
+                match var {
+                    "SLIPWAY_CLUSTER_STORE" => "http://10.0.0.1:2379, http://10.0.0.2:2379",
+                    "SLIPWAY_CLUSTER_NODE" => "host-a",
+                    "SLIPWAY_CLUSTER_ADVERTISE" => "10.1.2.3:7443",
+                    "SLIPWAY_CLUSTER_LISTEN" => "10.1.2.3:7443",
+                    "SLIPWAY_CLUSTER_CA" => "/etc/slipway/ca.pem",
+                    "SLIPWAY_CLUSTER_CERT" => "/etc/slipway/host-a.pem",
+                    "SLIPWAY_CLUSTER_KEY" => "/etc/slipway/host-a-key.pem",
+                    "SLIPWAY_CLUSTER_LEASE_TTL" => "5",
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        };
+        let f = crate::serve::config::load(None, &env).unwrap().cluster;
+        assert_eq!(f.store, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!((f.node.as_str(), f.lease_ttl), ("host-a", 5));
+        assert_eq!(f.listen, "10.1.2.3:7443");
+        assert_eq!(
+            f.key.as_deref(),
+            Some(Path::new("/etc/slipway/host-a-key.pem"))
+        );
+        let bad = |var: &str| (var == "SLIPWAY_CLUSTER_LEASE_TTL").then(|| "ten".to_string());
+        let err = crate::serve::config::load(None, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SLIPWAY_CLUSTER_LEASE_TTL"), "{err}");
+    }
+
+    #[test]
     fn a_node_names_itself_and_its_address() {
         let base = NodeClusterFile {
             store: vec!["http://127.0.0.1:2379".into()],
