@@ -84,6 +84,40 @@ def crr(host, port, seconds, max_count, size):
     return res
 
 
+def connect(host, port, seconds, max_count):
+    """Connect and close, one after another: how long each connect() takes
+    (the SYN-ACK waits for the stack's host connect, or its whole dial
+    through an egress proxy); µs."""
+    samples = []
+    errors = 0
+    first_error = None
+    deadline = time.monotonic() + seconds
+    while len(samples) < max_count and time.monotonic() < deadline:
+        t0 = time.perf_counter_ns()
+        try:
+            s = socket.create_connection((host, port), timeout=2.0)
+        except OSError as e:
+            errors += 1
+            first_error = first_error or str(e)
+            if errors > 50:
+                break
+            continue
+        t1 = time.perf_counter_ns()
+        s.close()
+        samples.append((t1 - t0) / 1000.0)
+    if not samples:
+        return {"ok": False, "error": f"no connection (first error: {first_error})"}
+    samples.sort()
+
+    def pct(p):
+        return samples[min(len(samples) - 1, int(p / 100.0 * len(samples)))]
+
+    res = {"ok": errors == 0, "count": len(samples), "p50": pct(50), "p99": pct(99)}
+    if errors:
+        res["error"] = f"{errors} failed connects (first: {first_error}) after {len(samples)} good ones"
+    return res
+
+
 def rr(host, port, seconds, max_count):
     """1-byte request/response over one connection; round-trip times in µs."""
     samples = []
@@ -121,7 +155,7 @@ def rr(host, port, seconds, max_count):
 
 
 def main():
-    ops = {"ready": wait_ready, "iperf": iperf, "crr": crr, "rr": rr}
+    ops = {"ready": wait_ready, "iperf": iperf, "crr": crr, "rr": rr, "connect": connect}
     print(json.dumps({"ok": True, "hello": os.getpid()}), flush=True)
     for line in sys.stdin:
         if not line.strip():

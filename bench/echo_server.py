@@ -1,4 +1,4 @@
-"""Host-side echo server on 127.0.0.1 for the connect/request/response and
+"""Host-side echo server (127.0.0.1 unless --bind) for the connect/request/response and
 latency figures: one thread, non-blocking, so neither thread start-up nor a
 stuck client slows the others. Prints its port, then serves until killed
 or until --lifetime seconds have passed."""
@@ -12,12 +12,13 @@ import time
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lifetime", type=float, default=3600.0)
+    ap.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     args = ap.parse_args()
 
     sel = selectors.DefaultSelector()
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", 0))
+    ls.bind((args.bind, 0))
     ls.listen(1024)
     ls.setblocking(False)
     sel.register(ls, selectors.EVENT_READ, None)

@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -200,6 +201,47 @@ class Slipway(Session):
         return None
 
 
+class SlipwaySocks(Slipway):
+    """slipway with every TCP flow through microsocks (SOCKS5, no login) on
+    the host's 127.0.0.1: the guest's 10.0.2.2 is mapped to the host's
+    loopback, so microsocks connects to the same servers the direct path
+    reaches. The proxy's address is internal: the operator opens it
+    (--allow-internal 127.0.0.1/32). Stack CPU counts slipway only."""
+
+    name = "slipway-socks"
+
+    def __init__(self, mtu, logdir, tag, binary):
+        super().__init__(mtu, logdir, tag, binary)
+        self.socks = None
+        self.socks_port = None
+
+    def command(self, *inner):
+        return [self.binary, "run", "--map-host-loopback", self.target, "--mtu", str(self.mtu),
+                "--allow-internal", "127.0.0.1/32",
+                "--egress-proxy", f"socks5://127.0.0.1:{self.socks_port}", "--", *inner]
+
+    def _start_stack(self, timeout):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.socks_port = s.getsockname()[1]
+        self.socks = self._popen(["microsocks", "-i", "127.0.0.1", "-p", str(self.socks_port)])
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.socks_port), timeout=1).close()
+                break
+            except OSError:
+                if self.socks.poll() is not None or time.monotonic() > deadline:
+                    raise AgentError(f"microsocks did not start: {self.log_tail(4)}")
+                time.sleep(0.02)
+        return super()._start_stack(timeout)
+
+    def close(self):
+        super().close()
+        if self.socks is not None:
+            kill_group(self.socks)
+
+
 class NamespacePeer(Session):
     """A peer that serves a namespace made by `ip netns add` (TESTBEDS.md)."""
 
@@ -228,6 +270,16 @@ class Pasta(NamespacePeer):
         return ["pasta", "-f", "-q", "-4", "--runas", "0", "-m", str(self.mtu), "--config-net",
                 "-I", "tap0", "-a", "10.0.2.100", "-n", "24", "-g", self.target,
                 "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--netns", self.netns]
+
+
+class Pasta2025(Pasta):
+    """The current pasta, built from Debian trixie's source by bench/build-pasta."""
+
+    name = "pasta-2025"
+    binary = os.path.join(HERE, "peers-bin", "pasta-trixie")
+
+    def stack_command(self):
+        return [self.binary] + super().stack_command()[1:]
 
 
 class Slirp4netns(NamespacePeer):

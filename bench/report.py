@@ -7,9 +7,9 @@ A record is one figure set from one repetition:
 import html
 import statistics
 
-PEERS = ["slipway", "slipway-plain", "pasta", "slirp4netns", "loopback"]
-OTHERS = ["slipway-plain", "pasta", "slirp4netns", "loopback"]
-COLORS = {"slipway": "#d9480f", "slipway-plain": "#f08c00", "pasta": "#1971c2",
+PEERS = ["slipway", "slipway-plain", "pasta", "pasta-2025", "slirp4netns", "loopback"]
+OTHERS = ["slipway-plain", "pasta", "pasta-2025", "slirp4netns", "loopback"]
+COLORS = {"slipway": "#d9480f", "slipway-plain": "#f08c00", "pasta": "#1971c2", "pasta-2025": "#7048e8",
           "slirp4netns": "#2f9e44", "loopback": "#868e96"}
 
 CASE_LABELS = {
@@ -20,8 +20,20 @@ CASE_LABELS = {
     "udp_g2h": "UDP guest→host",
     "crr": "TCP connect+request+response",
     "rr": "1-byte request/response RTT",
+    "connect": "TCP connect",
     "session": "stack process",
 }
+
+# The egress proxy's table: slipway through microsocks against its direct path.
+PROXY_FIGURES = [
+    ("tcp_g2h_P1", "gbps", "throughput", "Gbit/s", "higher", "{:.2f}"),
+    ("tcp_g2h_P4", "gbps", "throughput", "Gbit/s", "higher", "{:.2f}"),
+    ("tcp_h2g_P1", "gbps", "throughput", "Gbit/s", "higher", "{:.2f}"),
+    ("tcp_h2g_P4", "gbps", "throughput", "Gbit/s", "higher", "{:.2f}"),
+    ("crr", "cps", "rate", "conn/s", "higher", "{:.0f}"),
+    ("connect", "p50_us", "latency p50", "µs", "lower", "{:.0f}"),
+    ("connect", "p99_us", "latency p99", "µs", "lower", "{:.0f}"),
+]
 
 # (case, value key, what, unit, which way is better, format)
 FIGURES = [
@@ -76,6 +88,37 @@ def ratio(records, mtu, case, key, other):
     return (statistics.median(pairs) if pairs else None), len(pairs)
 
 
+def paired(records, mtu, case, key, a, b, how):
+    """Median over repetitions of how(a's figure, b's figure), same repetition."""
+    mine = _by_rep(records, a, mtu, case, key)
+    theirs = _by_rep(records, b, mtu, case, key)
+    vals = [how(v, theirs[rep]) for rep, v in mine.items() if rep in theirs]
+    return statistics.median(vals) if vals else None
+
+
+def proxy_table(records, mtus):
+    """slipway-socks (every TCP flow through microsocks) against slipway's
+    direct path, at the first MTU: the ratio, and for latencies the time added."""
+    mtu = mtus[0]
+    rows = []
+    for case, key, what, unit, better, form in PROXY_FIGURES:
+        if not _records(records, "slipway-socks", mtu, case):
+            continue
+        cells = [fmt_cell(records, p, mtu, case, key, form) for p in ("slipway", "slipway-socks")]
+        r = paired(records, mtu, case, key, "slipway-socks", "slipway",
+                   lambda v, w: (v / w) if w else float("inf"))
+        added = "—"
+        if unit == "µs":
+            d = paired(records, mtu, case, key, "slipway-socks", "slipway", lambda v, w: v - w)
+            added = f"{d:+.0f} µs" if d is not None else "—"
+        rows.append(f"| {CASE_LABELS[case]} — {what} | {mtu} | {better} | {unit} | "
+                    + " | ".join(cells) + f" | {fmt_ratio(r)} | {added} |")
+    if not rows:
+        return []
+    return ["| figure | MTU | better | unit | slipway (direct) | slipway-socks | socks ÷ direct "
+            "| added |", "|---|---:|---|---|---:|---:|---:|---:|"] + rows
+
+
 def fmt_ratio(r):
     if r is None:
         return "—"
@@ -119,13 +162,20 @@ def markdown(records, meta, mtus, notes):
             "are the same limit in both MTU sections. slipway-plain is slipway with "
             "`--offload false` (no virtio-net header: plain frames, no TSO), TCP throughput "
             "only; ÷ slipway-plain is what the tap offloads are worth. See bench/README.md.", ""]
-    head = ("| figure | MTU | better | unit | slipway | slipway-plain | pasta | slirp4netns | loopback "
-            "| ÷ slipway-plain | ÷ pasta | ÷ slirp4netns | ÷ loopback |")
-    out += [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| figure | MTU | better | unit | " + " | ".join(PEERS) + " | "
+            + " | ".join(f"÷ {o}" for o in OTHERS) + " |")
+    out += [head, "|---|---:|---|---|" + "---:|" * (len(PEERS) + len(OTHERS))]
     for label, mtu, case, key, unit, better, form in figure_rows(records, mtus):
         cells = [fmt_cell(records, p, mtu, case, key, form) for p in PEERS]
         ratios = [fmt_ratio(ratio(records, mtu, case, key, o)[0]) for o in OTHERS]
         out.append(f"| {label} | {mtu} | {better} | {unit} | " + " | ".join(cells + ratios) + " |")
+    proxy = proxy_table(records, mtus)
+    if proxy:
+        out += ["", "Egress proxy: slipway with every TCP flow through microsocks (SOCKS5, on the "
+                "host's loopback) against slipway's direct path, same repetition; the ratio is "
+                "socks ÷ direct, *added* the connect time the proxy's dial adds (TCP to the proxy, "
+                "greeting, CONNECT, the proxy's own connect). Stack CPU and memory are slipway's "
+                "only; microsocks's copy loop is part of the path.", ""] + proxy
     retrans = retransmit_table(records, mtus)
     if retrans:
         out += ["", "TCP segments retransmitted by the sending kernel (median per run; guest→host: "
@@ -141,13 +191,13 @@ def retransmit_table(records, mtus):
     for mtu in mtus:
         for case in ("tcp_g2h_P1", "tcp_g2h_P4"):
             cells = [fmt_cell(records, p, mtu, case, "retransmits", "{:.0f}") for p in PEERS]
-            if all(c == "—" for c in cells[:4]):
+            if all(c == "—" for c in cells[:-1]):
                 continue
             rows.append(f"| {CASE_LABELS[case]} | {mtu} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    return ["| case | MTU | slipway | slipway-plain | pasta | slirp4netns | loopback |",
-            "|---|---:|---:|---:|---:|---:|---:|"] + rows
+    return ["| case | MTU | " + " | ".join(PEERS) + " |",
+            "|---|---:|" + "---:|" * len(PEERS)] + rows
 
 
 # -- SVG ----------------------------------------------------------------
@@ -166,7 +216,7 @@ def svg(records, meta, mtus):
                 continue
             limit = cell(records, "loopback", mtu, case, key)[0]
             bars = []
-            for p in ("slipway", "slipway-plain", "pasta", "slirp4netns"):
+            for p in PEERS[:-1]:
                 med, n, ran = cell(records, p, mtu, case, key)
                 if ran == 0:
                     continue

@@ -9,15 +9,20 @@ use vmm_glue::transport::{FdOwner, OpenOptions};
 use vmm_glue::TransportError;
 
 use crate::cli::{AttachLink, IngressOpts, NetOpts, UsageError};
+use crate::rules::RuleOpts;
 use crate::{build, confine, prepare_ingress, public_url, runtime, Failure};
 
 pub fn attach(
     net: &NetOpts,
     ingress: &IngressOpts,
+    rules: &RuleOpts,
     confined: Option<confine::Plan>,
     (link, connect, peer): (AttachLink, bool, Option<PathBuf>),
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
+    let egress_proxy = net.egress_proxy(&policy)?;
+    let sandbox = ingress.sandbox_id.as_deref().unwrap_or("attach");
+    let (policy, injection) = rules.setup(policy, sandbox)?;
     let ingress = prepare_ingress(ingress)?;
     let spec = link.spec(connect, peer)?;
     // Confined in two steps around opening the link: vhost-user starts
@@ -42,7 +47,16 @@ pub fn attach(
     tracing::info!(link = %link.describe(), "serving");
     let rt = runtime()?;
     rt.block_on(async move {
-        let parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
+        let mut parked = Parked::new(Stack::new(cfg, policy, std::time::Instant::now()));
+        if let Some(p) = &egress_proxy {
+            tracing::info!(proxy = %p.address(), tls = p.tls().is_some(), "TCP flows go through the egress proxy");
+        }
+        parked.set_egress_proxy(egress_proxy);
+        if let Some(i) = &injection {
+            parked.set_interceptor(i.injector.interceptor());
+            tracing::info!(rules = i.injector.rules().keys().len(), ca_out = ?rules.ca_out,
+                "header rules: TLS to their names is intercepted with this sandbox's CA");
+        }
         if let Some((plan, listeners)) = ingress {
             public_url::start(plan, listeners, parked.handle())?;
         }

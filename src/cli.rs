@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use netstack::{EgressPolicy, PolicySpec, StackConfig};
+use netstack::{EgressPolicy, EgressProxy, PolicySpec, ProxyError, ProxySpec, Secret, StackConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +30,8 @@ pub enum Command {
     Run {
         #[command(flatten)]
         net: NetOpts,
+        #[command(flatten)]
+        rules: crate::rules::RuleOpts,
         #[command(flatten)]
         ingress: IngressOpts,
         #[command(flatten)]
@@ -59,6 +61,8 @@ pub enum Command {
         peer: Option<std::path::PathBuf>,
         #[command(flatten)]
         net: NetOpts,
+        #[command(flatten)]
+        rules: crate::rules::RuleOpts,
         #[command(flatten)]
         ingress: IngressOpts,
         #[command(flatten)]
@@ -147,6 +151,27 @@ pub struct NetOpts {
     /// filtering resolver [default: 8.8.8.8]; repeatable; `none` for no address.
     #[arg(long = "dns-server", value_name = "ADDR", value_delimiter = ',')]
     pub dns_server: Vec<String>,
+    /// Send every allowed TCP connection through this SOCKS5 proxy:
+    /// socks5://[user[:pass]@]host:port, or socks5+tls://… for TLS to it. The
+    /// password may come from SLIPWAY_EGRESS_PROXY_PASSWORD instead (not in argv).
+    #[arg(long = "egress-proxy", value_name = "URL")]
+    pub egress_proxy: Option<String>,
+    /// socks5+tls: the CA certificate(s), PEM, the proxy's certificate must
+    /// chain to; replaces the built-in (Mozilla) roots.
+    #[arg(
+        long = "egress-proxy-ca",
+        value_name = "FILE",
+        requires = "egress_proxy"
+    )]
+    pub egress_proxy_ca: Option<PathBuf>,
+    /// socks5+tls: the name the proxy's certificate is checked against, and the
+    /// SNI [default: the URL's host].
+    #[arg(
+        long = "egress-proxy-server-name",
+        value_name = "NAME",
+        requires = "egress_proxy"
+    )]
+    pub egress_proxy_server_name: Option<String>,
     /// IP MTU of the sandbox link (1280..=65520).
     #[arg(long, default_value_t = 65520, value_parser = clap::value_parser!(u32).range(1280..=65520))]
     pub mtu: u32,
@@ -222,6 +247,15 @@ pub struct IngressOpts {
     /// TLS private key (PEM) that goes with --tls-cert.
     #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// httpsPorts: the gateway speaks TLS to guest port N (the guest's certificate is not
+    /// verified; SNI is the Host the guest sees). Repeatable, or comma-separated.
+    #[arg(
+        long = "https-port",
+        value_name = "N",
+        requires = "ingress",
+        value_delimiter = ','
+    )]
+    pub https_port: Vec<u16>,
     /// Raw TCP forward from HOSTPORT on the gateway's address (127.0.0.1 without --ingress) to
     /// GUESTPORT; `:proxy-v2` first sends a PROXY protocol v2 header. Repeatable.
     #[arg(long = "forward", value_name = "tcp:HOSTPORT:GUESTPORT[:proxy-v2]")]
@@ -287,6 +321,8 @@ impl IngressOpts {
             ),
             _ => None,
         };
+        let https_ports = ingress::https_ports(&self.https_port)
+            .map_err(|e| UsageError(format!("invalid --https-port: {e}")))?;
         let forwards = self
             .forward
             .iter()
@@ -311,6 +347,7 @@ impl IngressOpts {
                 allow_public_traffic: self.public_traffic,
                 mask_request_host,
                 max_connections: self.max_inbound as usize,
+                https_ports,
             },
             forwards,
         }))
@@ -368,6 +405,25 @@ impl NetOpts {
         EgressPolicy::from_spec(&spec).map_err(|e| UsageError(e.to_string()))
     }
 
+    /// The egress proxy these flags ask for, validated; its address must be
+    /// outside the internal ranges `policy` keeps shut.
+    pub fn egress_proxy(&self, policy: &EgressPolicy) -> Result<Option<EgressProxy>, UsageError> {
+        let Some(url) = &self.egress_proxy else {
+            return Ok(None);
+        };
+        let spec = egress_proxy_spec(
+            url,
+            self.egress_proxy_ca.as_deref(),
+            self.egress_proxy_server_name.as_deref(),
+        )?;
+        let ca = self.egress_proxy_ca.as_deref();
+        let proxy = EgressProxy::new(spec).map_err(|e| proxy_usage(e, ca))?;
+        proxy
+            .check_address(policy)
+            .map_err(|e| proxy_usage(e, ca))?;
+        Ok(Some(proxy))
+    }
+
     /// The MTU to turn offloads on at, or `None` to leave them off.
     pub fn offload_mtu(&self) -> Option<usize> {
         self.offload.then_some(self.mtu as usize)
@@ -395,6 +451,55 @@ impl NetOpts {
             cfg.dns_servers = dns_servers(&self.dns_server)?;
         }
         Ok(cfg)
+    }
+}
+
+/// The environment variable that may hold the egress proxy's password.
+pub const PROXY_PASSWORD_ENV: &str = "SLIPWAY_EGRESS_PROXY_PASSWORD";
+
+/// `--egress-proxy URL [--egress-proxy-ca FILE] [--egress-proxy-server-name
+/// NAME]` as asked (also `slipway ctl`'s): the password from the URL or the
+/// environment, the CA read from its file.
+pub fn egress_proxy_spec(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    server_name: Option<&str>,
+) -> Result<ProxySpec, UsageError> {
+    let env_password = std::env::var(PROXY_PASSWORD_ENV).ok().map(Secret::new);
+    let mut spec = ProxySpec::from_url(url, env_password).map_err(|e| proxy_usage(e, ca))?;
+    let tls_flag = match (ca, server_name) {
+        (Some(_), _) => Some("--egress-proxy-ca"),
+        (None, Some(_)) => Some("--egress-proxy-server-name"),
+        (None, None) => None,
+    };
+    match (&mut spec.tls, tls_flag) {
+        (None, Some(flag)) => {
+            return Err(proxy_usage(ProxyError::TlsOptionWithoutTls(flag), ca));
+        }
+        (Some(tls), _) => {
+            tls.server_name = server_name.map(str::to_string);
+            if let Some(path) = ca {
+                let pem = std::fs::read_to_string(path).map_err(|e| {
+                    UsageError(format!(
+                        "cannot read --egress-proxy-ca {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                tls.ca_pem = Some(Secret::new(pem));
+            }
+        }
+        (None, None) => {}
+    }
+    Ok(spec)
+}
+
+/// A refused egress proxy setting, naming the CA file when it is at fault.
+fn proxy_usage(e: ProxyError, ca: Option<&std::path::Path>) -> UsageError {
+    match (&e, ca) {
+        (ProxyError::InvalidCa(_), Some(path)) => {
+            UsageError(format!("{e} (--egress-proxy-ca {})", path.display()))
+        }
+        _ => UsageError(e.to_string()),
     }
 }
 

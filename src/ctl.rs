@@ -13,6 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use vmm_glue::TransportSpec;
 
+use crate::cli::UsageError;
 use crate::serve::api::transport_json;
 
 #[derive(Args, Debug)]
@@ -44,12 +45,17 @@ pub enum CtlCommand {
         /// maskRequestHost: the Host the guest sees, ${PORT} standing for the port.
         #[arg(long = "mask-request-host", value_name = "HOST")]
         mask_request_host: Option<String>,
+        /// httpsPorts: the gateway speaks TLS to guest port N (certificate not verified).
+        /// Repeatable, or comma-separated.
+        #[arg(long = "https-port", value_name = "N", value_delimiter = ',')]
+        https_port: Vec<u16>,
     },
     /// List the sandboxes (GET /sandboxes).
     List,
     /// Show one sandbox with its counters (GET /sandboxes/ID).
     Get { id: String },
-    /// Replace a sandbox's egress rules whole (PUT /sandboxes/ID/network); flows they deny are reset.
+    /// Replace a sandbox's egress rules whole (PUT /sandboxes/ID/network): what is not given
+    /// goes back to its default; flows the new rules deny are reset.
     SetNetwork {
         id: String,
         #[command(flatten)]
@@ -59,6 +65,28 @@ pub enum CtlCommand {
     RotateToken { id: String },
     /// Tear a sandbox down (DELETE /sandboxes/ID): flows reset, everything freed.
     Delete { id: String },
+    /// Print a sandbox's CA certificate, PEM (GET /sandboxes/ID/ca.pem).
+    Ca { id: String },
+    /// Set or replace a secret for header rules (PUT /secrets/NAME); the
+    /// value comes from a file or a variable, never the command line.
+    SecretPut {
+        name: String,
+        /// `@FILE` or `env:VAR`.
+        #[arg(value_name = "@FILE|env:VAR")]
+        from: String,
+    },
+    /// List the secrets' names (GET /secrets); values are never shown.
+    Secrets,
+    /// Forget a secret no sandbox's rules use (DELETE /secrets/NAME).
+    SecretDelete { name: String },
+}
+
+/// What a request carries.
+enum Body {
+    None,
+    Json(serde_json::Value),
+    /// A secret's value: wiped once sent.
+    Raw(zeroize::Zeroizing<Vec<u8>>),
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +120,91 @@ pub struct EgressArgs {
     /// allowInternetAccess = false.
     #[arg(long = "no-internet")]
     no_internet: bool,
+    /// dnsServers: with names in --allow-out, DNS to ADDR:53 is answered by the filtering
+    /// resolver (IPv4, at most 10) [default: 8.8.8.8]; repeatable or comma-separated;
+    /// `none` for no address.
+    #[arg(long = "dns-server", value_name = "ADDR", value_delimiter = ',')]
+    dns_server: Vec<String>,
+    /// egressProxy: socks5://[user[:pass]@]host:port or socks5+tls://… (the
+    /// password may come from SLIPWAY_EGRESS_PROXY_PASSWORD instead).
+    #[arg(long = "egress-proxy", value_name = "URL")]
+    egress_proxy: Option<String>,
+    /// egressProxy.tls.caCert: read from FILE (PEM).
+    #[arg(
+        long = "egress-proxy-ca",
+        value_name = "FILE",
+        requires = "egress_proxy"
+    )]
+    egress_proxy_ca: Option<PathBuf>,
+    /// egressProxy.tls.serverName.
+    #[arg(
+        long = "egress-proxy-server-name",
+        value_name = "NAME",
+        requires = "egress_proxy"
+    )]
+    egress_proxy_server_name: Option<String>,
+    /// rules: give HTTPS requests to NAME the header; the value may hold
+    /// ${e2b.secrets.X}. One header per flag; repeat NAME for more.
+    #[arg(long = "header-rule", value_name = "NAME=Header: value")]
+    header_rule: Vec<String>,
+}
+
+impl EgressArgs {
+    /// E2B's `rules` object, or null when there are none.
+    fn rules(&self) -> Result<serde_json::Value, UsageError> {
+        if self.header_rule.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        inject::HeaderRules::from_flags(&self.header_rule)
+            .map(|r| r.to_json())
+            .map_err(|e| UsageError(e.to_string()))
+    }
+
+    /// `dnsServers` as the API takes it: absent without the flag (the
+    /// default), `[]` for `none`; the server checks the addresses.
+    fn dns_servers(&self) -> Option<Vec<String>> {
+        match self.dns_server.as_slice() {
+            [] => None,
+            [only] if only.trim() == "none" => Some(Vec::new()),
+            many => Some(many.to_vec()),
+        }
+    }
+
+    /// E2B's `egressProxy` object for the flags, or null. Checked by the
+    /// server; here only the URL is taken apart and the CA file read.
+    fn egress_proxy(&self) -> Result<serde_json::Value, UsageError> {
+        use serde_json::json;
+        let Some(url) = &self.egress_proxy else {
+            return Ok(serde_json::Value::Null);
+        };
+        let spec = crate::cli::egress_proxy_spec(
+            url,
+            self.egress_proxy_ca.as_deref(),
+            self.egress_proxy_server_name.as_deref(),
+        )?;
+        let mut v = json!({ "address": spec.address });
+        if let Some(u) = spec.username {
+            v["username"] = u.into();
+        }
+        if let Some(p) = spec.password {
+            v["password"] = p.expose().into();
+        }
+        if let Some(tls) = spec.tls {
+            let mut t = json!({});
+            if let Some(n) = tls.server_name {
+                t["serverName"] = n.into();
+            }
+            if let Some(ca) = tls.ca_pem {
+                t["caCert"] = ca.expose().into();
+            }
+            v["tls"] = if t.as_object().is_some_and(|o| o.is_empty()) {
+                true.into()
+            } else {
+                t
+            };
+        }
+        Ok(v)
+    }
 }
 
 impl TransportArgs {
@@ -122,15 +235,16 @@ impl TransportArgs {
 
 impl CtlCommand {
     /// The request this command makes.
-    fn request(&self) -> (Method, String, Option<serde_json::Value>) {
+    fn request(&self) -> Result<(Method, String, Body), UsageError> {
         use serde_json::json;
-        match self {
+        Ok(match self {
             CtlCommand::Create {
                 id,
                 transport,
                 egress,
                 public_traffic,
                 mask_request_host,
+                https_port,
             } => {
                 let t = transport
                     .spec()
@@ -143,34 +257,89 @@ impl CtlCommand {
                         "denyOut": egress.deny_out,
                         "allowPublicTraffic": public_traffic,
                         "maskRequestHost": mask_request_host,
+                        "httpsPorts": https_port,
+                        "egressProxy": egress.egress_proxy()?,
+                        "rules": egress.rules()?,
                     },
                 });
+                if let Some(servers) = egress.dns_servers() {
+                    body["network"]["dnsServers"] = servers.into();
+                }
                 if let Some(id) = id {
                     body["sandboxID"] = id.clone().into();
                 }
-                (Method::POST, "/sandboxes".into(), Some(body))
+                (Method::POST, "/sandboxes".into(), Body::Json(body))
             }
-            CtlCommand::List => (Method::GET, "/sandboxes".into(), None),
-            CtlCommand::Get { id } => (Method::GET, format!("/sandboxes/{}", escape(id)), None),
-            CtlCommand::SetNetwork { id, egress } => (
-                Method::PUT,
-                format!("/sandboxes/{}/network", escape(id)),
-                Some(json!({
-                    "allowInternetAccess": !egress.no_internet,
+            CtlCommand::List => (Method::GET, "/sandboxes".into(), Body::None),
+            CtlCommand::Get { id } => (
+                Method::GET,
+                format!("/sandboxes/{}", escape(id)),
+                Body::None,
+            ),
+            CtlCommand::SetNetwork { id, egress } => {
+                // E2B's update shape; what is left out goes back to its default.
+                let mut body = json!({
+                    "allow_internet_access": !egress.no_internet,
                     "allowOut": egress.allow_out,
                     "denyOut": egress.deny_out,
-                })),
-            ),
+                    "egressProxy": egress.egress_proxy()?,
+                    "rules": egress.rules()?,
+                });
+                if let Some(servers) = egress.dns_servers() {
+                    body["dnsServers"] = servers.into();
+                }
+                (
+                    Method::PUT,
+                    format!("/sandboxes/{}/network", escape(id)),
+                    Body::Json(body),
+                )
+            }
             CtlCommand::RotateToken { id } => (
                 Method::POST,
                 format!("/sandboxes/{}/token", escape(id)),
-                None,
+                Body::None,
             ),
-            CtlCommand::Delete { id } => {
-                (Method::DELETE, format!("/sandboxes/{}", escape(id)), None)
+            CtlCommand::Delete { id } => (
+                Method::DELETE,
+                format!("/sandboxes/{}", escape(id)),
+                Body::None,
+            ),
+            CtlCommand::Ca { id } => (
+                Method::GET,
+                format!("/sandboxes/{}/ca.pem", escape(id)),
+                Body::None,
+            ),
+            CtlCommand::SecretPut { name, from } => {
+                let (value, _) = crate::rules::secret_source(from).map_err(|why| {
+                    UsageError(format!("secret-put {}: {why}", escape_name(name)))
+                })?;
+                (
+                    Method::PUT,
+                    format!("/secrets/{}", escape_name(name)),
+                    Body::Raw(zeroize::Zeroizing::new(value)),
+                )
             }
-        }
+            CtlCommand::Secrets => (Method::GET, "/secrets".into(), Body::None),
+            CtlCommand::SecretDelete { name } => (
+                Method::DELETE,
+                format!("/secrets/{}", escape_name(name)),
+                Body::None,
+            ),
+        })
     }
+}
+
+/// A secret's name in the path: `_` and `.` as well.
+fn escape_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Ids go into the path as given; anything outside a-z0-9- is escaped so the
@@ -197,7 +366,13 @@ pub fn main(args: CtlArgs) -> ExitCode {
         .token
         .clone()
         .or_else(|| std::env::var("SLIPWAY_CONTROL_TOKEN").ok());
-    let (method, path, body) = args.command.request();
+    let (method, path, body) = match args.command.request() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("slipway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -270,7 +445,7 @@ async fn call(
     token: Option<&str>,
     method: Method,
     path: &str,
-    body: Option<serde_json::Value>,
+    body: Body,
 ) -> Result<(StatusCode, Bytes), CtlError> {
     let at = || socket.to_owned();
     let stream = tokio::net::UnixStream::connect(socket)
@@ -295,11 +470,13 @@ async fn call(
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let body = match body {
-        Some(v) => {
+        Body::Json(v) => {
             req = req.header("content-type", "application/json");
             Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
         }
-        None => Bytes::new(),
+        // The buffer is wiped when the request is done with it.
+        Body::Raw(v) => Bytes::from_owner(v),
+        Body::None => Bytes::new(),
     };
     let req = req.body(Full::new(body)).map_err(CtlError::Build)?;
     let resp = sender

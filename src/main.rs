@@ -12,6 +12,7 @@ mod ctl;
 mod door;
 mod edge;
 mod public_url;
+mod rules;
 mod run;
 mod serve;
 
@@ -32,26 +33,35 @@ fn main() -> ExitCode {
     // Every flow holds a host socket: lift the soft descriptor limit to the
     // hard one so the per-sandbox flow caps, not a default of 1024, bound it.
     vmm_glue::sys::raise_fd_limit();
+    vmm_glue::sys::tune_allocator();
     match cli.command {
         Command::Run {
             net,
             ingress,
+            rules,
             confine,
             command,
-        } => exit_with(run::run(&net, &ingress, confine.confine, &command)),
+        } => exit_with(run::run(&net, &ingress, &rules, confine.confine, &command)),
         Command::Attach {
             link,
             connect,
             peer,
             net,
             ingress,
+            rules,
             confine,
         } => {
             init_logging(&net, "info");
             let plan = confine
                 .confine
                 .then(|| confine::modes::attach(&link, connect));
-            exit_with(attach::attach(&net, &ingress, plan, (link, connect, peer)))
+            exit_with(attach::attach(
+                &net,
+                &ingress,
+                &rules,
+                plan,
+                (link, connect, peer),
+            ))
         }
         Command::Serve(args) => serve::main(args),
         Command::Edge(args) => edge::main(args),
@@ -85,6 +95,14 @@ pub enum Failure {
     Transport(#[from] vmm_glue::TransportError),
     #[error(transparent)]
     PublicUrl(#[from] public_url::PublicUrlError),
+    #[error(transparent)]
+    Ca(#[from] inject::CaError),
+    #[error("cannot write the sandbox's CA certificate to {path}")]
+    CaOut {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start the runtime")]
     Runtime(#[source] io::Error),
     #[error("cannot serve the tap")]

@@ -7,15 +7,27 @@ use netstack::Stack;
 use vmm_glue::netns::{self, GuestNetConfig};
 
 use crate::cli::{IngressOpts, NetOpts};
+use crate::rules::RuleOpts;
 use crate::{build, confine, init_logging, prepare_ingress, public_url, runtime, Failure};
+
+/// Variables that point TLS clients at the sandbox's bundle (OpenSSL and
+/// what reads its variable, Python's requests, Node's extra CAs).
+const CA_VARIABLES: [&str; 3] = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"];
 
 pub fn run(
     net: &NetOpts,
     ingress: &IngressOpts,
+    rules: &RuleOpts,
     confined: bool,
     command: &[std::ffi::OsString],
 ) -> Result<u8, Failure> {
     let (cfg, policy) = build(net, ingress)?;
+    let egress_proxy = net.egress_proxy(&policy)?;
+    // The command must not learn the proxy's password: it would inherit the
+    // variable that may hold it. No thread exists yet.
+    std::env::remove_var(crate::cli::PROXY_PASSWORD_ENV);
+    let sandbox = ingress.sandbox_id.as_deref().unwrap_or("run");
+    let (policy, injection) = rules.setup(policy, sandbox)?;
     let ingress = prepare_ingress(ingress)?;
     init_logging(net, "warn");
     let plan = &cfg.plan;
@@ -30,7 +42,17 @@ pub fn run(
         gateway_v6: plan.gateway_v6_link_local,
         nameservers: vec![plan.dns_v4.into(), plan.dns_v6.into()],
         vnet_hdr: net.offload,
+        ca_bundle: injection.as_ref().map(|i| ca_bundle(i.injector.ca_pem())),
+        hidden_files: injection
+            .as_ref()
+            .map_or_else(Vec::new, |i| i.secret_files.clone()),
     };
+    if injection.is_some() {
+        // Still one thread: the command inherits these at its exec.
+        for var in CA_VARIABLES {
+            std::env::set_var(var, netns::CA_BUNDLE);
+        }
+    }
     // Fork before any thread exists: the runtime comes after.
     let netns::Sandboxed { pid, tap, gate } = netns::spawn(&guest, command)?;
     let tap = vmm_glue::transport::offload(tap, net.offload_mtu());
@@ -42,7 +64,11 @@ pub fn run(
     let rt = runtime()?;
     let code = rt.block_on(async move {
         let stack = Stack::new(cfg, policy, std::time::Instant::now());
-        let driver = Driver::new(stack, tap).map_err(Failure::ServeTap)?;
+        let mut driver = Driver::new(stack, tap).map_err(Failure::ServeTap)?;
+        driver.set_egress_proxy(egress_proxy);
+        if let Some(i) = &injection {
+            driver.set_interceptor(i.injector.interceptor());
+        }
         if let Some((plan, listeners)) = ingress {
             public_url::start(plan, listeners, driver.handle())?;
         }
@@ -72,6 +98,18 @@ pub fn run(
         }
     });
     code
+}
+
+/// The host's CA bundle (when it has one) plus the sandbox's CA, for the
+/// command's TLS clients to trust both.
+fn ca_bundle(sandbox_ca: &str) -> Vec<u8> {
+    let mut bundle = std::fs::read(netns::CA_BUNDLE).unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(b"# slipway: this sandbox's CA (header rules)\n");
+    bundle.extend_from_slice(sandbox_ca.as_bytes());
+    bundle
 }
 
 /// SIGTERM, SIGINT and SIGHUP to slipway go on to the command.

@@ -444,12 +444,15 @@ impl Node {
 }
 
 /// What a guest runs on port 8000.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Server {
     /// serve_guest.py: "hello from <id>@<node>".
     Ident,
     /// ingress_guest.py: /headers, /sse, /ws, /upload.
     Web,
+    /// ingress_guest.py, and the same over TLS on 8443 with this
+    /// certificate and key.
+    WebTls(PathBuf, PathBuf),
 }
 
 /// A guest: the kernel of a namespace of its own, behind a node's tap.
@@ -482,11 +485,21 @@ impl Guest {
     fn serve(&self, server: Server, name: &str) {
         let script = match server {
             Server::Ident => IDENT_GUEST,
-            Server::Web => WEB_GUEST,
+            Server::Web | Server::WebTls(..) => WEB_GUEST,
+        };
+        let tls = match &server {
+            Server::WebTls(cert, key) => vec![
+                "--tls-cert".into(),
+                cert.clone().into_os_string(),
+                "--tls-key".into(),
+                key.clone().into_os_string(),
+            ],
+            _ => Vec::new(),
         };
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "python3", script])
             .args(matches!(server, Server::Ident).then_some(name))
+            .args(tls)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -735,9 +748,39 @@ fn requests_through_the_edge_reach_guests_on_two_nodes_with_everything_the_gatew
         Server::Web,
     );
     let (_few, _) = b.sandbox(&w, "few", &[], Server::Web);
+    // httpsPorts: the guest serves TLS on 8443 with a self-signed
+    // certificate; the edge speaks TLS to it through the tunnel.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["guest.internal".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_pem, key_pem) = (w.dir.join("guest-cert.pem"), w.dir.join("guest-key.pem"));
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let (_sec, _) = a.sandbox(
+        &w,
+        "sec",
+        &["--https-port", "8443"],
+        Server::WebTls(cert_pem, key_pem),
+    );
     let token = created["trafficAccessToken"].as_str().unwrap().to_string();
-    plain.wait_routes(&w, 4, Duration::from_secs(5));
-    tls.wait_routes(&w, 4, Duration::from_secs(5));
+    plain.wait_routes(&w, 5, Duration::from_secs(5));
+    tls.wait_routes(&w, 5, Duration::from_secs(5));
+    let out = sh(
+        &w,
+        &format!(
+            "curl -sS --max-time 20 -H 'Host: 8443-sec.{DOMAIN}' http://127.0.0.1:{}/headers",
+            plain.port
+        ),
+    );
+    assert!(
+        out.contains(&format!(
+            r#""tls": {{"sni": "8443-sec.{DOMAIN}", "alpn": "http/1.1"}}"#
+        )),
+        "{out}\n{}",
+        plain.proc.log()
+    );
 
     // One on node B, one on node A.
     let (code, body) = plain.get(&w, "hello", "/", "");
@@ -900,7 +943,7 @@ fn requests_through_the_edge_reach_guests_on_two_nodes_with_everything_the_gatew
     ] {
         assert!(metric(&m, series).unwrap_or(0.0) >= 1.0, "{series}: {m}");
     }
-    assert_eq!(metric(&m, "slipway_edge_routes"), Some(4.0), "{m}");
+    assert_eq!(metric(&m, "slipway_edge_routes"), Some(5.0), "{m}");
     // The edge confined itself: no capability, no_new_privs, seccomp.
     let status = std::fs::read_to_string(format!("/proc/{}/status", plain.proc.pid())).unwrap();
     for want in ["NoNewPrivs:\t1", "Seccomp:\t2", "CapEff:\t0000000000000000"] {

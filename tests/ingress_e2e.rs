@@ -31,13 +31,21 @@ struct Sandbox {
 
 impl Sandbox {
     fn start(w: &World, args: &[&str], blob: Option<&std::path::Path>) -> Sandbox {
+        let blob = blob.map(|b| b.to_string_lossy().into_owned());
+        let guest_args: Vec<&str> = match &blob {
+            Some(b) => vec!["--blob", b],
+            None => vec![],
+        };
+        Self::start_guest(w, args, &guest_args)
+    }
+
+    /// `slipway run ARGS -- python3 ingress_guest.py GUEST_ARGS`.
+    fn start_guest(w: &World, args: &[&str], guest_args: &[&str]) -> Sandbox {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &w.name, common::slipway(), "run"])
             .args(args)
-            .args(["--", "python3", GUEST]);
-        if let Some(b) = blob {
-            cmd.arg("--blob").arg(b);
-        }
+            .args(["--", "python3", GUEST])
+            .args(guest_args);
         let mut child = cmd
             .env("SLIPWAY_LOG", "slipway::ingress=info,warn")
             .stdin(Stdio::null())
@@ -317,7 +325,9 @@ fn every_row_of_the_status_table() {
     );
     assert_eq!(code, 502);
     assert!(
-        page.starts_with("<!doctype html>") && page.contains("nothing listens on port 8001"),
+        page.starts_with("<!doctype html>")
+            && page.contains("The sandbox is running but port is not open")
+            && page.contains("port_not_open · sandbox rows1 · port 8001"),
         "{page}"
     );
     let (_, _, page) = curl(
@@ -327,12 +337,17 @@ fn every_row_of_the_status_table() {
         "-H 'Accept: text/html'",
         "/",
     );
-    assert!(page.contains("The sandbox nosuch was not found"), "{page}");
+    assert!(
+        page.contains("The sandbox was not found") && page.contains("sandbox nosuch"),
+        "{page}"
+    );
 
     // 429 over the sandbox's cap of 3 connections; the cap frees again.
     let held = client(&w, "hold 127.0.0.1 18080 8000-rows1.slipway.test 3");
     assert!(
-        held.starts_with("held 3 extra 429") && held.contains("too_many_connections"),
+        held.starts_with("held 3 extra 429")
+            && held.contains("too_many_connections")
+            && held.contains("The sandbox has too many concurrent incoming connections (limit: 3)"),
         "{held}\n{}",
         sb.log()
     );
@@ -411,9 +426,17 @@ fn private_sandbox_needs_its_token_over_tls_and_sees_a_masked_host() {
     let (code, _, body) = https("", "/headers");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("missing_traffic_access_token"), "{body}");
+    assert!(
+        body.contains("Token header 'e2b-traffic-access-token' is missing"),
+        "{body}"
+    );
     let (code, _, body) = https("-H 'e2b-traffic-access-token: guess'", "/headers");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("invalid_traffic_access_token"), "{body}");
+    assert!(
+        body.contains("Provided token in header 'e2b-traffic-access-token' is invalid"),
+        "{body}"
+    );
 
     let with_token = format!("-H 'e2b-traffic-access-token: {token}'");
     let (code, version, body) = https(&with_token, "/headers");
@@ -451,6 +474,126 @@ fn private_sandbox_needs_its_token_over_tls_and_sees_a_masked_host() {
         "/headers",
     );
     assert_eq!(code, 200);
+}
+
+/// A self-signed certificate for the guest's own HTTPS server, made now.
+fn guest_certificate(dir: &std::path::Path) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["guest.internal".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    std::fs::write(path("guest-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("guest-key.pem"), key.serialize_pem()).unwrap();
+    (path("guest-cert.pem"), path("guest-key.pem"))
+}
+
+#[test]
+fn https_ports_reach_a_guest_https_server_with_a_self_signed_certificate() {
+    require_world!();
+    let w = World::new();
+    let (cert, key) = guest_certificate(&w.dir);
+    let guest_tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    let sb = Sandbox::start_guest(
+        &w,
+        &[
+            "--ingress",
+            "127.0.0.1:18090",
+            "--sandbox-id",
+            "tls1",
+            "--domain",
+            DOMAIN,
+            "--https-port",
+            "8443",
+        ],
+        &guest_tls,
+    );
+    let host = format!("8443-tls1.{DOMAIN}:18090");
+    // The public side is unchanged: HTTP/1.1 and h2c to the client, TLS to the guest.
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2-prior-knowledge", "2")] {
+        let (code, got, body) = curl(&w, 18090, &host, flag, "/headers");
+        assert_eq!((code, got.as_str()), (200, version), "{body}\n{}", sb.log());
+        // SNI is the Host the guest sees, without the port; only http/1.1 was offered.
+        assert!(
+            body.contains(r#""tls": {"sni": "8443-tls1.slipway.test", "alpn": "http/1.1"}"#),
+            "{body}"
+        );
+        assert!(
+            seen_headers(&body).contains(&format!("host: {host}")),
+            "{body}"
+        );
+    }
+    // The header form with an IP literal as Host: no SNI at all.
+    let (code, _, body) = curl(
+        &w,
+        18090,
+        "127.0.0.1:18090",
+        "-H 'E2b-Sandbox-Id: tls1' -H 'E2b-Sandbox-Port: 8443'",
+        "/headers",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""sni": null"#), "{body}");
+    // A WebSocket rides the guest's TLS too; plain port 8000 stays plain.
+    let ws = client(&w, &format!("ws 127.0.0.1 18090 {host}"));
+    assert_eq!(ws.trim(), "ws-ok");
+    let (code, _, body) = curl(&w, 18090, &format!("8000-tls1.{DOMAIN}"), "", "/headers");
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("\"tls\""), "{body}");
+    drop(sb);
+
+    // The same guest port without --https-port: plain HTTP to a TLS server, as before.
+    let _sb = Sandbox::start_guest(
+        &w,
+        &[
+            "--ingress",
+            "127.0.0.1:18091",
+            "--sandbox-id",
+            "tls2",
+            "--domain",
+            DOMAIN,
+        ],
+        &guest_tls,
+    );
+    let (code, _, body) = curl(&w, 18091, &format!("8443-tls2.{DOMAIN}"), "", "/headers");
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("\"error\":\"bad_upstream_response\""),
+        "{body}"
+    );
+}
+
+#[test]
+fn https_port_needs_ingress_and_a_real_port() {
+    let run = |args: &[&str]| {
+        Command::new(common::slipway())
+            .arg("run")
+            .args(args)
+            .args(["--", "true"])
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--https-port", "443"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ingress"),
+        "{out:?}"
+    );
+    for (args, want) in [
+        (
+            ["--https-port", "0"],
+            "invalid --https-port: invalid HTTPS port 0: give a port from 1 to 65535",
+        ),
+        (
+            ["--https-port", "443,443"],
+            "invalid --https-port: HTTPS port 443 is given twice",
+        ),
+    ] {
+        let out = run(&[&["--ingress", "127.0.0.1:0"][..], &args[..]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim(), format!("slipway: {want}"));
+    }
 }
 
 #[test]

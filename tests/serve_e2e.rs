@@ -30,6 +30,10 @@ const HOSTILE: &str = concat!(
     "/tests/support/hostile_guest.py"
 );
 const DNS_ASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/dns_ask.py");
+const INGRESS_GUEST: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/support/ingress_guest.py"
+);
 
 /// The flood test measures throughput: the microVM tests (TCG burns CPUs)
 /// do not run beside it.
@@ -322,6 +326,56 @@ fn bad_requests_get_their_code_and_message_and_leave_nothing_behind() {
             create(
                 "a",
                 &format!(
+                    r#"{}, "network": {{"dnsServers": ["192.0.2.53", "2001:db8::53"]}}"#,
+                    dgram("a.sock")
+                ),
+            ),
+            400,
+            "invalid DNS server 2001:db8::53",
+            "network.dnsServers",
+        ),
+        (
+            create(
+                "a",
+                &format!(
+                    r#"{}, "network": {{"dnsServers": [{}]}}"#,
+                    dgram("a.sock"),
+                    ["\"192.0.2.53\""; 11].join(",")
+                ),
+            ),
+            400,
+            "too many DNS servers (11): give at most 10",
+            "network.dnsServers",
+        ),
+        (
+            create(
+                "a",
+                &format!(
+                    r#"{}, "network": {{"httpsPorts": [443, 70000]}}"#,
+                    dgram("a.sock")
+                ),
+            ),
+            400,
+            "invalid HTTPS port 70000: give a port from 1 to 65535",
+            "network.httpsPorts",
+        ),
+        (
+            create(
+                "a",
+                &format!(
+                    r#"{}, "network": {{"rules": {{"api.example.test": [{{"transform": {{"headers": {{"X-Key": "v"}}}}}}]}}}}"#,
+                    dgram("a.sock")
+                ),
+            ),
+            400,
+            // A rule applies to names allowed by name only: here none is.
+            "rules for api.example.test: it covers no name allowOut allows by name",
+            "network.rules",
+        ),
+        (
+            create(
+                "a",
+                &format!(
                     r#""transport": {{"qemuDgram": "{}"}}"#,
                     serve.config.display()
                 ),
@@ -446,6 +500,25 @@ fn bad_requests_get_their_code_and_message_and_leave_nothing_behind() {
         String::from_utf8_lossy(&out.stderr).trim(),
         "slipway: invalid denied CIDR 192.0.2.0/40 (400 Bad Request)"
     );
+    for (flag, value, message) in [
+        (
+            "--dns-server",
+            "2001:db8::53",
+            "invalid DNS server 2001:db8::53",
+        ),
+        (
+            "--https-port",
+            "0",
+            "invalid HTTPS port 0: give a port from 1 to 65535",
+        ),
+    ] {
+        let out = serve.ctl(&["create", "c", "--qemu-dgram", &sock("c.sock"), flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            format!("slipway: {message} (400 Bad Request)")
+        );
+    }
     let out = serve.ctl(&["get", "nope"]);
     assert_eq!(out.status.code(), Some(2));
     serve.ctl_ok(&["delete", "a"]);
@@ -1473,5 +1546,346 @@ fn a_sandbox_with_names_filters_its_dns_and_counts_it() {
     );
     // The world's resolver answers world.test with 192.0.2.1: pinned.
     assert_eq!(guest.probe("tcp", "192.0.2.1", 80), "connected");
-    assert_eq!(guest.probe("tcp", "198.51.100.1", 80), "ECONNREFUSED");
+    // Another address: the stack takes the connection to read a name from
+    // its first bytes, finds none in the echo probe's, and resets it.
+    let other = guest.probe("tcp-echo", "198.51.100.1", 7);
+    assert!(
+        ["ECONNRESET", "ENOTCONN", "EPIPE"].contains(&other.as_str()),
+        "{other}: {}",
+        serve.log()
+    );
+}
+
+/// E2B's network object verbatim (every field but egressProxy) through
+/// serve's API, PUTs that leave fields out, GET after each; a PUT of
+/// dnsServers changes, live, which addresses the filtering resolver answers
+/// at; and httpsPorts through serve's gateway to the guest's own TLS server.
+#[test]
+fn an_e2b_network_body_round_trips_and_dns_servers_change_live() {
+    require_world!();
+    let w = World::new();
+    let serve = world_serve(&w, 19180, "");
+    let body = serde_json::json!({
+        "sandboxID": "e2b",
+        "transport": {"tap": "swe2b"},
+        "allow_internet_access": false,
+        "network": {
+            "allowOut": ["world.test", "198.51.100.0/24"],
+            "denyOut": ["203.0.113.0/24"],
+            "dnsServers": ["192.0.2.97"],
+            "rules": {},
+            "allowPublicTraffic": false,
+            "maskRequestHost": "localhost:${PORT}",
+            "httpsPorts": [8443],
+        },
+    })
+    .to_string();
+    let (status, reply) = serve.api("POST", "/sandboxes", Some(&body), None);
+    assert_eq!(status, 201, "{reply}");
+    let created = json(&reply);
+    let token = created["trafficAccessToken"].as_str().unwrap().to_string();
+    let network = |dns: &[&str], allow: &[&str], deny: &[&str]| {
+        serde_json::json!({
+            "allowOut": allow,
+            "denyOut": deny,
+            "dnsServers": dns,
+            "allowPublicTraffic": false,
+            "maskRequestHost": "localhost:${PORT}",
+            "httpsPorts": [8443],
+        })
+    };
+    let first = network(
+        &["192.0.2.97"],
+        &["world.test", "198.51.100.0/24"],
+        &["203.0.113.0/24"],
+    );
+    assert_eq!(created["network"], first, "{reply}");
+    assert_eq!(created["allowInternetAccess"], false);
+    let get = || serve.ctl_ok(&["get", "e2b"]);
+    assert_eq!(get()["network"], first);
+    let guest = Guest::adopt(&w, "e2b", "swe2b");
+    let ask = |server: &str, name: &str| {
+        let out = guest.sh(&format!("python3 {DNS_ASK} {server} {name} 2"));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The listed address is the filtering resolver; another is no destination.
+    assert_eq!(
+        ask("192.0.2.97", "world.test"),
+        "dns-server world.test rcode=0 answers=1 from=192.0.2.97",
+        "{}",
+        serve.log()
+    );
+    assert!(ask("192.0.2.97", "blocked.test").contains("rcode=3"));
+    assert_eq!(
+        ask("192.0.2.98", "world.test"),
+        "dns-server world.test timeout"
+    );
+
+    // E2B's PUT: allow_internet_access left out is true again; the public
+    // fields stay the create's.
+    let (status, reply) = serve.api(
+        "PUT",
+        "/sandboxes/e2b/network",
+        Some(r#"{"allowOut": ["world.test"], "denyOut": ["ALL_TRAFFIC"], "dnsServers": ["192.0.2.98"]}"#),
+        None,
+    );
+    assert_eq!(status, 204, "{reply}");
+    let v = get();
+    assert_eq!(v["allowInternetAccess"], true, "{v}");
+    assert_eq!(
+        v["network"],
+        network(&["192.0.2.98"], &["world.test"], &["ALL_TRAFFIC"])
+    );
+    assert_eq!(
+        ask("192.0.2.98", "world.test"),
+        "dns-server world.test rcode=0 answers=1 from=192.0.2.98",
+        "{}",
+        serve.log()
+    );
+    assert_eq!(
+        ask("192.0.2.97", "world.test"),
+        "dns-server world.test timeout"
+    );
+    // dnsServers left out: back to the default, 8.8.8.8; denyOut left out: [].
+    let (status, reply) = serve.api(
+        "PUT",
+        "/sandboxes/e2b/network",
+        Some(r#"{"allowOut": ["world.test"], "allow_internet_access": false}"#),
+        None,
+    );
+    assert_eq!(status, 204, "{reply}");
+    let v = get();
+    assert_eq!(v["allowInternetAccess"], false, "{v}");
+    assert_eq!(v["network"], network(&["8.8.8.8"], &["world.test"], &[]));
+    let answer = ask("8.8.8.8", "world.test");
+    assert!(
+        answer.contains("rcode=0 answers=1 from=8.8.8.8"),
+        "{answer}"
+    );
+    // ctl says the same: `none` is no address at all.
+    serve.ctl_ok(&[
+        "set-network",
+        "e2b",
+        "--no-internet",
+        "--allow-out",
+        "world.test",
+        "--dns-server",
+        "none",
+    ]);
+    assert_eq!(get()["network"]["dnsServers"], serde_json::json!([]));
+    assert_eq!(
+        ask("8.8.8.8", "world.test"),
+        "dns-server world.test timeout"
+    );
+    // Refused, and nothing changed: rules, the create-only fields.
+    for (body, message) in [
+        (
+            r#"{"rules": {"world.test": [{"transform": {"headers": {"X-Key": "v"}}}]}}"#,
+            "rules for world.test: it covers no name allowOut allows by name (a rule applies \
+             only to names the policy allows by name, with all other traffic denied; it does \
+             not allow egress itself)",
+        ),
+        (
+            r#"{"httpsPorts": [443]}"#,
+            "httpsPorts is fixed when the sandbox is created",
+        ),
+    ] {
+        let (status, reply) = serve.api("PUT", "/sandboxes/e2b/network", Some(body), None);
+        assert_eq!(
+            (status, json(&reply)["message"].as_str()),
+            (400, Some(message))
+        );
+    }
+    assert_eq!(get()["network"], network(&[], &["world.test"], &[]));
+
+    // httpsPorts: serve's gateway speaks TLS to the guest's port 8443
+    // (a self-signed certificate made now), SNI = the masked Host.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["guest.internal".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_pem, key_pem) = (w.dir.join("guest-cert.pem"), w.dir.join("guest-key.pem"));
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let mut server = guest.spawn(&[
+        "python3",
+        INGRESS_GUEST,
+        "--tls-cert",
+        &cert_pem.to_string_lossy(),
+        "--tls-key",
+        &key_pem.to_string_lossy(),
+    ]);
+    assert_eq!(
+        first_line(&mut server, Duration::from_secs(20)).as_deref(),
+        Some("ready")
+    );
+    let out = w.exec(&format!(
+        "curl -sS --max-time 20 -H 'Host: 8443-e2b.{DOMAIN}' \
+         -H 'e2b-traffic-access-token: {token}' http://127.0.0.1:19180/headers"
+    ));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.contains(r#""tls": {"sni": "localhost", "alpn": "http/1.1"}"#),
+        "{page}\n{}",
+        serve.log()
+    );
+    assert!(page.contains(r#"["host", "localhost:8443"]"#), "{page}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// E2B's egressProxy through serve (issue 14): a bad one is a 400 naming
+/// the field, answers never carry the password or the CA, and a PUT
+/// replaces it live: new flows go direct, an open one keeps its path.
+#[test]
+fn an_egress_proxy_is_hidden_in_answers_and_replaced_live() {
+    require_world!();
+    if !common::has_tool("microsocks") || !common::has_tool("openssl") {
+        let why = "needs microsocks and openssl (apt-get install microsocks openssl)";
+        assert_ne!(
+            std::env::var("SLIPWAY_E2E").as_deref(),
+            Ok("required"),
+            "{why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    const PROXY: &str = "198.51.100.10";
+    const SECRET: &str = "pw-serve-e2e";
+    let w = World::new();
+    run_ok(&format!("ip -n {} addr add {PROXY}/24 dev w0", w.name));
+    let socks = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.name,
+            "microsocks",
+            "-i",
+            PROXY,
+            "-p",
+            "1080",
+        ])
+        .args(["-b", PROXY, "-u", "proxyuser", "-P", SECRET])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start microsocks");
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _socks = Reap(socks);
+    let until = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&w.exec(&format!("python3 {PROBE} tcp {PROXY} 1080")).stdout)
+        .starts_with("connected")
+    {
+        assert!(Instant::now() < until, "microsocks did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let serve = world_serve(&w, 19280, "");
+
+    for (proxy, field) in [
+        (
+            format!(r#"{{"address": "{PROXY}:1080", "password": "{SECRET}"}}"#),
+            "network.egressProxy.password",
+        ),
+        (
+            format!(r#"{{"address": "{PROXY}:1080", "tls": {{"caCert": "{SECRET}"}}}}"#),
+            "network.egressProxy.tls.caCert",
+        ),
+        (
+            r#"{"address": "169.254.169.254:80"}"#.to_string(),
+            "network.egressProxy.address",
+        ),
+    ] {
+        let (code, body) = serve.api(
+            "POST",
+            "/sandboxes",
+            Some(&format!(
+                r#"{{"sandboxID": "bad", "transport": {{"tap": "swbad"}}, "network": {{"egressProxy": {proxy}}}}}"#
+            )),
+            None,
+        );
+        assert_eq!(code, 400, "{proxy}: {body}");
+        assert_eq!(json(&body)["field"], field, "{body}");
+        assert!(!body.contains(SECRET), "{body}");
+    }
+    assert_eq!(serve.ctl_ok(&["list"]), serde_json::json!([]));
+
+    let url = format!("socks5://proxyuser:{SECRET}@{PROXY}:1080");
+    let (guest, created) =
+        Guest::create(&w, &serve, "viaproxy", "swproxy", &["--egress-proxy", &url]);
+    assert_eq!(
+        created["network"]["egressProxy"],
+        serde_json::json!({"address": format!("{PROXY}:1080"), "username": "proxyuser"}),
+        "{created}"
+    );
+    let hello = || {
+        let out = guest.sh("curl -sS --max-time 10 http://192.0.2.80/hello");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let via = hello();
+    assert!(
+        via.contains(&format!("you are ::ffff:{PROXY}")),
+        "{via}\n{}",
+        serve.log()
+    );
+    let mut held = guest.spawn(&["python3", HOLD, "198.51.100.1", "7"]);
+    let lines = collect_lines(&mut held);
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(10)).ok().as_deref(),
+        Some("open")
+    );
+
+    // PUT without egressProxy: direct again for new flows.
+    serve.ctl_ok(&["set-network", "viaproxy"]);
+    let direct = hello();
+    assert!(
+        direct.contains("hello from world") && !direct.contains(PROXY),
+        "{direct}"
+    );
+    assert!(
+        lines.recv_timeout(Duration::from_millis(700)).is_err(),
+        "the connection through the proxy ended when the proxy setting changed"
+    );
+    let got = serve.ctl_ok(&["get", "viaproxy"]);
+    assert!(got["network"].get("egressProxy").is_none(), "{got}");
+
+    // TLS to the proxy: GET shows the server name, never the CA.
+    let ca = w.dir.join("proxy-ca.pem");
+    run_ok(&format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+         -subj '/CN=serve test CA' -keyout {key} -out {ca} 2>/dev/null",
+        key = w.dir.join("proxy-ca.key").display(),
+        ca = ca.display()
+    ));
+    serve.ctl_ok(&[
+        "set-network",
+        "viaproxy",
+        "--egress-proxy",
+        &format!("socks5+tls://{PROXY}:1443"),
+        "--egress-proxy-ca",
+        ca.to_str().unwrap(),
+        "--egress-proxy-server-name",
+        "socks.test",
+    ]);
+    let got = serve.ctl_ok(&["get", "viaproxy"]);
+    assert_eq!(
+        got["network"]["egressProxy"],
+        serde_json::json!({"address": format!("{PROXY}:1443"), "tls": {"serverName": "socks.test"}}),
+        "{got}"
+    );
+    assert!(!got.to_string().contains("CERTIFICATE"), "{got}");
+    // Nothing listens there for TLS: the flow fails, never goes direct.
+    assert_eq!(guest.probe("tcp", "192.0.2.80", 80), "ECONNREFUSED");
+    let log = serve.log();
+    assert!(log.contains("egress proxy connect failed"), "{log}");
+    assert!(!log.contains(SECRET), "the password reached the log: {log}");
+    let _ = held.kill();
+    let _ = held.wait();
 }

@@ -1245,6 +1245,138 @@ fn regressions() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+// ----- first_bytes inputs --------------------------------------------------------
+
+const FB_OPS: u32 = 8;
+
+struct FirstBytes(Enc);
+
+impl FirstBytes {
+    fn new(names: u8) -> Self {
+        let mut e = Enc::default();
+        e.u8(names);
+        FirstBytes(e)
+    }
+    /// A flow to an address (Addr variant: 0 public, 1 internal, 2 v6,
+    /// 3 open) on port 443/80/22/8443 (0..4), sending a ClientHello.
+    fn hello(&mut self, kind: u32, x: u8, port: u8, name: u8) -> &mut Self {
+        self.0.more().variant(0, FB_OPS).variant(kind, 4).u8(x).u8(port);
+        self.0.variant(0, 3).u8(name).u8(100);
+        self
+    }
+    fn http(&mut self, kind: u32, x: u8, port: u8, host: u8, absolute: Option<u8>) -> &mut Self {
+        self.0.more().variant(0, FB_OPS).variant(kind, 4).u8(x).u8(port);
+        self.0.variant(1, 3).u8(host);
+        match absolute {
+            Some(a) => self.0.bool(true).u8(a),
+            None => self.0.bool(false),
+        };
+        self
+    }
+    fn send(&mut self, flow: u8, len: u16) -> &mut Self {
+        self.0.more().variant(1, FB_OPS).u8(flow).u16(len);
+        self
+    }
+    fn fin(&mut self, flow: u8) -> &mut Self {
+        self.0.more().variant(2, FB_OPS).u8(flow);
+        self
+    }
+    fn answer(&mut self, addrs: &[(u32, u8, u16)]) -> &mut Self {
+        self.0
+            .more()
+            .variant(4, FB_OPS)
+            .variant(0, 2)
+            .u8(addrs.len() as u8);
+        for &(kind, x, ttl) in addrs {
+            self.0.variant(kind, 4).u8(x).u16(ttl);
+        }
+        self
+    }
+    fn connect(&mut self, ok: bool) -> &mut Self {
+        self.0.more().variant(5, FB_OPS).bool(ok);
+        self
+    }
+    fn ms(&mut self, quarter_ms: u16) -> &mut Self {
+        self.0.more().variant(6, FB_OPS).u16(quarter_ms);
+        self
+    }
+    fn names(&mut self, bits: u8) -> &mut Self {
+        self.0.more().variant(7, FB_OPS).u8(bits);
+        self
+    }
+    fn done(&self) -> Vec<u8> {
+        self.0 .0.clone()
+    }
+}
+
+fn first_bytes_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "sni-split-dialed",
+            FirstBytes::new(1)
+                .hello(0, 9, 0, 0)
+                .send(0, 3)
+                .send(0, 40)
+                .send(0, 4000)
+                .answer(&[])
+                .answer(&[(0, 7, 60)])
+                .connect(true)
+                .fin(0)
+                .done(),
+        ),
+        (
+            "host-dialed-on-8443",
+            FirstBytes::new(3)
+                .http(0, 9, 3, 3, None)
+                .send(0, 10)
+                .send(0, 500)
+                .answer(&[(0, 5, 60)])
+                .connect(true)
+                .done(),
+        ),
+        (
+            "denied-and-fronting-names",
+            FirstBytes::new(1)
+                .hello(0, 9, 0, 4)
+                .send(0, 4000)
+                .http(0, 9, 1, 0, Some(4))
+                .send(1, 4000)
+                .hello(3, 9, 0, 4)
+                .send(2, 4000)
+                .connect(true)
+                .done(),
+        ),
+        (
+            "internal-answer-not-dialed",
+            FirstBytes::new(1)
+                .hello(1, 1, 0, 1)
+                .send(0, 4000)
+                .answer(&[(1, 1, 60), (1, 2, 60)])
+                .answer(&[(1, 3, 60)])
+                .done(),
+        ),
+        (
+            "silence-times-out",
+            FirstBytes::new(1)
+                .hello(0, 9, 2, 0)
+                .send(0, 20)
+                .ms(1000)
+                .ms(1000)
+                .done(),
+        ),
+        (
+            "policy-swap-mid-dial",
+            FirstBytes::new(1)
+                .hello(0, 9, 0, 0)
+                .send(0, 4000)
+                .names(2)
+                .answer(&[(0, 7, 60)])
+                .connect(true)
+                .done(),
+        ),
+    ]
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let regressions_dir = root.join("regressions");
@@ -1285,7 +1417,36 @@ fn main() {
     write(&dir, "vnet", vnet_inputs());
     write(&dir, "tcp_segments", tcp_segment_inputs());
     write(&dir, "resolver", resolver_inputs());
+    write(&dir, "first_bytes", first_bytes_inputs());
     write(&dir, "vhost_queues", vhost_queue_inputs());
+    write(&dir, "socks_reply", socks_reply_inputs());
+    write(&dir, "header_rewrite", slipway_fuzz::header_rewrite::seeds());
+}
+
+/// The socks_reply target: a mode byte (bit 0: username/password offered;
+/// bit 1: an IPv6 target; bit 2: a name), the method and login answers,
+/// then the CONNECT reply and what the proxy relays behind it.
+fn socks_reply_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    let with = |mode: u8, reply: &[u8]| [&[mode, 5, 2, 1, 0][..], reply].concat();
+    let mut name = vec![5, 0, 0, 3, 10];
+    name.extend_from_slice(b"proxy.test");
+    name.extend_from_slice(&[0, 80]);
+    let mut v6 = vec![5, 0, 0, 4];
+    v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    v6.extend_from_slice(&[0x1f, 0x90]);
+    vec![
+        (
+            "v4-then-data",
+            with(1, b"\x05\x00\x00\x01\xc6\x33\x64\x01\x04\x38SSH-2.0"),
+        ),
+        ("v6", with(3, &v6)),
+        ("name", with(5, &name)),
+        ("refused", with(0, &[5, 5])),
+        ("not-socks", with(1, b"HTTP/1.1 400 Bad Request\r\n")),
+        ("bad-atyp", with(0, &[5, 0, 0, 2, 1, 2, 3])),
+        ("empty-name", with(4, &[5, 0, 0, 3, 0, 0, 80])),
+        ("short", with(6, &[5, 0, 0])),
+    ]
 }
 
 /// The vnet target: a mode byte (bit 0: IPv6; the MTU grows with it), then

@@ -110,6 +110,9 @@ pub struct RouteSpec {
     /// Connections into the guest at once (HTTP requests in flight, open
     /// upgrades and forwards); more get 429.
     pub max_connections: usize,
+    /// E2B's `httpsPorts`: guest ports the gateway speaks TLS to (see
+    /// `guest_tls`); validated by `guest_tls::https_ports`.
+    pub https_ports: Vec<GuestPort>,
 }
 
 /// One sandbox as the gateway sees it.
@@ -122,7 +125,10 @@ pub struct Route {
     /// routes (an edge holds one per sandbox of the cluster) never need it.
     token_changes: OnceLock<watch::Sender<u64>>,
     mask: Option<HostMask>,
+    max_connections: usize,
     slots: Arc<Semaphore>,
+    /// Sorted, without duplicates.
+    https_ports: Vec<GuestPort>,
     pub(crate) pool: GuestPool,
 }
 
@@ -142,6 +148,7 @@ impl Route {
             token.as_ref().map(AccessToken::digest),
             spec.mask_request_host,
             spec.max_connections,
+            spec.https_ports,
         );
         Ok((route, token))
     }
@@ -153,13 +160,18 @@ impl Route {
         digest: Option<TokenDigest>,
         mask: Option<HostMask>,
         max_connections: usize,
+        mut https_ports: Vec<GuestPort>,
     ) -> Self {
+        https_ports.sort();
+        https_ports.dedup();
         Self {
             guest,
             token: RwLock::new(digest),
             token_changes: OnceLock::new(),
             mask,
+            max_connections,
             slots: Arc::new(Semaphore::new(max_connections)),
+            https_ports,
             pool: GuestPool::default(),
         }
     }
@@ -237,6 +249,21 @@ impl Route {
 
     pub fn mask(&self) -> Option<&HostMask> {
         self.mask.as_ref()
+    }
+
+    /// The incoming-connection cap (E2B's 429 message names it).
+    /// The guest ports that serve HTTPS (sorted).
+    pub fn https_ports(&self) -> &[GuestPort] {
+        &self.https_ports
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Whether the gateway speaks TLS to the guest on `port` (httpsPorts).
+    pub fn is_https(&self, port: GuestPort) -> bool {
+        crate::guest_tls::is_https(&self.https_ports, port)
     }
 
     /// A slot under the incoming-connection cap, held while a connection to
@@ -345,6 +372,7 @@ mod tests {
             allow_public_traffic: false,
             mask_request_host: None,
             max_connections: max,
+            https_ports: Vec::new(),
         };
         let (route, token) = Route::new(Arc::new(Nowhere), spec).unwrap();
         (route, token.unwrap())
@@ -397,7 +425,7 @@ mod tests {
         );
         changes.mark_unchanged();
         // A public route stays public whatever it is told.
-        let public = Route::with_digest(Arc::new(Nowhere), None, None, 1);
+        let public = Route::with_digest(Arc::new(Nowhere), None, None, 1, Vec::new());
         assert!(!public.set_digest(Some(fresh.digest())));
         assert!(public.is_public());
         assert_eq!(public.check_presented(None), TokenCheck::Granted);
@@ -412,6 +440,7 @@ mod tests {
             allow_public_traffic: true,
             mask_request_host: None,
             max_connections: 1,
+            https_ports: Vec::new(),
         };
         let (route, token) = Route::new(Arc::new(Nowhere), spec).unwrap();
         assert!(token.is_none() && route.is_public());

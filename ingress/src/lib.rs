@@ -10,6 +10,7 @@ pub mod clients;
 pub mod cookie;
 pub mod directory;
 pub mod forward;
+pub mod guest_tls;
 pub mod idle;
 pub mod pool;
 mod proxy;
@@ -25,6 +26,7 @@ pub use directory::{
     RouteSpec,
 };
 pub use forward::{Forward, ForwardSpec};
+pub use guest_tls::{https_ports, BadHttpsPorts};
 pub use record::{NodeName, SandboxRecord};
 pub use refusal::Refusal;
 pub use server::{Gateway, GatewayConfig, GatewayStats, Limits};

@@ -21,7 +21,7 @@ use crate::target::GuestPort;
 use crate::token::TokenDigest;
 use crate::Body;
 
-/// Idle connections kept per guest port.
+/// Idle connections kept per guest port (per port and SNI on httpsPorts).
 pub const MAX_IDLE_PER_PORT: usize = 16;
 /// Idle connections kept per sandbox, all ports together.
 pub const MAX_IDLE: usize = 64;
@@ -35,19 +35,24 @@ const READY_WAIT: Duration = Duration::from_millis(20);
 /// A kept connection and since when it is idle.
 type Kept = (SendRequest<Body>, Instant);
 
-/// What a kept connection may be reused for: its guest port, and the digest
-/// of the token presented when it opened (`None` for a public sandbox).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// What a kept connection may serve again: the same guest port, the digest
+/// of the token presented when it opened (`None` for a public sandbox) and,
+/// on an httpsPorts port, the same SNI (a guest may serve other sites by
+/// name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
-    port: GuestPort,
-    token: Option<[u8; 32]>,
+    pub port: GuestPort,
+    pub token: Option<[u8; 32]>,
+    /// The host its TLS session named; `None` on a plain port.
+    pub tls_host: Option<String>,
 }
 
 impl PoolKey {
-    pub fn new(port: GuestPort, presented: Option<&TokenDigest>) -> Self {
+    pub fn new(port: GuestPort, presented: Option<&TokenDigest>, tls_host: Option<String>) -> Self {
         Self {
             port,
             token: presented.map(TokenDigest::bytes),
+            tls_host,
         }
     }
 }
@@ -59,11 +64,11 @@ pub(crate) struct GuestPool {
 
 impl GuestPool {
     /// A ready connection for `key`, if one is idle.
-    pub async fn take(&self, key: PoolKey) -> Option<SendRequest<Body>> {
+    pub async fn take(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
         loop {
             let (mut sender, since) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(&key)?.pop()?
+                idle.get_mut(key)?.pop()?
             };
             if since.elapsed() > IDLE_FOR || sender.is_closed() {
                 continue;

@@ -1,6 +1,6 @@
 //! One public request, end to end: find its target, check the token, take a
 //! slot under the sandbox's cap, open a connection into the guest and speak
-//! HTTP/1.1 over it. Bodies stream both ways frame by frame; upgrades
+//! HTTP/1.1 over it (over TLS on the sandbox's httpsPorts, see `guest_tls`). Bodies stream both ways frame by frame; upgrades
 //! (WebSocket and others) become a byte splice once both sides said 101.
 //!
 //! One guest connection per request: the connection into the stack is
@@ -26,11 +26,12 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::cookie;
-use crate::directory::{Directory, GuestError, Route};
+use crate::directory::{BoxGuestStream, Directory, GuestError, Route};
+use crate::guest_tls::{self, GuestTlsError};
 use crate::idle::{until_idle, Activity, Watched};
 use crate::pool::PoolKey;
 use crate::refusal::{wants_html, Refusal};
-use crate::target::{authority_of, host_part, parse_target, Domain, GuestPort, SandboxId, Target};
+use crate::target::{authority_of, host_part, parse_target, Domain, SandboxId, Target};
 use crate::token::{TokenCheck, TokenDigest, TOKEN_HEADER};
 use crate::Body;
 
@@ -107,24 +108,28 @@ async fn forward(
     let presented = (!public)
         .then(|| TokenDigest::presented(req.headers()))
         .flatten();
-    let key = PoolKey::new(port, presented.as_ref());
     let slot = route
         .try_slot()
-        .ok_or_else(|| Refusal::OverCap(sandbox.clone()))?;
+        .ok_or_else(|| Refusal::OverCap(sandbox.clone(), route.max_connections()))?;
     let broke = || Refusal::GuestBroke(sandbox.clone(), port);
     let idle = shared.idle_timeout;
 
     let upgrade = upgrade_protocol(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let masked = route.mask().map(|m| m.render(port));
+    // On an httpsPorts port the TLS session names the Host the guest sees.
+    let tls_host = route
+        .is_https(port)
+        .then(|| guest_host(masked.as_ref(), &host));
+    let key = PoolKey::new(port, presented.as_ref(), tls_host);
     let pooled = match upgrade {
-        None => route.pool.take(key).await,
+        None => route.pool.take(&key).await,
         Some(_) => None,
     };
     let reused = pooled.is_some();
     let mut sender = match pooled {
         Some(s) => s,
-        None => open(&route, &sandbox, port, presented, idle).await?,
+        None => open(&route, &sandbox, &key, presented, idle).await?,
     };
     let upstream = to_guest(req, &authority, masked, &client, upgrade.clone());
     // A kept connection may be closed by the guest just as a request goes
@@ -138,7 +143,7 @@ async fn forward(
             let unsent = e.take_message();
             match (reused, unsent.or(again)) {
                 (true, Some(req)) => {
-                    sender = open(&route, &sandbox, port, presented, idle).await?;
+                    sender = open(&route, &sandbox, &key, presented, idle).await?;
                     sender.send_request(req).await.map_err(|e| {
                         tracing::debug!(target: "slipway::ingress", %sandbox, %port, error = %e, "guest answered no HTTP");
                         broke()
@@ -186,26 +191,54 @@ async fn forward(
     Ok(Response::from_parts(parts, body))
 }
 
-/// A new HTTP/1.1 connection into the guest, served by its own task until
-/// it is closed, idle, or taken over by an upgrade.
+/// The host (no port) of the Host header the guest will see: the mask's,
+/// else the client's. What the TLS session to an httpsPorts port names.
+fn guest_host(masked: Option<&HeaderValue>, client_host: &str) -> String {
+    match masked {
+        Some(m) => m
+            .to_str()
+            .ok()
+            .and_then(|m| host_part(m).ok())
+            .unwrap_or_default(),
+        None => client_host.to_string(),
+    }
+}
+
+/// A new HTTP/1.1 connection into the guest (over TLS on an httpsPorts
+/// port), served by its own task until it is closed, idle, or taken over by
+/// an upgrade.
 async fn open(
     route: &Route,
     sandbox: &SandboxId,
-    port: GuestPort,
+    key: &PoolKey,
     presented: Option<TokenDigest>,
     idle: Duration,
 ) -> Result<SendRequest<Body>, Refusal> {
+    let port = key.port;
     let stream = route
         .connect_presenting(port, presented)
         .await
         .map_err(|e| match e {
-            GuestError::OverCap => Refusal::OverCap(sandbox.clone()),
+            GuestError::OverCap => Refusal::OverCap(sandbox.clone(), route.max_connections()),
             GuestError::NoPort => Refusal::NoLocalPort(sandbox.clone(), port),
             GuestError::Refused => Refusal::PortNotOpen(sandbox.clone(), port),
             GuestError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
             GuestError::Gone => Refusal::UnknownSandbox(sandbox.clone()),
             GuestError::Forbidden => Refusal::TokenInvalid(sandbox.clone()),
         })?;
+    let stream: BoxGuestStream = match &key.tls_host {
+        None => stream,
+        Some(host) => match guest_tls::connect(stream, host).await {
+            Ok(tls) => Box::new(tls),
+            Err(e) => {
+                tracing::debug!(target: "slipway::ingress", %sandbox, %port, error = %e, "https port: no TLS session with the guest");
+                return Err(match e {
+                    GuestTlsError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
+                    GuestTlsError::Handshake(_) => Refusal::GuestBroke(sandbox.clone(), port),
+                });
+            }
+        },
+    };
     let activity = Activity::new();
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, Body>(TokioIo::new(Watched::new(stream, activity.clone())))

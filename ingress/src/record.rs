@@ -52,6 +52,8 @@ pub enum BadRecord {
     /// The mask, cut short: a stored value may be as long as the record.
     #[error("invalid mask {0:?}: give a host[:port], e.g. localhost:${{PORT}}")]
     Mask(String),
+    #[error("invalid httpsPorts: {0}")]
+    HttpsPorts(#[from] crate::guest_tls::BadHttpsPorts),
 }
 
 /// A node's name: a DNS name (lower-case labels of `a-z`, `0-9` and inner
@@ -106,6 +108,9 @@ pub struct SandboxRecord {
     /// `None`: public traffic is allowed.
     pub token_digest: Option<TokenDigest>,
     pub mask: Option<HostMask>,
+    /// Guest ports that serve HTTPS: the edge speaks TLS to the guest on
+    /// them, through the tunnel (sorted).
+    pub https_ports: Vec<GuestPort>,
 }
 
 /// The wire form. Unknown fields are ignored (a newer node may add some);
@@ -120,6 +125,8 @@ struct Wire {
     token_digest: Option<String>,
     #[serde(default)]
     mask: Option<String>,
+    #[serde(default)]
+    https_ports: Vec<u16>,
 }
 
 #[derive(Serialize)]
@@ -130,6 +137,8 @@ struct WireOut<'a> {
     public: bool,
     token_digest: Option<String>,
     mask: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    https_ports: Vec<u16>,
 }
 
 impl SandboxRecord {
@@ -164,11 +173,13 @@ impl SandboxRecord {
             .as_deref()
             .map(|m| HostMask::parse(m).map_err(|_| BadRecord::Mask(echo(m))))
             .transpose()?;
+        let https_ports = crate::guest_tls::https_ports(&wire.https_ports)?;
         Ok(Self {
             node,
             addr,
             token_digest,
             mask,
+            https_ports,
         })
     }
 
@@ -180,17 +191,20 @@ impl SandboxRecord {
             public: self.is_public(),
             token_digest: self.token_digest.as_ref().map(TokenDigest::to_hex),
             mask: self.mask.as_ref().map(HostMask::as_str),
+            https_ports: self.https_ports.iter().map(|p| p.get()).collect(),
         };
         // Strings and a bool only: serialising cannot fail.
         serde_json::to_string(&out).unwrap_or_default()
     }
 
-    /// Whether two records route the same way (same node, address, mask and
-    /// publicness): then a token change can be applied to the live route.
+    /// Whether two records route the same way (same node, address, mask,
+    /// HTTPS ports and publicness): then a token change can be applied to
+    /// the live route.
     pub fn same_way(&self, other: &SandboxRecord) -> bool {
         self.node == other.node
             && self.addr == other.addr
             && self.mask == other.mask
+            && self.https_ports == other.https_ports
             && self.is_public() == other.is_public()
     }
 }
@@ -253,6 +267,7 @@ mod tests {
             addr: "10.1.2.3:7443".parse().unwrap(),
             token_digest: Some(token.digest()),
             mask: Some(HostMask::parse("localhost:${PORT}").unwrap()),
+            https_ports: vec![GuestPort::new(8443).unwrap()],
         };
         let json = rec.to_json();
         assert!(!json.contains(token.as_str()), "{json}");
@@ -262,6 +277,7 @@ mod tests {
         let public = SandboxRecord {
             token_digest: None,
             mask: None,
+            https_ports: Vec::new(),
             ..rec
         };
         let json = public.to_json();
@@ -334,6 +350,18 @@ mod tests {
                 "more than 1024",
             ),
             ("[".repeat(1000), "not a sandbox record"),
+            (
+                r#"{"node":"a","addr":"10.0.0.1:1","public":true,"httpsPorts":[443,0]}"#.into(),
+                "invalid httpsPorts",
+            ),
+            (
+                r#"{"node":"a","addr":"10.0.0.1:1","public":true,"httpsPorts":[443,443]}"#.into(),
+                "invalid httpsPorts",
+            ),
+            (
+                r#"{"node":"a","addr":"10.0.0.1:1","public":true,"httpsPorts":[70000]}"#.into(),
+                "not a sandbox record",
+            ),
             (
                 format!(
                     r#"{{"node":"a","addr":"10.0.0.1:1","public":true,"mask":"{}"}}"#,

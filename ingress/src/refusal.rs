@@ -1,6 +1,8 @@
 //! The gateway's own answers when a request cannot reach the guest: a status
 //! code, a machine-readable reason, and a message that tells the cases apart.
 //! JSON for API clients, a small HTML page for browsers (`Accept: text/html`).
+//! Where E2B's gateway has a message for the case, `message` is E2B's words
+//! (clients match on them); `error`, `sandboxId` and `port` are slipway's.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -16,7 +18,8 @@ pub enum Refusal {
     UnknownSandbox(SandboxId),
     TokenMissing(SandboxId),
     TokenInvalid(SandboxId),
-    OverCap(SandboxId),
+    /// Over the sandbox's incoming-connection cap, which it names.
+    OverCap(SandboxId, usize),
     /// The gateway has no local port left for another connection into the
     /// sandbox: a 503 (the gateway's own shortage), never the guest's 429.
     NoLocalPort(SandboxId, GuestPort),
@@ -36,7 +39,7 @@ impl Refusal {
         match self {
             Refusal::BadTarget(_) => StatusCode::BAD_REQUEST,
             Refusal::TokenMissing(_) | Refusal::TokenInvalid(_) => StatusCode::FORBIDDEN,
-            Refusal::OverCap(_) | Refusal::ClientOverCap(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::OverCap(..) | Refusal::ClientOverCap(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::NoLocalPort(..) | Refusal::RoutesStale(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::GuestTimedOut(..) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UnknownSandbox(_) | Refusal::PortNotOpen(..) | Refusal::GuestBroke(..) => {
@@ -52,7 +55,7 @@ impl Refusal {
             Refusal::UnknownSandbox(_) => "sandbox_not_found",
             Refusal::TokenMissing(_) => "missing_traffic_access_token",
             Refusal::TokenInvalid(_) => "invalid_traffic_access_token",
-            Refusal::OverCap(_) => "too_many_connections",
+            Refusal::OverCap(..) => "too_many_connections",
             Refusal::ClientOverCap(_) => "too_many_client_connections",
             Refusal::NoLocalPort(..) => "gateway_out_of_ports",
             Refusal::PortNotOpen(..) => "port_not_open",
@@ -66,18 +69,18 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self {
             Refusal::BadTarget(e) => e.to_string(),
-            Refusal::UnknownSandbox(id) => format!("The sandbox {id} was not found."),
-            Refusal::TokenMissing(id) => format!(
-                "The sandbox {id} does not allow public traffic: \
-                 the e2b-traffic-access-token header is missing."
-            ),
-            Refusal::TokenInvalid(id) => format!(
-                "The sandbox {id} does not allow public traffic: \
-                 the e2b-traffic-access-token header is invalid."
-            ),
-            Refusal::OverCap(id) => {
-                format!("The sandbox {id} has too many incoming connections; try again later.")
+            // E2B's words, for the cases E2B's gateway has.
+            Refusal::UnknownSandbox(_) => "The sandbox was not found".into(),
+            Refusal::TokenMissing(_) => "Sandbox is secured with traffic access token. \
+                 Token header 'e2b-traffic-access-token' is missing"
+                .into(),
+            Refusal::TokenInvalid(_) => "Sandbox is secured with traffic access token. \
+                 Provided token in header 'e2b-traffic-access-token' is invalid"
+                .into(),
+            Refusal::OverCap(_, limit) => {
+                format!("The sandbox has too many concurrent incoming connections (limit: {limit})")
             }
+            Refusal::PortNotOpen(..) => "The sandbox is running but port is not open".into(),
             Refusal::NoLocalPort(id, port) => format!(
                 "The gateway ran out of local ports for connections to port {port} \
                  of sandbox {id}; try again when some have closed."
@@ -86,9 +89,6 @@ impl Refusal {
                 "Too many connections from {client} are open at once; \
                  close some and try again."
             ),
-            Refusal::PortNotOpen(id, port) => {
-                format!("The sandbox {id} is running but nothing listens on port {port}.")
-            }
             Refusal::GuestTimedOut(id, port) => {
                 format!("The sandbox {id} did not answer on port {port} in time.")
             }
@@ -109,7 +109,7 @@ impl Refusal {
             Refusal::UnknownSandbox(id)
             | Refusal::TokenMissing(id)
             | Refusal::TokenInvalid(id)
-            | Refusal::OverCap(id)
+            | Refusal::OverCap(id, _)
             | Refusal::RoutesStale(id) => (Some(id), None),
             Refusal::PortNotOpen(id, p)
             | Refusal::NoLocalPort(id, p)
@@ -149,8 +149,22 @@ impl Refusal {
              code{{color:#666}}</style></head>\n<body><h1>{title}</h1>\n<p>{}</p>\n\
              <p><code>{}</code></p></body></html>\n",
             html_text(&self.message()),
-            self.reason()
+            html_text(&self.detail())
         )
+    }
+
+    /// The reason, and the sandbox and port when there are: E2B's messages
+    /// name neither, and a person reading the page wants to know which.
+    fn detail(&self) -> String {
+        let mut detail = self.reason().to_string();
+        let (id, port) = self.ids();
+        if let Some(id) = id {
+            detail.push_str(&format!(" · sandbox {id}"));
+        }
+        if let Some(port) = port {
+            detail.push_str(&format!(" · port {port}"));
+        }
+        detail
     }
 
     /// The whole HTTP/1.1 response as bytes, `Connection: close`, for a
@@ -255,7 +269,7 @@ mod tests {
             (Refusal::BadTarget(BadTarget::NoHost), 400),
             (Refusal::TokenMissing(id()), 403),
             (Refusal::TokenInvalid(id()), 403),
-            (Refusal::OverCap(id()), 429),
+            (Refusal::OverCap(id(), 3), 429),
             (
                 Refusal::ClientOverCap(ClientKey::of([192, 0, 2, 1].into())),
                 429,
@@ -269,13 +283,55 @@ mod tests {
         for (r, code) in rows {
             assert_eq!(r.status().as_u16(), code, "{r:?}");
         }
-        // The two 502s and the two 403s tell themselves apart.
-        assert_ne!(
-            Refusal::UnknownSandbox(id()).message(),
-            Refusal::PortNotOpen(id(), port).message()
+    }
+
+    /// E2B's gateway words, exactly: clients written for E2B match on them.
+    #[test]
+    fn messages_are_e2bs_where_e2b_has_one() {
+        let port = GuestPort::new(3000).unwrap();
+        let rows = [
+            (
+                Refusal::UnknownSandbox(id()),
+                "sandbox_not_found",
+                "The sandbox was not found",
+            ),
+            (
+                Refusal::PortNotOpen(id(), port),
+                "port_not_open",
+                "The sandbox is running but port is not open",
+            ),
+            (
+                Refusal::TokenMissing(id()),
+                "missing_traffic_access_token",
+                "Sandbox is secured with traffic access token. \
+                 Token header 'e2b-traffic-access-token' is missing",
+            ),
+            (
+                Refusal::TokenInvalid(id()),
+                "invalid_traffic_access_token",
+                "Sandbox is secured with traffic access token. \
+                 Provided token in header 'e2b-traffic-access-token' is invalid",
+            ),
+            (
+                Refusal::OverCap(id(), 3),
+                "too_many_connections",
+                "The sandbox has too many concurrent incoming connections (limit: 3)",
+            ),
+        ];
+        for (r, reason, message) in rows {
+            assert_eq!((r.reason(), r.message().as_str()), (reason, message));
+            // The JSON keeps slipway's code and the sandbox beside E2B's words.
+            let j = r.to_json();
+            assert!(j.contains(&format!("\"error\":\"{reason}\"")), "{j}");
+            assert!(j.contains(&format!("\"message\":\"{message}\"")), "{j}");
+            assert!(j.contains("\"sandboxId\":\"abc\""), "{j}");
+        }
+        // A browser's page still says which sandbox and port.
+        let page = Refusal::PortNotOpen(id(), port).to_html();
+        assert!(
+            page.contains("port_not_open · sandbox abc · port 3000"),
+            "{page}"
         );
-        assert!(Refusal::TokenMissing(id()).message().contains("missing"));
-        assert!(Refusal::TokenInvalid(id()).message().contains("invalid"));
     }
 
     #[test]

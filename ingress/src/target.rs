@@ -79,7 +79,7 @@ impl fmt::Display for SandboxId {
 }
 
 /// A TCP port in the guest, 1 to 65535.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GuestPort(NonZeroU16);
 
 impl GuestPort {

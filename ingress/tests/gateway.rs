@@ -144,6 +144,7 @@ fn public() -> RouteSpec {
         allow_public_traffic: true,
         mask_request_host: None,
         max_connections: 16,
+        https_ports: Vec::new(),
     }
 }
 
@@ -230,6 +231,7 @@ async fn the_token_is_checked_and_never_forwarded_and_the_host_is_masked() {
         allow_public_traffic: false,
         mask_request_host: Some(HostMask::parse("localhost:${PORT}").unwrap()),
         max_connections: 16,
+        https_ports: Vec::new(),
     })
     .await;
     let token = token.unwrap();
@@ -266,6 +268,12 @@ async fn over_the_sandbox_cap_is_429_until_a_slot_frees() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (code, body) = get(addr, "8000-sbx.gw.test", "/", &[]).await;
     assert_eq!(code, 429, "{body}");
+    assert!(
+        body.contains(
+            "\"message\":\"The sandbox has too many concurrent incoming connections (limit: 1)\""
+        ),
+        "{body}"
+    );
     assert_eq!(slow.await.unwrap().0, 200);
     assert_eq!(get(addr, "8000-sbx.gw.test", "/", &[]).await.0, 200);
 }
@@ -474,4 +482,138 @@ async fn running_out_of_local_ports_is_503_not_429() {
     );
     assert!(body.contains("ran out of local ports"), "{body}");
     assert!(!body.contains("too many"), "{body}");
+}
+
+/// A guest HTTPS server with a self-signed certificate (rcgen, made now)
+/// that offers h2 before http/1.1 and answers with the SNI and ALPN the
+/// gateway's ClientHello carried, then the headers it got.
+async fn tls_guest_server(accepted: Arc<AtomicUsize>) -> SocketAddr {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["guest.internal".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let (_, conn) = tls.get_ref();
+                let sni = conn.server_name().unwrap_or("none").to_string();
+                let alpn = conn
+                    .alpn_protocol()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or("none".into());
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut text = format!("sni: {sni}\nalpn: {alpn}\n");
+                    for (k, v) in req.headers() {
+                        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                    }
+                    async move {
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A sandbox whose port 8443 is the TLS guest and 8000 the plain one, with
+/// `https` as its httpsPorts: the gateway's address and the TLS guest's
+/// accept count.
+async fn https_gateway(https: &[u16], mask: Option<&str>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let tls = tls_guest_server(accepted.clone()).await;
+    let plain = guest_server(Arc::default()).await;
+    let directory = Arc::new(Directory::new());
+    let sandbox = FakeSandbox(HashMap::from([(8443, tls), (8000, plain)]));
+    let spec = RouteSpec {
+        mask_request_host: mask.map(|m| HostMask::parse(m).unwrap()),
+        https_ports: ingress::https_ports(https).unwrap(),
+        ..public()
+    };
+    let (route, _) = Route::new(Arc::new(sandbox), spec).unwrap();
+    directory.insert(SandboxId::parse("sbx").unwrap(), route);
+    (serve_directory(directory).await, accepted)
+}
+
+#[tokio::test]
+async fn https_ports_reach_a_self_signed_guest_with_the_guests_host_as_sni() {
+    let (addr, accepted) = https_gateway(&[8443], None).await;
+    let host = "8443-sbx.gw.test";
+    for _ in 0..3 {
+        let (code, body) = get(addr, host, "/", &[]).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("sni: 8443-sbx.gw.test\n"), "{body}");
+        // Offered h2 first, the guest still speaks http/1.1: nothing else was offered.
+        assert!(body.contains("alpn: http/1.1\n"), "{body}");
+        assert!(body.contains("host: 8443-sbx.gw.test\n"), "{body}");
+        assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
+    }
+    // Kept-alive: one TLS session served the three.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Another Host the guest sees, another session; an IP literal names none.
+    let by_header = ["E2b-Sandbox-Id: sbx", "E2b-Sandbox-Port: 8443"];
+    let (code, body) = get(addr, "localhost:8080", "/", &by_header).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("sni: localhost\n"), "{body}");
+    let (code, body) = get(addr, "127.0.0.1:8080", "/", &by_header).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("sni: none\n"), "{body}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    // The plain port beside it stays plain.
+    let (code, body) = get(addr, "8000-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("sni:"), "{body}");
+}
+
+#[tokio::test]
+async fn a_masked_host_is_the_sni_too() {
+    let (addr, _) = https_gateway(&[8443], Some("app.internal:${PORT}")).await;
+    let (code, body) = get(addr, "8443-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("sni: app.internal\n"), "{body}");
+    assert!(body.contains("host: app.internal:8443\n"), "{body}");
+}
+
+#[tokio::test]
+async fn a_tls_port_not_in_https_ports_and_a_plain_one_in_them_both_fail_as_upstream_errors() {
+    // As before httpsPorts: plain HTTP to a TLS server is no HTTP answer.
+    let (addr, _) = https_gateway(&[], None).await;
+    let (code, body) = get(addr, "8443-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("\"error\":\"bad_upstream_response\""),
+        "{body}"
+    );
+    // A plain server on an httpsPorts port: the handshake fails, the same 502.
+    let (addr, _) = https_gateway(&[8000], None).await;
+    let (code, body) = get(addr, "8000-sbx.gw.test", "/", &[]).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("\"error\":\"bad_upstream_response\""),
+        "{body}"
+    );
 }

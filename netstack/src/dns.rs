@@ -15,9 +15,9 @@ use crate::names::canonical_name;
 const HEADER: usize = 12;
 const MAX_JUMPS: usize = 32;
 const MAX_WIRE_NAME: usize = 255;
-const TYPE_A: u16 = 1;
+pub const TYPE_A: u16 = 1;
 const TYPE_CNAME: u16 = 5;
-const TYPE_AAAA: u16 = 28;
+pub const TYPE_AAAA: u16 = 28;
 const TYPE_OPT: u16 = 41;
 const RCODE_NXDOMAIN: u8 = 3;
 /// RFC 8914: EDNS option 15, info-code 15 "Blocked".
@@ -86,6 +86,24 @@ fn write_name(out: &mut Vec<u8>, labels: &[Vec<u8>]) {
         out.extend_from_slice(l);
     }
     out.push(0);
+}
+
+/// A standard query for `name` (canonical: labels of at most 63 bytes)
+/// of type `qtype`, class IN, recursion desired: how the stack asks its
+/// upstream itself when it dials a name.
+pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + name.len() + 6);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    let labels: Vec<Vec<u8>> = name
+        .split('.')
+        .filter(|l| !l.is_empty())
+        .map(|l| l.as_bytes()[..l.len().min(63)].to_vec())
+        .collect();
+    write_name(&mut out, &labels);
+    out.extend_from_slice(&qtype.to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out
 }
 
 /// A guest's query: one question, a standard query, not a response.

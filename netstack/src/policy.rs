@@ -86,6 +86,10 @@ pub enum Rule {
     DnsPin,
     /// The stack's filtering resolver forwarding an allowed name's query.
     Resolver,
+    /// An allowed name in the flow's TLS SNI: the host dialed the name.
+    Sni,
+    /// An allowed name in the flow's HTTP Host: the host dialed the name.
+    HttpHost,
 }
 
 impl fmt::Display for Rule {
@@ -100,6 +104,8 @@ impl fmt::Display for Rule {
             Rule::OperatorExempt => f.write_str("operator exempt"),
             Rule::DnsPin => f.write_str("dns pin"),
             Rule::Resolver => f.write_str("filtering resolver"),
+            Rule::Sni => f.write_str("domain (sni)"),
+            Rule::HttpHost => f.write_str("domain (host)"),
         }
     }
 }
@@ -281,6 +287,10 @@ pub struct EgressPolicy {
     holes: NetSet,
     /// Names `allow_out` holds.
     names: NameSet,
+    /// The keys of the sandbox's header rules (E2B's `rules`): a TLS flow
+    /// whose SNI one of them matches, and which a name allowed, is handed
+    /// to the host's interceptor instead of being spliced. Never `*`.
+    intercepts: NameSet,
 }
 
 impl EgressPolicy {
@@ -311,7 +321,34 @@ impl EgressPolicy {
             deny,
             holes,
             names,
+            intercepts: NameSet::default(),
         })
+    }
+
+    /// The same policy with these header-rule keys (exact names and
+    /// `*.` suffixes; a `*` is ignored: a rule for every name is not a
+    /// rule E2B or slipway accepts). Replaced with the policy, atomically.
+    pub fn with_intercepts(mut self, keys: impl IntoIterator<Item = NamePattern>) -> Self {
+        self.intercepts = NameSet::default();
+        for key in keys {
+            if key != NamePattern::Any {
+                self.intercepts.push(key);
+            }
+        }
+        self
+    }
+
+    /// The header-rule keys; empty when nothing is intercepted.
+    pub fn intercepts(&self) -> &NameSet {
+        &self.intercepts
+    }
+
+    /// The rule key whose headers a TLS flow to `name` (canonical) gets:
+    /// an exact key beats a wildcard, the longest `*.` suffix a shorter
+    /// one. Only for a name the policy allows: a rule never allows egress.
+    pub fn intercept_for(&self, name: &str) -> Option<&NamePattern> {
+        self.allows_name(name)?;
+        self.intercepts.allows(name)
     }
 
     /// The names `allow_out` holds; empty for an address-only policy.

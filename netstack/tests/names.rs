@@ -87,6 +87,9 @@ fn upstream_answers(p: &mut Pair, query: &[u8], addrs: &[(Ipv4Addr, u32)]) -> Ve
     udp_of(&out[0]).expect("an answer to the guest").payload
 }
 
+/// A hand-made SYN to `dst`:443: the host connect it asks for, if any. An
+/// address neither allowed nor pinned gets no connect: under a policy with
+/// names the stack answers the SYN itself and waits for a name.
 fn syn_gets_connect(p: &mut Pair, port: u16, dst: Ipv4Addr) -> Option<FlowId> {
     let out = p.inject(&tcp_syn(sock(GUEST_V4, port), sock(dst, 443), 1));
     let connect = p.take_request(|r| match r {
@@ -94,7 +97,11 @@ fn syn_gets_connect(p: &mut Pair, port: u16, dst: Ipv4Addr) -> Option<FlowId> {
         _ => None,
     });
     if connect.is_none() {
-        assert_eq!(rsts(&out).len(), 1, "a refused SYN gets an RST");
+        assert!(
+            rsts(&out).is_empty() && !out.is_empty(),
+            "the stack answers the SYN itself"
+        );
+        assert!(!has_connect(p), "{:?}", p.requests);
     }
     connect
 }
@@ -186,14 +193,6 @@ fn a_live_update_drops_pins_and_resets_the_flows_it_no_longer_allows() {
     assert_eq!(p.stack.pinned_addresses(), 0);
 }
 
-#[test]
-fn dns_over_tcp_is_refused_while_names_are_filtered() {
-    let mut p = names_pair(&["app.example.test"]);
-    let out = p.inject(&tcp_syn(sock(GUEST_V4, 40_000), sock(DNS_V4, 53), 1));
-    assert_eq!(rsts(&out).len(), 1);
-    assert!(p.requests.is_empty());
-}
-
 /// E2B's dnsServers: while names are filtered, DNS to 8.8.8.8 (the default)
 /// or to the configured servers is the filtering resolver, answering from
 /// the address the guest asked; it is never opened as a destination.
@@ -220,9 +219,10 @@ fn queries_to_dns_servers_are_answered_by_the_filtering_resolver() {
     let out = p.flush();
     assert_eq!(udp_of(&out[0]).unwrap().src, sock(quad8, 53));
     assert_eq!(p.stack.pinned_addresses(), 1);
-    // TCP to it is refused like the resolver's own address.
+    // TCP to it is the resolver too: accepted by the stack, nothing opened.
     let out = p.inject(&tcp_syn(sock(GUEST_V4, 40_002), sock(quad8, 53), 1));
-    assert_eq!(rsts(&out).len(), 1);
+    assert!(rsts(&out).is_empty() && !out.is_empty());
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
 
     // No names: 8.8.8.8 is an ordinary destination again.
     let at = p.at();
@@ -242,4 +242,375 @@ fn queries_to_dns_servers_are_answered_by_the_filtering_resolver() {
     let out = p.inject(&udp_frame(sock(GUEST_V4, 40_000), sock(quad8, 53), &query));
     assert_eq!(icmps(&out).len(), 1);
     assert!(take_datagram_open(&mut p).is_none());
+}
+
+// ----- SNI and Host on every TCP port (the name-dial path) --------------------
+
+/// The guest sends `chunks` on `h`, each in its own segment.
+fn guest_sends(p: &mut Pair, h: smoltcp::iface::SocketHandle, chunks: &[&[u8]]) {
+    for c in chunks {
+        assert_eq!(p.guest(h).send_slice(c).unwrap(), c.len());
+        p.settle();
+    }
+}
+
+/// The stack's own lookup of `name`: its flow and the A and AAAA queries.
+fn expect_lookup(p: &mut Pair, name: &str) -> (FlowId, Vec<Vec<u8>>) {
+    let (flow, kind, dst) = take_datagram_open(p).expect("the stack resolves the name");
+    assert_eq!((kind, dst), (DatagramKind::Udp, sock(UPSTREAM, 53)));
+    let mut queries = Vec::new();
+    while let Some(q) = p.take_request(|r| match r {
+        HostRequest::DatagramSend { flow: f, payload } if *f == flow => Some(payload.clone()),
+        _ => None,
+    }) {
+        let parsed = netstack::dns::Query::parse(&q).expect("a query");
+        assert_eq!(parsed.name.as_deref(), Some(name));
+        queries.push(q);
+    }
+    let types: Vec<u16> = queries
+        .iter()
+        .map(|q| netstack::dns::Query::parse(q).unwrap().qtype)
+        .collect();
+    assert_eq!(types, [1, 28], "A and AAAA");
+    (flow, queries)
+}
+
+/// The host connect a dial ends in: its flow, where, and the name.
+fn expect_name_connect(p: &mut Pair) -> (FlowId, std::net::SocketAddr, Option<String>) {
+    p.take_request(|r| match r {
+        HostRequest::TcpConnect { flow, dst, name } => Some((*flow, *dst, name.clone())),
+        _ => None,
+    })
+    .expect("a host connect")
+}
+
+fn reset_by_stack(p: &mut Pair, h: smoltcp::iface::SocketHandle) -> bool {
+    p.run_until("the guest socket to close", |p| {
+        p.guest_state(h) == smoltcp::socket::tcp::State::Closed
+    });
+    true
+}
+
+#[test]
+fn an_allowed_sni_split_across_three_segments_is_dialed_by_name_and_replayed() {
+    let mut p = names_pair(&["*.example.test"]);
+    // The guest aims at an address nobody resolved for it.
+    let h = p.guest_connect(sock(OTHER, 8443), 64 << 10);
+    p.run_until("the stack to accept", |p| {
+        p.guest_state(h) == smoltcp::socket::tcp::State::Established
+    });
+    assert!(!has_connect(&p), "no host connect before a name");
+    let hello = client_hello("API.example.test", 1 << 14);
+    let (a, rest) = hello.split_at(3);
+    let (b, c) = rest.split_at(40);
+    guest_sends(&mut p, h, &[a, b]);
+    assert!(
+        take_datagram_open(&mut p).is_none(),
+        "not a whole ClientHello yet"
+    );
+    guest_sends(&mut p, h, &[c]);
+    let (lookup, queries) = expect_lookup(&mut p, "api.example.test");
+    // The AAAA answer is empty; the A answer names the real server.
+    p.stack.handle_host(
+        p.at(),
+        lookup,
+        HostEvent::Datagram(&answer(&queries[1], &[])),
+    );
+    p.stack.handle_host(
+        p.at(),
+        lookup,
+        HostEvent::Datagram(&answer(&queries[0], &[(APP, 60)])),
+    );
+    p.settle();
+    let (flow, dst, name) = expect_name_connect(&mut p);
+    assert_eq!(
+        dst,
+        sock(APP, 8443),
+        "the name's address, on the guest's port"
+    );
+    assert_eq!(name.as_deref(), Some("api.example.test"));
+    assert!(p
+        .requests
+        .iter()
+        .any(|r| matches!(r, HostRequest::DatagramClose { flow } if *flow == lookup)));
+    // Nothing reaches the host before its connect is up.
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert!(got.is_empty());
+    p.stack.handle_host(p.at(), flow, HostEvent::Connected);
+    host_read(&mut p, flow, &mut got);
+    assert_eq!(got, hello, "the first bytes are replayed whole");
+    host_write(&mut p, flow, b"server hello");
+    p.settle();
+    let mut back = Vec::new();
+    guest_read(&mut p, h, &mut back);
+    assert_eq!(back, b"server hello");
+    assert_eq!(p.stack.stats().sni_flows, 1);
+    assert_eq!(p.stack.half_open_count(), 0);
+}
+
+#[test]
+fn an_http_host_split_across_segments_is_dialed_by_name() {
+    let mut p = names_pair(&["web.example.test"]);
+    let h = p.guest_connect(sock(OTHER, 8080), 64 << 10);
+    let req: &[u8] =
+        b"GET /index.html HTTP/1.1\r\nUser-Agent: t\r\nHost: web.example.test:8080\r\n\r\n";
+    p.run_until("the stack to accept", |p| {
+        p.guest_state(h) == smoltcp::socket::tcp::State::Established
+    });
+    guest_sends(&mut p, h, &[&req[..30], &req[30..50], &req[50..]]);
+    let (lookup, queries) = expect_lookup(&mut p, "web.example.test");
+    p.stack.handle_host(
+        p.at(),
+        lookup,
+        HostEvent::Datagram(&answer(&queries[0], &[(APP, 60)])),
+    );
+    p.settle();
+    let (flow, dst, _) = expect_name_connect(&mut p);
+    assert_eq!(dst, sock(APP, 8080));
+    p.stack.handle_host(p.at(), flow, HostEvent::Connected);
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert_eq!(got, req);
+    assert_eq!(p.stack.stats().host_flows, 1);
+}
+
+#[test]
+fn a_denied_or_missing_name_is_reset_and_nothing_is_asked() {
+    for first in [
+        client_hello("evil.test", 1 << 14),
+        client_hello("", 1 << 14),
+        b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
+        b"GET http://evil.test/ HTTP/1.1\r\nHost: app.example.test\r\n\r\n".to_vec(),
+        b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(),
+    ] {
+        let mut p = names_pair(&["app.example.test"]);
+        let h = p.guest_connect(sock(OTHER, 443), 64 << 10);
+        p.run_until("the stack to accept", |p| {
+            p.guest_state(h) == smoltcp::socket::tcp::State::Established
+        });
+        guest_sends(&mut p, h, &[&first]);
+        assert!(reset_by_stack(&mut p, h));
+        assert!(p.requests.is_empty(), "{:?}", p.requests);
+        assert_eq!(p.stack.stats().name_refused, 1);
+        assert_eq!(p.stack.tcp_flow_count(), 0);
+        assert_eq!(p.stack.half_open_count(), 0);
+    }
+}
+
+#[test]
+fn first_bytes_are_bounded_in_time_and_size() {
+    let mut p = names_pair(&["app.example.test"]);
+    // Silence: reset after five seconds.
+    let h = p.guest_connect(sock(OTHER, 443), 64 << 10);
+    p.run_until("the stack to accept", |p| {
+        p.guest_state(h) == smoltcp::socket::tcp::State::Established
+    });
+    assert_eq!(p.stack.half_open_count(), 1, "it counts as half-open");
+    p.pass_time(Duration::from_millis(4900));
+    assert_eq!(p.guest_state(h), smoltcp::socket::tcp::State::Established);
+    p.pass_time(Duration::from_millis(200));
+    assert_eq!(p.guest_state(h), smoltcp::socket::tcp::State::Closed);
+    // A request head that never ends: reset at 16 KiB.
+    let h = p.guest_connect(sock(OTHER, 80), 64 << 10);
+    p.run_until("the stack to accept", |p| {
+        p.guest_state(h) == smoltcp::socket::tcp::State::Established
+    });
+    let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+    while head.len() < 17 << 10 {
+        head.extend_from_slice(b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+    }
+    p.guest(h).send_slice(&head).unwrap();
+    assert!(reset_by_stack(&mut p, h));
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+    assert_eq!(p.stack.half_open_count(), 0);
+}
+
+#[test]
+fn a_name_that_resolves_only_into_internal_ranges_is_not_dialed() {
+    let mut p = names_pair(&["app.example.test"]);
+    let h = p.guest_connect(sock(OTHER, 443), 64 << 10);
+    p.run_until("the stack to accept", |p| {
+        p.guest_state(h) == smoltcp::socket::tcp::State::Established
+    });
+    guest_sends(&mut p, h, &[&client_hello("app.example.test", 1 << 14)]);
+    let (lookup, queries) = expect_lookup(&mut p, "app.example.test");
+    let internal = Ipv4Addr::new(169, 254, 169, 254);
+    p.stack.handle_host(
+        p.at(),
+        lookup,
+        HostEvent::Datagram(&answer(&queries[0], &[(internal, 60)])),
+    );
+    p.settle();
+    assert!(!has_connect(&p));
+    p.stack.handle_host(
+        p.at(),
+        lookup,
+        HostEvent::Datagram(&answer(&queries[1], &[])),
+    );
+    assert!(reset_by_stack(&mut p, h));
+    assert!(!has_connect(&p), "{:?}", p.requests);
+}
+
+#[test]
+fn a_live_update_resets_a_name_allowed_flow() {
+    let mut p = names_pair(&["app.example.test", "keep.example.test"]);
+    let mut flows = Vec::new();
+    for name in ["app.example.test", "keep.example.test"] {
+        let h = p.guest_connect(sock(OTHER, 443), 64 << 10);
+        p.run_until("the stack to accept", |p| {
+            p.guest_state(h) == smoltcp::socket::tcp::State::Established
+        });
+        guest_sends(&mut p, h, &[&client_hello(name, 1 << 14)]);
+        let (lookup, queries) = expect_lookup(&mut p, name);
+        p.stack.handle_host(
+            p.at(),
+            lookup,
+            HostEvent::Datagram(&answer(&queries[0], &[(APP, 60)])),
+        );
+        p.settle();
+        let (flow, _, _) = expect_name_connect(&mut p);
+        p.stack.handle_host(p.at(), flow, HostEvent::Connected);
+        p.settle();
+        flows.push((h, flow));
+    }
+    p.requests.clear();
+    let at = p.at();
+    p.stack
+        .set_policy(at, policy(&["keep.example.test"], &["ALL_TRAFFIC"]));
+    p.settle();
+    let closes = tcp_closes(&p);
+    assert!(closes.contains(&(flows[0].1, true)), "{closes:?}");
+    assert!(!closes.iter().any(|(f, _)| *f == flows[1].1), "{closes:?}");
+    assert_eq!(
+        p.guest_state(flows[0].0),
+        smoltcp::socket::tcp::State::Closed
+    );
+    assert_eq!(
+        p.guest_state(flows[1].0),
+        smoltcp::socket::tcp::State::Established
+    );
+}
+
+// ----- fronting on pinned addresses -----------------------------------------
+
+/// Pin APP for app.example.test and open a flow to it on `port`.
+fn pinned_flow(p: &mut Pair, port: u16) -> (smoltcp::iface::SocketHandle, FlowId) {
+    if p.stack.pinned_addresses() == 0 {
+        let (query, _) = ask(p, 40_000, "app.example.test");
+        upstream_answers(p, &query, &[(APP, 300)]);
+    }
+    p.open_tcp(sock(APP, port), 64 << 10)
+}
+
+#[test]
+fn a_pinned_flow_naming_a_denied_host_is_reset_before_the_host_sees_a_byte() {
+    let mut p = names_pair(&["app.example.test", "other.example.test"]);
+    let (h, flow) = pinned_flow(&mut p, 443);
+    guest_sends(&mut p, h, &[&client_hello("evil.test", 1 << 14)]);
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert!(got.is_empty(), "the host got {} bytes", got.len());
+    assert!(reset_by_stack(&mut p, h));
+    assert!(tcp_closes(&p).contains(&(flow, true)));
+    assert_eq!(p.stack.stats().fronting_refused, 1);
+
+    // Another allowed name on the same address is fine (shared hosting).
+    let (h, flow) = pinned_flow(&mut p, 443);
+    let req: &[u8] = b"GET / HTTP/1.1\r\nHost: other.example.test\r\n\r\n";
+    guest_sends(&mut p, h, &[&req[..10], &req[10..]]);
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert_eq!(got, req);
+}
+
+#[test]
+fn server_first_protocols_on_a_pinned_address_work() {
+    let mut p = names_pair(&["app.example.test"]);
+    let (h, flow) = pinned_flow(&mut p, 22);
+    host_write(&mut p, flow, b"SSH-2.0-server\r\n");
+    p.settle();
+    let mut back = Vec::new();
+    guest_read(&mut p, h, &mut back);
+    assert_eq!(back, b"SSH-2.0-server\r\n");
+    guest_sends(&mut p, h, &[b"SSH-2.0-client\r\n"]);
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert_eq!(got, b"SSH-2.0-client\r\n");
+    // Once released, later bytes are never inspected again.
+    guest_sends(&mut p, h, &[b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"]);
+    host_read(&mut p, flow, &mut got);
+    assert!(got.ends_with(b"evil.test\r\n\r\n"));
+    assert_eq!(p.stack.stats().fronting_refused, 0);
+}
+
+#[test]
+fn a_partial_client_hello_on_a_pinned_address_times_out() {
+    let mut p = names_pair(&["app.example.test"]);
+    let (h, flow) = pinned_flow(&mut p, 443);
+    let hello = client_hello("evil.test", 1 << 14);
+    guest_sends(&mut p, h, &[&hello[..20]]);
+    p.pass_time(Duration::from_millis(5200));
+    let mut got = Vec::new();
+    host_read(&mut p, flow, &mut got);
+    assert!(got.is_empty());
+    assert_eq!(p.guest_state(h), smoltcp::socket::tcp::State::Closed);
+}
+
+// ----- DNS over TCP ------------------------------------------------------------
+
+/// One length-prefixed DNS message.
+fn framed(msg: &[u8]) -> Vec<u8> {
+    let mut out = (msg.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(msg);
+    out
+}
+
+#[test]
+fn dns_over_tcp_is_filtered_like_udp() {
+    let mut p = names_pair(&["app.example.test"]);
+    let h = p.guest_connect(sock(DNS_V4, 53), 4096);
+    p.run_until("the resolver to accept", |p| {
+        p.guest_state(h) == smoltcp::socket::tcp::State::Established
+    });
+    // A denied name (split across segments): NXDOMAIN over TCP, nothing out.
+    let denied = framed(&dns_query(0x1111, "evil.test"));
+    guest_sends(&mut p, h, &[&denied[..5], &denied[5..]]);
+    let mut back = Vec::new();
+    guest_read(&mut p, h, &mut back);
+    let len = usize::from(u16::from_be_bytes([back[0], back[1]]));
+    assert_eq!(back.len(), 2 + len);
+    assert_eq!(&back[2..4], &[0x11, 0x11]);
+    assert_eq!(back[5] & 0x0f, 3, "NXDOMAIN");
+    assert!(p.requests.is_empty(), "{:?}", p.requests);
+    // An allowed one goes to the upstream (over UDP) and comes back framed.
+    let query = dns_query(0x2222, "app.example.test");
+    guest_sends(&mut p, h, &[&framed(&query)]);
+    let (flow, kind, dst) = take_datagram_open(&mut p).expect("forwarded");
+    assert_eq!((kind, dst), (DatagramKind::Udp, sock(UPSTREAM, 53)));
+    p.requests.clear();
+    p.stack.handle_host(
+        p.at(),
+        flow,
+        HostEvent::Datagram(&answer(
+            &query,
+            &[(APP, 60), (Ipv4Addr::new(10, 9, 9, 9), 60)],
+        )),
+    );
+    p.settle();
+    let mut back = Vec::new();
+    guest_read(&mut p, h, &mut back);
+    assert_eq!(&back[2..4], &[0x22, 0x22]);
+    assert_eq!(a_records(&back[2..]), [APP], "the rebinding guard applies");
+    assert_eq!(p.stack.pinned_addresses(), 1);
+    assert_eq!(p.stack.stats().dns_blocked, 1);
+    assert_eq!(p.stack.stats().dns_forwarded, 1);
+    // The guest closes: the resolver's query flow goes with it.
+    p.guest(h).close();
+    p.pass_time(Duration::from_secs(1));
+    assert!(p
+        .requests
+        .iter()
+        .any(|r| matches!(r, HostRequest::DatagramClose { flow: f } if *f == flow)));
+    assert_eq!(p.stack.tcp_flow_count(), 0);
 }

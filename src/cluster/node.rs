@@ -101,12 +101,14 @@ impl ClusterNode {
         &self,
         token_digest: Option<ingress::token::TokenDigest>,
         mask: Option<ingress::HostMask>,
+        https_ports: &[ingress::GuestPort],
     ) -> SandboxRecord {
         SandboxRecord {
             node: self.cfg.node.clone(),
             addr: self.cfg.advertise,
             token_digest,
             mask,
+            https_ports: https_ports.to_vec(),
         }
     }
 

@@ -310,6 +310,7 @@ impl RouteTable {
             rec.token_digest,
             rec.mask.clone(),
             self.max_inbound,
+            rec.https_ports.clone(),
         );
         self.directory.insert(id.clone(), route);
         records.insert(id, rec);

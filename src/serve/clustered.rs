@@ -22,7 +22,11 @@ pub async fn claim_created(shared: &Shared, view: SandboxView) -> api::Result<Sa
     let id = SandboxId::parse(&view.sandbox_id)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let route = shared.registry.get(&id)?.route().clone();
-    let record = node.record(route.token_digest(), route.mask().cloned());
+    let record = node.record(
+        route.token_digest(),
+        route.mask().cloned(),
+        route.https_ports(),
+    );
     match node.claim(&id, record).await {
         Ok(()) => Ok(view),
         Err(e) => {
@@ -46,7 +50,11 @@ pub async fn rotate_token(shared: &Shared, id: &SandboxId) -> api::Result<String
         return Err(RegistryError::NoToken(id.clone()).into());
     }
     let fresh = AccessToken::generate().map_err(RegistryError::Route)?;
-    let record = node.record(Some(fresh.digest()), route.mask().cloned());
+    let record = node.record(
+        Some(fresh.digest()),
+        route.mask().cloned(),
+        route.https_ports(),
+    );
     node.update(id, record).await.map_err(from_cluster)?;
     route.install_token(&fresh);
     tracing::info!(sandbox = %id, "traffic access token rotated");

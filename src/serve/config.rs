@@ -2,6 +2,7 @@
 //! TOML file, then `SLIPWAY_<SECTION>_<KEY>` environment variables, merged
 //! into a `FileConfig`. `settings` validates it into what the process runs on.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use netstack::StackConfig;
@@ -50,6 +51,11 @@ pub struct FileConfig {
     /// Many hosts: this node's lease, records and tunnel listener in the
     /// cluster store (off while `store` is empty).
     pub cluster: crate::cluster::config::NodeClusterFile,
+    /// Secrets for header rules, by name: `"@/path/to/file"` or
+    /// `"env:VAR"`, never the value itself. Read once at start; the
+    /// control API's `PUT /secrets/{name}` changes them live.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// Confinement of the serve process itself once its sockets are bound.
@@ -142,6 +148,9 @@ pub struct SandboxFile {
     pub dns_upstream: String,
     pub allow_internal: Vec<String>,
     pub map_host_loopback: Vec<String>,
+    /// PEM bundles of CAs trusted for the servers behind header rules,
+    /// besides Mozilla's roots. Read once at start.
+    pub upstream_ca: Vec<PathBuf>,
 }
 
 impl Default for FileConfig {
@@ -155,6 +164,7 @@ impl Default for FileConfig {
             sandbox: SandboxFile::default(),
             confine: ConfineFile::default(),
             cluster: Default::default(),
+            secrets: BTreeMap::new(),
         }
     }
 }
@@ -212,6 +222,7 @@ impl Default for SandboxFile {
             dns_upstream: String::new(),
             allow_internal: Vec::new(),
             map_host_loopback: Vec::new(),
+            upstream_ca: Vec::new(),
         }
     }
 }
@@ -267,6 +278,7 @@ pub(crate) const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("sandbox", "dns_upstream", Kind::Str),
     ("sandbox", "allow_internal", Kind::List),
     ("sandbox", "map_host_loopback", Kind::List),
+    ("sandbox", "upstream_ca", Kind::List),
     ("confine", "enabled", Kind::Bool),
     ("confine", "socket_dirs", Kind::List),
     ("confine", "tap_fd", Kind::Bool),

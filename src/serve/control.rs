@@ -116,6 +116,35 @@ async fn route(
             registry.set_network(&id, update)?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
+        (&Method::GET, ["sandboxes", id, "ca.pem"]) => {
+            let pem = registry.ca_pem(&sandbox_id(id)?)?;
+            let mut reply = Response::new(Full::new(Bytes::from(pem)));
+            reply.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-pem-file"),
+            );
+            Ok(reply)
+        }
+        // Secrets are write-only: no answer ever holds a value.
+        (&Method::GET, ["secrets"]) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"secrets": registry.secret_names()}),
+        )),
+        (&Method::PUT, ["secrets", name]) => {
+            // The raw body is the value (a trailing newline is dropped).
+            let value = body(req).await?;
+            let copy = value.to_vec();
+            if let Ok(mut buf) = value.try_into_mut() {
+                // The store wipes its copy when done; wipe this one now.
+                buf.as_mut().fill(0);
+            }
+            registry.put_secret(name, copy)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        (&Method::DELETE, ["secrets", name]) => {
+            registry.delete_secret(name)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
         (&Method::POST, ["sandboxes", id, "token"]) => {
             let id = sandbox_id(id)?;
             let token = clustered::rotate_token(shared, &id).await?;
@@ -126,7 +155,12 @@ async fn route(
         }
         (
             _,
-            ["health"] | ["sandboxes"] | ["sandboxes", _] | ["sandboxes", _, "network" | "token"],
+            ["health"]
+            | ["sandboxes"]
+            | ["sandboxes", _]
+            | ["sandboxes", _, "network" | "token" | "ca.pem"]
+            | ["secrets"]
+            | ["secrets", _],
         ) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {}", req.uri().path()),
@@ -205,6 +239,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotRunning { .. } | RegistryError::NoToken(_) => {
                 (StatusCode::CONFLICT, None)
             }
+            RegistryError::Rules(_) => (StatusCode::BAD_REQUEST, Some("network.rules")),
+            RegistryError::Secret(_) => (StatusCode::BAD_REQUEST, Some("secret")),
+            RegistryError::NoSecret(_) => (StatusCode::NOT_FOUND, None),
+            RegistryError::SecretInUse { .. } => (StatusCode::CONFLICT, None),
+            RegistryError::Ca { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         ApiError {
             status,

@@ -180,7 +180,12 @@ pub async fn render(shared: &Shared) -> String {
     let mut names = Family::new(
         "slipway_name_decisions_total",
         "counter",
-        "Egress by name: DNS queries forwarded and blocked by the filtering resolver, answers rewritten without internal addresses, flows a DNS pin allowed.",
+        "Egress by name: DNS queries forwarded and blocked by the filtering resolver, answers rewritten without internal addresses, flows a DNS pin allowed, flows allowed by their TLS SNI or HTTP Host, flows reset for naming no allowed host (fronting_refused: on a pinned address).",
+    );
+    let mut rules = Family::new(
+        "slipway_header_rules_total",
+        "counter",
+        "Header rules: TLS flows intercepted, requests seen and transformed, requests answered 421 (Host not the SNI), servers whose certificate failed verification, other server failures, requests refused for a secret not set, connections refused over the cap.",
     );
     let mut panics = Family::new(
         "slipway_stack_panics_total",
@@ -240,9 +245,30 @@ pub async fn render(shared: &Shared) -> String {
             ("dns_blocked", st.dns_blocked),
             ("dns_answer_rewritten", st.dns_answers_rewritten),
             ("pinned_flow", st.pinned_flows),
+            ("sni_flow", st.sni_flows),
+            ("host_flow", st.host_flows),
+            ("name_refused", st.name_refused),
+            ("fronting_refused", st.fronting_refused),
         ] {
             names.sample(
                 "slipway_name_decisions_total",
+                &format!("sandbox=\"{id}\",kind=\"{kind}\""),
+                n,
+            );
+        }
+        let c = s.injector.counts();
+        for (kind, n) in [
+            ("intercepted_flow", st.intercepted_flows),
+            ("request", c.requests),
+            ("transformed", c.transformed),
+            ("misdirected", c.misdirected),
+            ("upstream_unverified", c.upstream_unverified),
+            ("upstream_failed", c.upstream_failed),
+            ("missing_secret", c.missing_secret),
+            ("over_cap", c.refused_over_cap),
+        ] {
+            rules.sample(
+                "slipway_header_rules_total",
                 &format!("sandbox=\"{id}\",kind=\"{kind}\""),
                 n,
             );
@@ -294,7 +320,7 @@ pub async fn render(shared: &Shared) -> String {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     for f in [
-        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics, names,
+        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics, names, rules,
     ] {
         out.push_str(&f.text);
     }

@@ -11,6 +11,7 @@ pub mod config;
 mod control;
 pub(crate) mod metrics;
 mod registry;
+mod secrets;
 pub(crate) mod settings;
 mod view;
 
@@ -98,8 +99,15 @@ pub fn main(args: ServeArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let base = match secrets::InjectBase::load(&settings) {
+        Ok(base) => base,
+        Err(e) => {
+            eprintln!("slipway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let log = init_logging(&settings.log);
-    match serve(path, settings, log) {
+    match serve(path, settings, base, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("slipway: {}", vmm_glue::chain(&e));
@@ -254,7 +262,12 @@ fn bind_control(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListen
     Ok(listener)
 }
 
-fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<(), ServeError> {
+fn serve(
+    path: Option<PathBuf>,
+    settings: Settings,
+    base: secrets::InjectBase,
+    log: LogHandle,
+) -> Result<(), ServeError> {
     let bound = bind(&settings)?;
     let mut net = tokio::runtime::Builder::new_multi_thread();
     net.enable_all().thread_name("slipway-net");
@@ -275,7 +288,7 @@ fn serve(path: Option<PathBuf>, settings: Settings, log: LogHandle) -> Result<()
     let serving = |what| move |source| ServeError::Serve { what, source };
 
     let shared = Arc::new(Shared {
-        registry: Registry::new(net.handle().clone()),
+        registry: Registry::new(net.handle().clone(), base),
         settings: RwLock::new(Arc::new(settings.clone())),
         gateway: OnceLock::new(),
         cluster: OnceLock::new(),

@@ -4,6 +4,7 @@
 //! the registry's lock and either completes or leaves nothing behind.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,8 +22,11 @@ use vmm_glue::transport::{FdOwner, OpenOptions};
 use vmm_glue::{Transport, TransportError, TransportSpec};
 
 use super::api::{CreateSandbox, Egress, NetworkUpdate};
+use super::secrets::InjectBase;
 use super::settings::SandboxDefaults;
-use super::view::{CountersView, GuestView, NetworkView, SandboxView, TransportView};
+use super::view::{
+    CountersView, EgressProxyView, GuestView, NetworkView, SandboxView, TransportView,
+};
 use crate::door::StackDoor;
 
 /// How long a sandbox's driver may take to answer a question or to stop.
@@ -64,6 +68,23 @@ pub enum RegistryError {
     NotRunning { id: SandboxId, state: String },
     #[error("sandbox {0} allows public traffic: it has no traffic access token")]
     NoToken(SandboxId),
+    /// A rule names a secret that is not set (checked at create and update).
+    #[error(transparent)]
+    Rules(#[from] inject::RuleError),
+    #[error(transparent)]
+    Secret(#[from] inject::SecretError),
+    #[error("secret {0} is not set")]
+    NoSecret(String),
+    #[error(
+        "secret {name} is used by the header rules of sandbox {users}: change their rules first"
+    )]
+    SecretInUse { name: String, users: String },
+    #[error("cannot make sandbox {id}'s CA")]
+    Ca {
+        id: SandboxId,
+        #[source]
+        source: inject::CaError,
+    },
 }
 
 /// What became of a sandbox's link.
@@ -90,15 +111,29 @@ struct AskedEgress {
     allow_internet_access: bool,
     allow_out: Vec<String>,
     deny_out: Vec<String>,
+    /// In force: as asked, or the sandbox's default when not given.
+    dns_servers: Vec<IpAddr>,
+    /// What GET shows of it: no password, no CA.
+    egress_proxy: Option<EgressProxyView>,
 }
 
-impl From<&Egress> for AskedEgress {
-    fn from(e: &Egress) -> Self {
+impl AskedEgress {
+    fn new(e: &Egress, default_dns_servers: &[IpAddr]) -> Self {
         Self {
             allow_internet_access: e.allow_internet_access,
             allow_out: e.allow_out.clone(),
             deny_out: e.deny_out.clone(),
+            dns_servers: dns_servers_in_force(e, default_dns_servers),
+            egress_proxy: e.egress_proxy.as_ref().map(EgressProxyView::from),
         }
+    }
+}
+
+/// The DNS servers a sandbox's resolver answers for: those asked, else the default.
+fn dns_servers_in_force(e: &Egress, default: &[IpAddr]) -> Vec<IpAddr> {
+    match &e.dns_servers {
+        Some(asked) => asked.iter().copied().map(IpAddr::V4).collect(),
+        None => default.to_vec(),
     }
 }
 
@@ -110,8 +145,13 @@ pub struct Sandbox {
     transport_detail: String,
     pub state: Arc<Mutex<LinkState>>,
     egress: Mutex<AskedEgress>,
+    /// dnsServers when a request leaves them out (serve's stack default).
+    default_dns_servers: Vec<IpAddr>,
+    /// Its CA and header rules (replaced with the policy).
+    pub injector: inject::Injector,
     allow_public_traffic: bool,
     mask_request_host: Option<String>,
+    https_ports: Vec<u16>,
     plan: AddressPlan,
     mtu: usize,
     created_at: SystemTime,
@@ -157,16 +197,24 @@ impl Sandbox {
             network: NetworkView {
                 allow_out: egress.allow_out,
                 deny_out: egress.deny_out,
+                dns_servers: egress.dns_servers.iter().map(IpAddr::to_string).collect(),
                 allow_public_traffic: self.allow_public_traffic,
                 mask_request_host: self.mask_request_host.clone(),
+                egress_proxy: egress.egress_proxy,
+                https_ports: self.https_ports.clone(),
+                rules: {
+                    let rules = self.injector.rules();
+                    (!rules.is_empty()).then(|| rules.to_json())
+                },
             },
+            ca_cert: None,
             traffic_access_token: token,
             created_at: self
                 .created_at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            counters: snapshot.map(CountersView::from),
+            counters: snapshot.map(|s| CountersView::new(s, self.injector.counts())),
         }
     }
 
@@ -210,16 +258,19 @@ pub struct Registry {
     /// Connections from the gateway into guests, alive now.
     pub guest_connections: Arc<AtomicUsize>,
     draining: AtomicBool,
+    /// The secrets and upstream trust every sandbox's header rules use.
+    inject: InjectBase,
 }
 
 impl Registry {
-    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(runtime: tokio::runtime::Handle, inject: InjectBase) -> Self {
         Self {
             sandboxes: Mutex::new(HashMap::new()),
             directory: Arc::new(Directory::new()),
             runtime,
             guest_connections: Arc::new(AtomicUsize::new(0)),
             draining: AtomicBool::new(false),
+            inject,
         }
     }
 
@@ -273,19 +324,36 @@ impl Registry {
                 });
             }
         }
+        let secrets = &self.inject.secrets;
+        req.egress.rules.check_secrets(|n| secrets.contains(n))?;
+        let injector = inject::Injector::new(
+            id.as_str(),
+            req.egress.rules.clone(),
+            self.inject.secrets.clone(),
+            self.inject.upstream.clone(),
+        )
+        .map_err(|source| RegistryError::Ca {
+            id: id.clone(),
+            source,
+        })?;
         let transport = open(&req.transport, caller, defaults.stack.mtu)?;
         let transport_detail = transport.describe();
         let mut cfg = defaults.stack.clone();
         cfg.random_seed = random_u64()?;
+        let default_dns_servers = cfg.dns_servers.clone();
+        cfg.dns_servers = dns_servers_in_force(&req.egress, &default_dns_servers);
         let (plan, mtu) = (cfg.plan.clone(), cfg.mtu);
         let stack = Stack::new(cfg, req.egress.policy.clone(), std::time::Instant::now());
-        let parked = Parked::new(stack);
+        let mut parked = Parked::new(stack);
+        parked.set_egress_proxy(req.egress.egress_proxy.clone());
+        parked.set_interceptor(injector.interceptor());
         let handle = parked.handle();
         let door = StackDoor::new(handle.clone(), self.guest_connections.clone());
         let spec = RouteSpec {
             allow_public_traffic: req.public.allow_public_traffic,
             mask_request_host: req.public.mask_request_host.as_ref().map(|m| m.1.clone()),
             max_connections: defaults.max_inbound,
+            https_ports: req.public.https_ports.clone(),
         };
         let (route, token) = Route::new(Arc::new(door), spec)?;
         // Nothing can fail from here on.
@@ -303,16 +371,20 @@ impl Registry {
             transport: req.transport,
             transport_detail,
             state,
-            egress: Mutex::new(AskedEgress::from(&req.egress)),
+            egress: Mutex::new(AskedEgress::new(&req.egress, &default_dns_servers)),
+            default_dns_servers,
+            injector,
             allow_public_traffic: req.public.allow_public_traffic,
             mask_request_host: req.public.mask_request_host.map(|m| m.0),
+            https_ports: req.public.https_ports.iter().map(|p| p.get()).collect(),
             plan,
             mtu,
             created_at: SystemTime::now(),
             stop: Mutex::new(Some(stop)),
             task: Mutex::new(Some(task)),
         });
-        let view = sandbox.view(token.map(|t| t.as_str().to_string()), None);
+        let mut view = sandbox.view(token.map(|t| t.as_str().to_string()), None);
+        view.ca_cert = Some(sandbox.injector.ca_pem().to_string());
         sandboxes.insert(id, sandbox);
         tracing::info!(sandbox = %view.sandbox_id, transport = %view.transport.detail, "sandbox created");
         Ok(view)
@@ -329,19 +401,79 @@ impl Registry {
         Ok(sandbox.view(None, snapshot.as_ref()))
     }
 
-    /// Replace the egress policy whole; the driver resets the flows it now denies.
+    /// Replace the egress configuration whole (E2B's PUT: what the update
+    /// leaves out goes back to its default): the policy, whose newly denied
+    /// flows the driver resets, and the DNS servers its resolver answers for.
     pub fn set_network(&self, id: &SandboxId, update: NetworkUpdate) -> Result<(), RegistryError> {
         let sandbox = self.get(id)?;
+        let secrets = &self.inject.secrets;
+        update.egress.rules.check_secrets(|n| secrets.contains(n))?;
         let mut asked = lock(&sandbox.egress);
-        if !sandbox.handle.set_policy(update.egress.policy.clone()) {
+        let fresh = AskedEgress::new(&update.egress, &sandbox.default_dns_servers);
+        // Rules first: a flow the new policy marks finds its rule. A flow
+        // the old one marked meanwhile may find none and gets no header:
+        // never a header for a name whose rule is gone.
+        let old_rules = sandbox.injector.rules();
+        sandbox.injector.set_rules(update.egress.rules.clone());
+        // Both commands go down the driver's one queue, in this order; a
+        // closed queue refuses the first.
+        if !sandbox.handle.set_policy(update.egress.policy.clone())
+            || !sandbox.handle.set_dns_servers(fresh.dns_servers.clone())
+        {
+            sandbox.injector.set_rules((*old_rules).clone());
             return Err(RegistryError::NotRunning {
                 id: id.clone(),
                 state: lock(&sandbox.state).describe(),
             });
         }
-        *asked = AskedEgress::from(&update.egress);
+        // Flows opened from now on take the new path; open ones keep theirs.
+        sandbox
+            .handle
+            .set_egress_proxy(update.egress.egress_proxy.clone());
+        *asked = fresh;
+        let egress_proxy = asked.egress_proxy.as_ref().map(|p| p.address.as_str());
         tracing::info!(sandbox = %id, allow_out = ?asked.allow_out, deny_out = ?asked.deny_out,
-                       allow_internet_access = asked.allow_internet_access, "policy replaced");
+                       allow_internet_access = asked.allow_internet_access,
+                       dns_servers = ?asked.dns_servers, ?egress_proxy, "policy replaced");
+        Ok(())
+    }
+
+    /// The sandbox's CA certificate (PEM), for its guest to trust.
+    pub fn ca_pem(&self, id: &SandboxId) -> Result<String, RegistryError> {
+        Ok(self.get(id)?.injector.ca_pem().to_string())
+    }
+
+    /// Set or replace a secret; the next request that names it uses it.
+    pub fn put_secret(&self, name: &str, value: Vec<u8>) -> Result<(), RegistryError> {
+        self.inject.secrets.put(name, value)?;
+        tracing::info!(secret = name, "secret set");
+        Ok(())
+    }
+
+    pub fn secret_names(&self) -> Vec<String> {
+        self.inject.secrets.names()
+    }
+
+    /// Forget a secret no sandbox's rules name.
+    pub fn delete_secret(&self, name: &str) -> Result<(), RegistryError> {
+        // Under the registry's lock, so no create or update slips in between.
+        let sandboxes = lock(&self.sandboxes);
+        let mut users: Vec<&str> = sandboxes
+            .values()
+            .filter(|s| s.injector.rules().secrets().any(|n| n == name))
+            .map(|s| s.id.as_str())
+            .collect();
+        if !users.is_empty() {
+            users.sort();
+            return Err(RegistryError::SecretInUse {
+                name: name.to_string(),
+                users: users.join(", "),
+            });
+        }
+        if !self.inject.secrets.remove(name) {
+            return Err(RegistryError::NoSecret(name.to_string()));
+        }
+        tracing::info!(secret = name, "secret removed");
         Ok(())
     }
 

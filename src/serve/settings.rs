@@ -103,6 +103,20 @@ impl FileConfig {
             sandbox: self.sandbox.validate()?,
             cluster: self.cluster.validate()?,
         })
+        .and_then(|s| {
+            for (name, source) in &self.secrets {
+                if !inject::rules::valid_secret_name(name) {
+                    let why = "give 1 to 128 of letters, digits, '_', '-' or '.'";
+                    return Err(value("secrets", &inject::rules::echo(name), why));
+                }
+                if !source.starts_with('@') && !source.starts_with("env:") {
+                    // Not echoed: it may be the value itself.
+                    let why = "give \"@/path/to/file\" or \"env:VAR\", never the value";
+                    return Err(value("secrets", name, why));
+                }
+            }
+            Ok(s)
+        })
     }
 
     fn control_token(&self) -> Result<Option<TokenDigest>> {
@@ -226,6 +240,9 @@ impl SandboxFile {
         };
         EgressPolicy::from_spec(&holes)
             .map_err(|e| value("sandbox.allow_internal", "", &e.to_string()))?;
+        for ca in &self.upstream_ca {
+            absolute("sandbox.upstream_ca", ca)?;
+        }
         Ok(SandboxDefaults {
             max_sandboxes: positive("sandbox.max_sandboxes", self.max_sandboxes)?,
             stack,
@@ -262,6 +279,13 @@ impl Settings {
         }
         if a.confine != b.confine {
             keys.push("confine");
+        }
+        // Files read before confinement; the API changes secrets live.
+        if a.sandbox.upstream_ca != b.sandbox.upstream_ca {
+            keys.push("sandbox.upstream_ca");
+        }
+        if a.secrets != b.secrets {
+            keys.push("secrets");
         }
         if a.cluster != b.cluster {
             keys.push("cluster");

@@ -17,6 +17,11 @@ pub struct SandboxView {
     /// On create (and rotate) only, and only for private sandboxes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traffic_access_token: Option<String>,
+    /// On create only: the sandbox's CA certificate (PEM), which signs what
+    /// the guest sees on connections its header rules apply to; also at
+    /// `GET /sandboxes/{id}/ca.pem`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     /// `GET /sandboxes/{id}` only.
@@ -45,13 +50,56 @@ pub struct GuestView {
     pub mtu: usize,
 }
 
+/// E2B's `SandboxNetworkInfo`: every list present (`[]`, never null), no
+/// secret ever.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkView {
     pub allow_out: Vec<String>,
     pub deny_out: Vec<String>,
+    /// In force: as asked, or the default (8.8.8.8) when not given.
+    pub dns_servers: Vec<String>,
+    /// Absent when flows connect directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<EgressProxyView>,
     pub allow_public_traffic: bool,
     pub mask_request_host: Option<String>,
+    pub https_ports: Vec<u16>,
+    /// E2B's `rules`, as written (placeholders, never a secret); absent
+    /// when there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+}
+
+/// E2B's `SandboxEgressProxyInfo`: where the proxy is and who logs in,
+/// never the password or the CA.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressProxyView {
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ProxyTlsView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTlsView {
+    /// The name the proxy's certificate is checked against.
+    pub server_name: String,
+}
+
+impl From<&netstack::EgressProxy> for EgressProxyView {
+    fn from(p: &netstack::EgressProxy) -> Self {
+        Self {
+            address: p.address().to_string(),
+            username: p.username().map(str::to_string),
+            tls: p
+                .tls_server_name()
+                .map(|server_name| ProxyTlsView { server_name }),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -76,10 +124,27 @@ pub struct CountersView {
     pub dns_blocked: u64,
     pub dns_answers_rewritten: u64,
     pub pinned_flows: u64,
+    /// Flows allowed by the name in their TLS SNI / HTTP Host (the host
+    /// dialed the name), and flows reset because their first bytes named
+    /// no allowed host (`fronting_refused`: of those, on a pinned address).
+    pub sni_flows: u64,
+    pub host_flows: u64,
+    pub name_refused: u64,
+    pub fronting_refused: u64,
+    /// Header rules: TLS flows intercepted, requests given a rule's
+    /// headers, requests answered 421 (their Host was not the SNI), servers
+    /// whose certificate failed verification, requests refused because a
+    /// secret was not set.
+    pub intercepted_flows: u64,
+    pub requests_transformed: u64,
+    pub requests_misdirected: u64,
+    pub upstream_unverified: u64,
+    pub upstream_failed: u64,
+    pub missing_secret: u64,
 }
 
-impl From<&netstack::driver::Snapshot> for CountersView {
-    fn from(s: &netstack::driver::Snapshot) -> Self {
+impl CountersView {
+    pub fn new(s: &netstack::driver::Snapshot, inject: inject::InjectCounts) -> Self {
         Self {
             tcp_flows: s.tcp_flows,
             datagram_flows: s.datagram_flows,
@@ -96,6 +161,16 @@ impl From<&netstack::driver::Snapshot> for CountersView {
             dns_blocked: s.stats.dns_blocked,
             dns_answers_rewritten: s.stats.dns_answers_rewritten,
             pinned_flows: s.stats.pinned_flows,
+            sni_flows: s.stats.sni_flows,
+            host_flows: s.stats.host_flows,
+            name_refused: s.stats.name_refused,
+            fronting_refused: s.stats.fronting_refused,
+            intercepted_flows: s.stats.intercepted_flows,
+            requests_transformed: inject.transformed,
+            requests_misdirected: inject.misdirected,
+            upstream_unverified: inject.upstream_unverified,
+            upstream_failed: inject.upstream_failed,
+            missing_secret: inject.missing_secret,
         }
     }
 }

@@ -11,6 +11,9 @@ Standard library only. Prints "ready" once every socket listens.
             GET /ws             -> WebSocket echo (text, binary, ping; close ends it)
   TCP 7000  reads a PROXY protocol v2 header, answers "proxy SRC -> DST\\n", then echoes
   TCP 7001  echo
+  TCP 8443  with --tls-cert/--tls-key: the same as 8000 over TLS (ALPN offers h2 first, then
+            http/1.1); /headers also says {"tls": {"sni", "alpn"}}: what the client's
+            ClientHello named and the protocol agreed
 """
 import argparse
 import base64
@@ -19,8 +22,10 @@ import http.server
 import json
 import socket
 import socketserver
+import ssl
 import struct
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -52,18 +57,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def headers_echo(self):
         n = sum(len(p) for p in read_body(self))
-        self.send_text(
-            200,
-            json.dumps(
-                {
-                    "method": self.command,
-                    "path": self.path,
-                    "headers": [[k.lower(), v] for k, v in self.headers.items()],
-                    "body_len": n,
-                }
-            ),
-            "application/json",
-        )
+        seen = {
+            "method": self.command,
+            "path": self.path,
+            "headers": [[k.lower(), v] for k, v in self.headers.items()],
+            "body_len": n,
+        }
+        if isinstance(self.connection, ssl.SSLSocket):
+            seen["tls"] = {
+                "sni": getattr(self.connection, "sni_name", None),
+                "alpn": self.connection.selected_alpn_protocol(),
+            }
+        self.send_text(200, json.dumps(seen), "application/json")
 
     def do_GET(self):
         url = urllib.parse.urlsplit(self.path)
@@ -151,6 +156,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
             w.flush()
 
 
+class TlsServer(Server):
+    """HTTPS: the handshake runs in the request's own thread, so a client
+    that never finishes it holds up no other."""
+
+    def __init__(self, addr, handler, cert, key):
+        super().__init__(addr, handler)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.ctx.set_alpn_protocols(["h2", "http/1.1"])
+        self.ctx.sni_callback = lambda conn, name, ctx: setattr(conn, "sni_name", name)
+
+    def get_request(self):
+        conn, addr = self.socket.accept()
+        return self.ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), addr
+
+    def finish_request(self, request, client_address):
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError):
+            return  # plain HTTP to a TLS port: the client sees the close
+        super().finish_request(request, client_address)
+
+
 def ws_frame(op, data):
     n = len(data)
     if n < 126:
@@ -206,9 +234,14 @@ def tcp_server(port, with_proxy):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--blob", default="/dev/null")
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
     args = ap.parse_args()
     Handler.blob = args.blob
     httpd = Server(("0.0.0.0", 8000), Handler)
+    if args.tls_cert:
+        https = TlsServer(("0.0.0.0", 8443), Handler, args.tls_cert, args.tls_key)
+        threading.Thread(target=https.serve_forever, daemon=True).start()
     tcp_server(7000, True)
     tcp_server(7001, False)
     print("ready", flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Guest-side probe for slipway's end-to-end tests: one attempt, one line out,
-"<result> <milliseconds>", where result is `connected`, `echo-ok`, `reply`,
+"<result> <milliseconds>", where result is `connected`, `echo-ok`, `greet-ok`, `reply`,
 `timeout` or the errno name (ECONNREFUSED, EHOSTUNREACH, EACCES, ...)."""
 import errno
 import socket
@@ -37,6 +37,15 @@ def main():
                         break
                     got += chunk
                 result = "echo-ok" if got == msg else f"echo-mismatch({len(got)})"
+        elif what == "greet":
+            # A server-first protocol: the server speaks, then we answer.
+            with socket.create_connection((host, port), timeout=5) as s:
+                f = s.makefile("rb")
+                banner = f.readline()
+                s.sendall(b"HELO guest\r\n")
+                reply = f.readline()
+                ok = banner.startswith(b"220") and reply.startswith(b"250 you said HELO")
+                result = "greet-ok" if ok else f"greet-bad({banner!r},{reply!r})"
         elif what == "udp":
             with socket.socket(family(host), socket.SOCK_DGRAM) as s:
                 s.settimeout(3)

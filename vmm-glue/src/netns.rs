@@ -51,7 +51,17 @@ pub struct GuestNetConfig {
     /// Open the tap with a virtio-net header (IFF_VNET_HDR), so that the
     /// returned `Tap` can turn offloads on (`Tap::enable_offloads`).
     pub vnet_hdr: bool,
+    /// A CA bundle (PEM) bind-mounted over [`CA_BUNDLE`] inside, e.g. the
+    /// host's bundle plus the sandbox's own CA; `None` leaves it alone.
+    pub ca_bundle: Option<Vec<u8>>,
+    /// Files an empty file is bind-mounted over inside (absolute paths):
+    /// secrets slipway read that the command must not.
+    pub hidden_files: Vec<PathBuf>,
 }
+
+/// Where Debian, Ubuntu, Alpine and Arch keep the system's CA bundle (and
+/// what OpenSSL, curl, Python and Node read there).
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl Default for GuestNetConfig {
     /// The plan every sandbox shares: 10.0.2.15/24 via 10.0.2.2, fd00::15/64
@@ -71,6 +81,8 @@ impl Default for GuestNetConfig {
                 IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3)),
             ],
             vnet_hdr: false,
+            ca_bundle: None,
+            hidden_files: Vec::new(),
         }
     }
 }

@@ -490,3 +490,40 @@ pub fn arp_of(frame: &[u8]) -> Option<(EthernetAddress, ArpRepr)> {
     let repr = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).ok()?).ok()?;
     Some((eth.dst_addr(), repr))
 }
+
+/// A TLS 1.3-style ClientHello naming `sni` (no SNI when empty), cut into
+/// handshake records of at most `record` bytes: what a guest's TLS client
+/// sends first, for the name-dial and fronting tests.
+pub fn client_hello(sni: &str, record: usize) -> Vec<u8> {
+    let mut exts = Vec::new();
+    // supported_groups first, as real clients send something before SNI.
+    exts.extend_from_slice(&[0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x1d]);
+    if !sni.is_empty() {
+        let n = sni.len() as u16;
+        exts.extend_from_slice(&[0x00, 0x00]);
+        exts.extend_from_slice(&(n + 5).to_be_bytes());
+        exts.extend_from_slice(&(n + 3).to_be_bytes());
+        exts.push(0);
+        exts.extend_from_slice(&n.to_be_bytes());
+        exts.extend_from_slice(sni.as_bytes());
+    }
+    // supported_versions: TLS 1.3.
+    exts.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[0x42; 32]);
+    body.push(32);
+    body.extend_from_slice(&[0x24; 32]);
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut out = Vec::new();
+    for chunk in hs.chunks(record.max(1)) {
+        out.extend_from_slice(&[0x16, 3, 1]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}

@@ -6,14 +6,17 @@
 pub mod check;
 pub mod classify;
 pub mod cluster_record;
+pub mod first_bytes;
 pub mod frames;
 pub mod gateway;
+pub mod header_rewrite;
 pub mod input;
 pub mod kit;
 pub mod policy;
 pub mod qemu_stream;
 pub mod resolver;
 pub mod services;
+pub mod socks;
 pub mod stack_frames;
 pub mod tcp_segments;
 pub mod vhost_queues;
@@ -35,6 +38,9 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vnet", vnet::run),
     ("vhost_queues", vhost_queues::run),
     ("resolver", resolver::run),
+    ("first_bytes", first_bytes::run),
+    ("socks_reply", socks::run),
+    ("header_rewrite", header_rewrite::run),
     ("cluster_record", cluster_record::run),
 ];
 

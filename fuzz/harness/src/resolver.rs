@@ -52,7 +52,7 @@ pub enum Addr {
 }
 
 impl Addr {
-    fn ip(self) -> IpAddr {
+    pub(crate) fn ip(self) -> IpAddr {
         match self {
             Addr::Public(x) => Ipv4Addr::new(198, 51, 100, x).into(),
             Addr::Internal(x) => match x % 3 {
@@ -117,7 +117,41 @@ fn spec(bits: u8) -> PolicySpec {
     }
 }
 
-fn internal(ip: IpAddr) -> bool {
+/// The upstream's answer to `query`: a CNAME first when `cname`, then up
+/// to 8 A / AAAA records built from `addrs` (address, TTL).
+pub(crate) fn records_answer(query: &[u8], addrs: &[(Addr, u16)], cname: bool) -> Vec<u8> {
+    let mut r = query.to_vec();
+    r[2] |= 0x80;
+    r[3] = 0x80;
+    let mut n = 0u16;
+    if cname {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 5, 0, 1, 0, 0, 0, 9, 0, 2, 0xc0, 0x0c]);
+        n += 1;
+    }
+    for (a, ttl) in addrs.iter().take(8) {
+        r.extend_from_slice(&[0xc0, 0x0c]);
+        match a.ip() {
+            IpAddr::V4(v4) => {
+                r.extend_from_slice(&[0, 1, 0, 1, 0, 0]);
+                r.extend_from_slice(&ttl.to_be_bytes());
+                r.extend_from_slice(&[0, 4]);
+                r.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                r.extend_from_slice(&[0, 28, 0, 1, 0, 0]);
+                r.extend_from_slice(&ttl.to_be_bytes());
+                r.extend_from_slice(&[0, 16]);
+                r.extend_from_slice(&v6.octets());
+            }
+        }
+        n += 1;
+    }
+    r[6..8].copy_from_slice(&n.to_be_bytes());
+    r
+}
+
+/// The always-denied ranges as the harnesses model them.
+pub(crate) fn internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => a.is_private() || a.is_loopback() || a.is_link_local(),
         IpAddr::V6(_) => false,
@@ -241,36 +275,7 @@ impl Harness {
         let query = self.in_flight.remove(0);
         let msg = match reply {
             Reply::Raw(b) => b.0.clone(),
-            Reply::Records { addrs, cname } => {
-                let mut r = query.clone();
-                r[2] |= 0x80;
-                r[3] = 0x80;
-                let mut n = 0u16;
-                if *cname {
-                    r.extend_from_slice(&[0xc0, 0x0c, 0, 5, 0, 1, 0, 0, 0, 9, 0, 2, 0xc0, 0x0c]);
-                    n += 1;
-                }
-                for (a, ttl) in addrs.iter().take(8) {
-                    r.extend_from_slice(&[0xc0, 0x0c]);
-                    match a.ip() {
-                        IpAddr::V4(v4) => {
-                            r.extend_from_slice(&[0, 1, 0, 1, 0, 0]);
-                            r.extend_from_slice(&ttl.to_be_bytes());
-                            r.extend_from_slice(&[0, 4]);
-                            r.extend_from_slice(&v4.octets());
-                        }
-                        IpAddr::V6(v6) => {
-                            r.extend_from_slice(&[0, 28, 0, 1, 0, 0]);
-                            r.extend_from_slice(&ttl.to_be_bytes());
-                            r.extend_from_slice(&[0, 16]);
-                            r.extend_from_slice(&v6.octets());
-                        }
-                    }
-                    n += 1;
-                }
-                r[6..8].copy_from_slice(&n.to_be_bytes());
-                r
-            }
+            Reply::Records { addrs, cname } => records_answer(&query, &addrs.0, *cname),
         };
         // The model pins what an allowed name's answer held, as the stack would.
         if let (Some(_), Some(a)) = (

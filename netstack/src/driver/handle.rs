@@ -2,10 +2,13 @@
 //! handle that sends commands to its driver, and a sandbox parked between
 //! two links.
 
+use std::sync::Arc;
+
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::policy::EgressPolicy;
+use crate::proxy::EgressProxy;
 use crate::stack::{Stack, Stats};
 
 /// Why a connection into the guest failed.
@@ -35,6 +38,9 @@ pub enum Command {
     SetPolicy(EgressPolicy),
     /// Replace the DNS servers the guest may address (`Stack::set_dns_servers`).
     SetDnsServers(Vec<std::net::IpAddr>),
+    /// Send new TCP flows through this egress proxy (`None`: direct);
+    /// open flows keep their path.
+    SetEgressProxy(Option<EgressProxy>),
     /// Reset every flow (RSTs both ways), as when a sandbox is torn down.
     ResetFlows,
     Stats(oneshot::Sender<Snapshot>),
@@ -83,6 +89,12 @@ impl DriverHandle {
         self.tx.send(Command::SetDnsServers(servers)).is_ok()
     }
 
+    /// Send the TCP flows opened from now on through `proxy` (`None`:
+    /// direct again); flows already open keep their path.
+    pub fn set_egress_proxy(&self, proxy: Option<EgressProxy>) -> bool {
+        self.tx.send(Command::SetEgressProxy(proxy)).is_ok()
+    }
+
     /// Reset every flow: the guest and the host peers get RSTs.
     pub fn reset_flows(&self) -> bool {
         self.tx.send(Command::ResetFlows).is_ok()
@@ -98,8 +110,10 @@ impl DriverHandle {
 /// A sandbox's stack between two links: see `Driver::serve` and `Driver::resume`.
 pub struct Parked {
     pub stack: Stack,
+    egress_proxy: Option<Arc<EgressProxy>>,
     commands_tx: mpsc::UnboundedSender<Command>,
     commands: mpsc::UnboundedReceiver<Command>,
+    interceptor: Option<super::SharedInterceptor>,
 }
 
 impl Parked {
@@ -110,34 +124,61 @@ impl Parked {
         let (commands_tx, commands) = mpsc::unbounded_channel();
         Self {
             stack,
+            egress_proxy: None,
             commands_tx,
             commands,
+            interceptor: None,
         }
+    }
+
+    /// Where the driver that resumes this sandbox sends intercepted flows
+    /// (`Driver::set_interceptor`); kept across links.
+    pub fn set_interceptor(&mut self, interceptor: super::SharedInterceptor) {
+        self.interceptor = Some(interceptor);
+    }
+
+    pub(super) fn interceptor(&self) -> Option<super::SharedInterceptor> {
+        self.interceptor.clone()
     }
 
     pub fn handle(&self) -> DriverHandle {
         DriverHandle::new(self.commands_tx.clone())
     }
 
+    /// The egress proxy the sandbox starts with (see `Driver::set_egress_proxy`).
+    pub fn set_egress_proxy(&mut self, proxy: Option<EgressProxy>) {
+        self.egress_proxy = proxy.map(Arc::new);
+    }
+
     pub(super) fn from_parts(
         stack: Stack,
+        egress_proxy: Option<Arc<EgressProxy>>,
         commands_tx: mpsc::UnboundedSender<Command>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Self {
         Self {
             stack,
+            egress_proxy,
             commands_tx,
             commands,
+            interceptor: None,
         }
     }
 
+    #[allow(clippy::type_complexity)]
     pub(super) fn into_parts(
         self,
     ) -> (
         Stack,
+        Option<Arc<EgressProxy>>,
         mpsc::UnboundedSender<Command>,
         mpsc::UnboundedReceiver<Command>,
     ) {
-        (self.stack, self.commands_tx, self.commands)
+        (
+            self.stack,
+            self.egress_proxy,
+            self.commands_tx,
+            self.commands,
+        )
     }
 }

@@ -1,23 +1,31 @@
 //! The host side of a sandbox's flows: TCP connects in flight, open
 //! streams (a real socket, or one end of a pair for a gateway connection
-//! into the guest), datagram sockets, and the two byte pumps.
+//! into the guest), datagram sockets, and the byte pumps: zero-copy ones
+//! for sockets, and the ones for a TLS tunnel to an egress proxy.
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
+use tokio_rustls::client::TlsStream;
 
+use super::dial::Dial;
 use super::handle::GuestConnectError;
 use crate::stack::{ConnectError, DatagramKind, FlowId, HostEvent, Stack};
 
 pub(super) enum HostTcp {
     /// A non-blocking host connect in flight (the core times it out).
     Connecting(TcpStream),
+    /// A dial through the egress proxy in flight; dropping it (the core's
+    /// timeout, the guest giving up) ends it.
+    Dialing(Dial),
     /// A gateway connection into the guest, waiting for the guest to accept.
     Inbound {
         reply: oneshot::Sender<Result<UnixStream, GuestConnectError>>,
@@ -25,6 +33,8 @@ pub(super) enum HostTcp {
         theirs: UnixStream,
     },
     Open(OpenTcp),
+    /// Through the egress proxy over TLS.
+    OpenTls(OpenTls),
 }
 
 pub(super) struct OpenTcp {
@@ -73,6 +83,35 @@ impl HostStream {
             HostStream::Tcp(s) => SockRef::from(s),
             HostStream::Unix(s) => SockRef::from(s),
         }
+    }
+}
+
+/// A flow's TLS stream to the egress proxy, past the SOCKS5 handshake.
+pub(super) struct OpenTls {
+    pub(super) stream: Box<TlsStream<TcpStream>>,
+    pub(super) read_done: bool,
+    pub(super) shutdown: TlsShutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TlsShutdown {
+    No,
+    /// The guest finished sending: flush, close_notify, then FIN.
+    Wanted,
+    Done,
+}
+
+impl OpenTls {
+    pub(super) fn new(stream: Box<TlsStream<TcpStream>>) -> Self {
+        Self {
+            stream,
+            read_done: false,
+            shutdown: TlsShutdown::No,
+        }
+    }
+
+    pub(super) fn sock(&self) -> SockRef<'_> {
+        SockRef::from(self.stream.get_ref().0)
     }
 }
 
@@ -154,6 +193,115 @@ pub(super) fn guest_to_host(
                 return true;
             }
         }
+    }
+    progress
+}
+
+/// Host → guest through a TLS tunnel: decrypt straight into the flow's
+/// send buffer.
+pub(super) fn tls_to_guest(
+    stack: &mut Stack,
+    cx: &mut Context<'_>,
+    now: Instant,
+    flow: FlowId,
+    open: &mut OpenTls,
+) -> bool {
+    let mut progress = false;
+    while !open.read_done && stack.tcp_send_capacity(flow) > 0 {
+        let stream = &mut open.stream;
+        let read = stack.tcp_send_with(flow, |buf| {
+            // An empty read buffer would read as end of stream.
+            if buf.is_empty() {
+                return (0, Err(io::ErrorKind::WouldBlock.into()));
+            }
+            let mut rb = ReadBuf::new(buf);
+            match Pin::new(&mut **stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    (n, Ok(n))
+                }
+                Poll::Ready(Err(e)) => (0, Err(e)),
+                Poll::Pending => (0, Err(io::ErrorKind::WouldBlock.into())),
+            }
+        });
+        match read {
+            None => break,
+            Some(Ok(0)) => {
+                open.read_done = true;
+                stack.handle_host(now, flow, HostEvent::Eof);
+                progress = true;
+            }
+            Some(Ok(_)) => progress = true,
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+            // The proxy closed without close_notify: the relayed stream
+            // ended there (the guest's own protocol sees any truncation).
+            Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                open.read_done = true;
+                stack.handle_host(now, flow, HostEvent::Eof);
+                progress = true;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%flow, error = %e, "TLS to the egress proxy failed");
+                open.read_done = true;
+                stack.handle_host(now, flow, HostEvent::Reset);
+                return true;
+            }
+        }
+    }
+    progress
+}
+
+/// Guest → host through a TLS tunnel: encrypt from the flow's receive
+/// buffer; then flush what TLS holds back, and close the sending side
+/// (close_notify, FIN) once the guest has.
+pub(super) fn guest_to_tls(
+    stack: &mut Stack,
+    cx: &mut Context<'_>,
+    now: Instant,
+    flow: FlowId,
+    open: &mut OpenTls,
+) -> bool {
+    let mut progress = false;
+    let mut failed = false;
+    while stack.tcp_recv_pending(flow) > 0 {
+        let stream = &mut open.stream;
+        let wrote = stack.tcp_recv_with(flow, |buf| {
+            if buf.is_empty() {
+                return (0, Err(io::ErrorKind::WouldBlock.into()));
+            }
+            match Pin::new(&mut **stream).poll_write(cx, buf) {
+                Poll::Ready(Ok(n)) => (n, Ok(n)),
+                Poll::Ready(Err(e)) => (0, Err(e)),
+                Poll::Pending => (0, Err(io::ErrorKind::WouldBlock.into())),
+            }
+        });
+        match wrote {
+            None | Some(Ok(0)) => break,
+            Some(Ok(_)) => progress = true,
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Some(Err(_)) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    if !failed {
+        let flushed = match open.shutdown {
+            TlsShutdown::Wanted => Pin::new(&mut *open.stream).poll_shutdown(cx),
+            TlsShutdown::No | TlsShutdown::Done => Pin::new(&mut *open.stream).poll_flush(cx),
+        };
+        match flushed {
+            Poll::Ready(Ok(())) if open.shutdown == TlsShutdown::Wanted => {
+                open.shutdown = TlsShutdown::Done;
+                progress = true;
+            }
+            Poll::Ready(Ok(())) | Poll::Pending => {}
+            Poll::Ready(Err(_)) => failed = true,
+        }
+    }
+    if failed {
+        stack.handle_host(now, flow, HostEvent::Reset);
+        return true;
     }
     progress
 }

@@ -7,18 +7,22 @@
 //! the guest's bytes in smoltcp and so shuts the guest's window.
 //!
 //! Rooms: `link` (the transport's trait), `handle` (how the rest of the
-//! process reaches a sandbox), `host` (host sockets and byte pumps), and
-//! here the loop that feeds the core its inputs and drains its outputs.
+//! process reaches a sandbox), `host` (host sockets and byte pumps), `dial`
+//! (a flow's way through the egress proxy), and here the loop that feeds
+//! the core its inputs and drains its outputs.
 
+mod dial;
 mod handle;
 mod host;
+mod intercept;
 mod link;
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io::{self, Read};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,13 +30,18 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
+use dial::{DialError, DialPlan, Tunnel, TunnelStream};
 pub use handle::{Command, DriverHandle, GuestConnectError, Parked, Snapshot};
 use host::{
-    connect_error, connect_outcome, guest_to_host, host_to_guest, open_datagram, start_connect,
-    HostDatagram, HostStream, HostTcp, OpenTcp,
+    connect_error, connect_outcome, guest_to_host, guest_to_tls, host_to_guest, open_datagram,
+    start_connect, tls_to_guest, HostDatagram, HostStream, HostTcp, OpenTcp, OpenTls, TlsShutdown,
 };
+pub use intercept::{InterceptedFlow, Interceptor, SharedInterceptor, UpstreamIo};
 pub use link::Link;
 
+use crate::policy::EgressPolicy;
+use crate::proxy::EgressProxy;
+use crate::socks::Target;
 use crate::stack::{
     ConnectError, DatagramKind, FlowId, HostEvent, HostRequest, InboundError, Stack,
 };
@@ -57,6 +66,15 @@ pub struct Driver<L: Link> {
     /// log line if it panics.
     rx_len: usize,
     icmp_warned: bool,
+    /// New TCP flows go through it when set.
+    egress_proxy: Option<Arc<EgressProxy>>,
+    /// The policy as the dials last saw it (its operator holes decide
+    /// which proxy addresses are allowed); made anew after a policy change.
+    dial_policy: Option<Arc<EgressPolicy>>,
+    /// Where intercepted flows go; without one they are reset.
+    interceptor: Option<SharedInterceptor>,
+    /// `Intercept` requests whose host connect (or proxy dial) is still in flight.
+    intercepts: HashMap<FlowId, intercept::Pending>,
 }
 
 impl<L: Link> Driver<L> {
@@ -77,7 +95,24 @@ impl<L: Link> Driver<L> {
             rx_buf: vec![0; MAX_FRAME],
             rx_len: 0,
             icmp_warned: false,
+            egress_proxy: None,
+            dial_policy: None,
+            interceptor: None,
+            intercepts: HashMap::new(),
         })
+    }
+
+    /// Where the flows the core marks for interception go (see
+    /// `HostRequest::Intercept`). Without one, such a flow is reset: its
+    /// bytes never go out unchanged.
+    pub fn set_interceptor(&mut self, interceptor: SharedInterceptor) {
+        self.interceptor = Some(interceptor);
+    }
+
+    /// Send the TCP flows opened from now on through `proxy` (`None`:
+    /// direct). At run time: `DriverHandle::set_egress_proxy`.
+    pub fn set_egress_proxy(&mut self, proxy: Option<EgressProxy>) {
+        self.egress_proxy = proxy.map(Arc::new);
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -124,10 +159,21 @@ impl<L: Link> Driver<L> {
                 HostTcp::Open(open) => {
                     let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
                 }
-                HostTcp::Connecting(_) | HostTcp::Inbound { .. } => {}
+                HostTcp::OpenTls(open) => {
+                    let _ = open.sock().set_linger(Some(Duration::ZERO));
+                }
+                HostTcp::Connecting(_) | HostTcp::Dialing(_) | HostTcp::Inbound { .. } => {}
             }
         }
-        let parked = Parked::from_parts(self.stack, self.commands_tx, self.commands);
+        let mut parked = Parked::from_parts(
+            self.stack,
+            self.egress_proxy,
+            self.commands_tx,
+            self.commands,
+        );
+        if let Some(i) = self.interceptor {
+            parked.set_interceptor(i);
+        }
         (parked, result.err())
     }
 
@@ -135,11 +181,14 @@ impl<L: Link> Driver<L> {
     /// host sockets went with the old link); addresses, the DHCP lease, the
     /// policy and every `DriverHandle` stay valid.
     pub fn resume(parked: Parked, link: L) -> io::Result<Self> {
-        let (mut stack, commands_tx, commands) = parked.into_parts();
+        let interceptor = parked.interceptor();
+        let (mut stack, egress_proxy, commands_tx, commands) = parked.into_parts();
         stack.reset_flows(Instant::now());
         let mut driver = Self::new(stack, link)?;
+        driver.egress_proxy = egress_proxy;
         driver.commands_tx = commands_tx;
         driver.commands = commands;
+        driver.interceptor = interceptor;
         Ok(driver)
     }
 
@@ -200,12 +249,16 @@ impl<L: Link> Driver<L> {
                 HostTcp::Open(open) => {
                     let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
                 }
+                HostTcp::OpenTls(open) => {
+                    let _ = open.sock().set_linger(Some(Duration::ZERO));
+                }
                 HostTcp::Inbound { reply, .. } => {
                     let _ = reply.send(Err(GuestConnectError::Gone));
                 }
-                HostTcp::Connecting(_) => {}
+                HostTcp::Connecting(_) | HostTcp::Dialing(_) => {}
             }
         }
+        self.intercepts.clear();
         self.datagrams.clear();
     }
 
@@ -333,8 +386,19 @@ impl<L: Link> Driver<L> {
                     }
                 }
             }
-            Command::SetPolicy(policy) => self.stack.set_policy(now, policy),
+            Command::SetPolicy(policy) => {
+                self.stack.set_policy(now, policy);
+                self.dial_policy = None;
+            }
             Command::SetDnsServers(servers) => self.stack.set_dns_servers(now, servers),
+            Command::SetEgressProxy(proxy) => {
+                match &proxy {
+                    Some(p) => tracing::info!(proxy = %p.address(), tls = p.tls().is_some(),
+                        "new TCP flows go through the egress proxy"),
+                    None => tracing::info!("new TCP flows connect directly (no egress proxy)"),
+                }
+                self.egress_proxy = proxy.map(Arc::new);
+            }
             Command::ResetFlows => {
                 // The RSTs to the guest go out with the next frames; the
                 // host peers get theirs from the sockets closed here.
@@ -351,19 +415,30 @@ impl<L: Link> Driver<L> {
         }
     }
 
-    /// Settle host connects that finished since the last round (the core
-    /// times out the ones that take too long, with a `TcpClose`).
+    /// Settle host connects and proxy dials that finished since the last
+    /// round (the core times out the ones that take too long, with a
+    /// `TcpClose`).
     fn finish_connects(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
         let mut done = Vec::new();
-        for (&flow, host) in &self.tcp {
-            let HostTcp::Connecting(stream) = host else {
-                continue;
-            };
-            if stream.poll_write_ready(cx).is_ready() {
-                done.push((flow, connect_outcome(stream)));
+        let mut dialed = Vec::new();
+        for (&flow, host) in self.tcp.iter_mut() {
+            match host {
+                HostTcp::Connecting(stream) if stream.poll_write_ready(cx).is_ready() => {
+                    done.push((flow, connect_outcome(stream)));
+                }
+                HostTcp::Dialing(dial) => {
+                    if let Poll::Ready(result) = dial.as_mut().poll(cx) {
+                        dialed.push((flow, result));
+                    }
+                }
+                _ => {}
             }
         }
-        let progress = !done.is_empty();
+        let progress = !done.is_empty() || !dialed.is_empty();
+        for (flow, result) in dialed {
+            self.tcp.remove(&flow);
+            self.on_dialed(now, flow, result);
+        }
         for (flow, outcome) in done {
             let Some(outcome) = outcome else { continue };
             let Some(HostTcp::Connecting(stream)) = self.tcp.remove(&flow) else {
@@ -383,10 +458,20 @@ impl<L: Link> Driver<L> {
         match result {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
+                let stream = match self.intercepts.remove(&flow) {
+                    Some(pending) => match self.hand_over(flow, pending, Box::pin(stream)) {
+                        Some(ours) => HostStream::Unix(ours),
+                        None => {
+                            self.stack.handle_host(now, flow, HostEvent::Reset);
+                            return;
+                        }
+                    },
+                    None => HostStream::Tcp(stream),
+                };
                 self.tcp.insert(
                     flow,
                     HostTcp::Open(OpenTcp {
-                        stream: HostStream::Tcp(stream),
+                        stream,
                         read_done: false,
                     }),
                 );
@@ -400,12 +485,83 @@ impl<L: Link> Driver<L> {
         }
     }
 
+    /// A dial through the egress proxy ended: the tunnel is the flow's
+    /// host stream, or the flow fails (never a direct connect instead).
+    fn on_dialed(&mut self, now: Instant, flow: FlowId, result: Result<Tunnel, DialError>) {
+        match result {
+            Ok(tunnel) => {
+                tracing::debug!(%flow, bound = ?tunnel.bound, "connected through the egress proxy");
+                let host = match (self.intercepts.remove(&flow), tunnel.stream) {
+                    // The interceptor's TLS to the server rides in the tunnel.
+                    (Some(pending), stream) => {
+                        let upstream: Pin<Box<dyn UpstreamIo>> = match stream {
+                            TunnelStream::Tcp(s) => Box::pin(s),
+                            TunnelStream::Tls(s) => Box::pin(s),
+                        };
+                        let Some(ours) = self.hand_over(flow, pending, upstream) else {
+                            self.stack.handle_host(now, flow, HostEvent::Reset);
+                            return;
+                        };
+                        HostTcp::Open(OpenTcp {
+                            stream: HostStream::Unix(ours),
+                            read_done: false,
+                        })
+                    }
+                    (None, TunnelStream::Tcp(stream)) => HostTcp::Open(OpenTcp {
+                        stream: HostStream::Tcp(stream),
+                        read_done: false,
+                    }),
+                    (None, TunnelStream::Tls(stream)) => HostTcp::OpenTls(OpenTls::new(stream)),
+                };
+                self.tcp.insert(flow, host);
+                self.stack.handle_host(now, flow, HostEvent::Connected);
+            }
+            Err(e) => {
+                let proxy = self.egress_proxy.as_ref().map_or("", |p| p.address());
+                tracing::info!(target: "slipway::flow", %flow, proxy, reason = %e.chain(),
+                    "egress proxy connect failed");
+                let failed = HostEvent::ConnectFailed(e.connect_error());
+                self.stack.handle_host(now, flow, failed);
+            }
+        }
+    }
+
+    /// Whether a connect to `dst` goes through the egress proxy, and with
+    /// what: every TCP flow but DNS to the stack's upstream (DNS is never
+    /// tunneled).
+    fn dial_plan(&mut self, dst: SocketAddr, name: Option<&str>) -> Option<DialPlan> {
+        let proxy = self.egress_proxy.clone()?;
+        let resolver = self.stack.config().dns_upstream;
+        if resolver == Some(dst) {
+            return None;
+        }
+        let stack = &self.stack;
+        let policy = self
+            .dial_policy
+            .get_or_insert_with(|| Arc::new(stack.policy().clone()))
+            .clone();
+        Some(DialPlan {
+            proxy,
+            target: Target::name_or_addr(name, dst),
+            resolver,
+            policy,
+        })
+    }
+
     fn pump_tcp(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
         let mut progress = false;
         for (&flow, host) in self.tcp.iter_mut() {
-            let HostTcp::Open(open) = host else { continue };
-            progress |= host_to_guest(&mut self.stack, cx, now, flow, open);
-            progress |= guest_to_host(&mut self.stack, cx, now, flow, open);
+            match host {
+                HostTcp::Open(open) => {
+                    progress |= host_to_guest(&mut self.stack, cx, now, flow, open);
+                    progress |= guest_to_host(&mut self.stack, cx, now, flow, open);
+                }
+                HostTcp::OpenTls(open) => {
+                    progress |= tls_to_guest(&mut self.stack, cx, now, flow, open);
+                    progress |= guest_to_tls(&mut self.stack, cx, now, flow, open);
+                }
+                _ => {}
+            }
         }
         progress
     }
@@ -441,32 +597,53 @@ impl<L: Link> Driver<L> {
         progress
     }
 
+    fn connect_directly(&mut self, now: Instant, flow: FlowId, dst: SocketAddr) {
+        match start_connect(dst) {
+            Ok(stream) => {
+                // Loopback and other fast peers are done before connect()
+                // returns: answer the guest in this same round.
+                match connect_outcome(&stream) {
+                    Some(outcome) => self.on_connected(now, flow, outcome.map(|()| stream)),
+                    None => {
+                        self.tcp.insert(flow, HostTcp::Connecting(stream));
+                    }
+                }
+            }
+            Err(e) => {
+                let failed = HostEvent::ConnectFailed(connect_error(&e));
+                self.stack.handle_host(now, flow, failed);
+            }
+        }
+    }
+
     fn serve_requests(&mut self, now: Instant) -> bool {
         let mut progress = false;
         while let Some(req) = self.stack.poll_request() {
             progress = true;
             match req {
-                HostRequest::TcpConnect { flow, dst, .. } => match start_connect(dst) {
-                    Ok(stream) => {
-                        // Loopback and other fast peers are done before connect()
-                        // returns: answer the guest in this same round.
-                        match connect_outcome(&stream) {
-                            Some(outcome) => self.on_connected(now, flow, outcome.map(|()| stream)),
-                            None => {
-                                self.tcp.insert(flow, HostTcp::Connecting(stream));
-                            }
-                        }
+                HostRequest::TcpConnect { flow, dst, name } => {
+                    if let Some(plan) = self.dial_plan(dst, name.as_deref()) {
+                        self.tcp.insert(flow, HostTcp::Dialing(dial::start(plan)));
+                        continue;
                     }
-                    Err(e) => {
-                        let failed = HostEvent::ConnectFailed(connect_error(&e));
-                        self.stack.handle_host(now, flow, failed);
-                    }
-                },
-                HostRequest::TcpShutdown { flow } => {
-                    if let Some(HostTcp::Open(open)) = self.tcp.get(&flow) {
+                    self.connect_directly(now, flow, dst);
+                }
+                HostRequest::Intercept {
+                    flow,
+                    name,
+                    rule,
+                    port,
+                } => self.intercept(now, flow, intercept::Pending { name, rule, port }),
+                HostRequest::TcpShutdown { flow } => match self.tcp.get_mut(&flow) {
+                    Some(HostTcp::Open(open)) => {
                         let _ = open.stream.sock().shutdown(Shutdown::Write);
                     }
-                }
+                    // Flushed, close_notify and FIN by the pump (`guest_to_tls`).
+                    Some(HostTcp::OpenTls(open)) if open.shutdown == TlsShutdown::No => {
+                        open.shutdown = TlsShutdown::Wanted;
+                    }
+                    _ => {}
+                },
                 HostRequest::InboundReady { flow } => {
                     if let Some(HostTcp::Inbound {
                         reply,
@@ -495,16 +672,23 @@ impl<L: Link> Driver<L> {
                         }));
                     }
                 }
-                HostRequest::TcpClose { flow, reset } => match self.tcp.remove(&flow) {
-                    Some(HostTcp::Connecting(_)) => {}
-                    Some(HostTcp::Open(open)) if reset => {
-                        let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                HostRequest::TcpClose { flow, reset } => {
+                    self.intercepts.remove(&flow);
+                    match self.tcp.remove(&flow) {
+                        // A dial dropped here ends there: its proxy connection closes.
+                        Some(HostTcp::Connecting(_) | HostTcp::Dialing(_)) => {}
+                        Some(HostTcp::Open(open)) if reset => {
+                            let _ = open.stream.sock().set_linger(Some(Duration::ZERO));
+                        }
+                        Some(HostTcp::OpenTls(open)) if reset => {
+                            let _ = open.sock().set_linger(Some(Duration::ZERO));
+                        }
+                        Some(HostTcp::Inbound { reply, .. }) => {
+                            let _ = reply.send(Err(GuestConnectError::Refused));
+                        }
+                        Some(HostTcp::Open(_) | HostTcp::OpenTls(_)) | None => {}
                     }
-                    Some(HostTcp::Inbound { reply, .. }) => {
-                        let _ = reply.send(Err(GuestConnectError::Refused));
-                    }
-                    Some(HostTcp::Open(_)) | None => {}
-                },
+                }
                 HostRequest::DatagramOpen { flow, kind, dst } => match open_datagram(kind, dst) {
                     Ok(socket) => {
                         self.datagrams.insert(flow, HostDatagram { socket });
@@ -546,6 +730,75 @@ impl<L: Link> Driver<L> {
             }
         }
         progress
+    }
+}
+
+impl<L: Link> Driver<L> {
+    /// The core marked `flow` for interception: hand its host connection
+    /// over now if it is open (a flow a DNS pin allowed), else when its
+    /// connect or proxy dial succeeds.
+    fn intercept(&mut self, now: Instant, flow: FlowId, pending: intercept::Pending) {
+        let upstream: Pin<Box<dyn UpstreamIo>> = match self.tcp.remove(&flow) {
+            Some(HostTcp::Open(OpenTcp {
+                stream: HostStream::Tcp(stream),
+                read_done: false,
+            })) => Box::pin(stream),
+            Some(HostTcp::OpenTls(OpenTls {
+                stream,
+                read_done: false,
+                shutdown: TlsShutdown::No,
+            })) => Box::pin(stream),
+            Some(host @ (HostTcp::Connecting(_) | HostTcp::Dialing(_))) => {
+                self.tcp.insert(flow, host);
+                self.intercepts.insert(flow, pending);
+                return;
+            }
+            None => {
+                self.intercepts.insert(flow, pending);
+                return;
+            }
+            Some(other) => {
+                // A host side already closed, or not a connection out: no
+                // TLS to terminate here. Reset rather than splice.
+                self.tcp.insert(flow, other);
+                tracing::info!(target: "slipway::flow", flow = %flow,
+                    "reset: cannot intercept a connection whose host side is done");
+                self.stack.handle_host(now, flow, HostEvent::Reset);
+                return;
+            }
+        };
+        match self.hand_over(flow, pending, upstream) {
+            Some(ours) => {
+                let open = OpenTcp {
+                    stream: HostStream::Unix(ours),
+                    read_done: false,
+                };
+                self.tcp.insert(flow, HostTcp::Open(open));
+            }
+            None => self.stack.handle_host(now, flow, HostEvent::Reset),
+        }
+    }
+
+    /// Give the interceptor its flow; the socket pair's near end, or
+    /// `None` (the flow is to be reset) when there is none to take it.
+    fn hand_over(
+        &mut self,
+        flow: FlowId,
+        pending: intercept::Pending,
+        upstream: Pin<Box<dyn UpstreamIo>>,
+    ) -> Option<UnixStream> {
+        let Some(interceptor) = &self.interceptor else {
+            tracing::warn!(target: "slipway::flow", flow = %flow, rule = %pending.rule,
+                "reset: a header rule matched but this sandbox has no interceptor");
+            return None;
+        };
+        match intercept::hand_over(interceptor.as_ref(), flow, pending, upstream) {
+            Ok(ours) => Some(ours),
+            Err(e) => {
+                tracing::warn!(flow = %flow, error = %e, "cannot make a socket pair");
+                None
+            }
+        }
     }
 }
 

@@ -38,10 +38,12 @@ use crate::services;
 use crate::wire::{self, FrameBuilder, GuestPacket, RxMeta, Unreachable};
 
 mod datagram_flow;
+mod inspect;
 mod resolver;
 mod tcp_flow;
 
 use datagram_flow::{DatagramFlow, DatagramKey};
+use inspect::OwnQuery;
 use resolver::{Pins, QueryFate};
 use tcp_flow::{TcpFlow, EPHEMERAL};
 
@@ -118,6 +120,19 @@ pub enum HostRequest {
     DatagramClose {
         flow: FlowId,
     },
+    /// The flow's TLS is to be terminated and its requests given the
+    /// header rule `rule` (the key as written, e.g. `*.example.com`):
+    /// `name` is the guest's SNI, which the policy allows, and `port` the
+    /// guest's destination port. It comes before the flow's first guest
+    /// byte can be taken, and for a flow the host dials by name, before its
+    /// `TcpConnect`: the host end of the flow is the interceptor's upstream
+    /// (already open for a flow a DNS pin allowed).
+    Intercept {
+        flow: FlowId,
+        name: String,
+        rule: String,
+        port: u16,
+    },
     /// A connection opened with `connect_to_guest` was accepted by the guest.
     InboundReady {
         flow: FlowId,
@@ -174,6 +189,17 @@ pub struct Stats {
     pub dns_answers_rewritten: u64,
     /// New flows allowed by a DNS pin.
     pub pinned_flows: u64,
+    /// New flows allowed by the name in their TLS SNI / HTTP Host (the
+    /// host dialed the name).
+    pub sni_flows: u64,
+    pub host_flows: u64,
+    /// Flows reset because their first bytes named no allowed host.
+    pub name_refused: u64,
+    /// ... of which were flows to a pinned address naming another host.
+    pub fronting_refused: u64,
+    /// TLS flows handed to the interceptor because a header rule matched
+    /// their SNI.
+    pub intercepted_flows: u64,
 }
 
 impl Stats {
@@ -211,8 +237,13 @@ pub struct Stack {
     next_ephemeral: u16,
     buffer_bytes: usize,
     next_sweep: Option<Instant>,
-    /// Host connects in flight, by deadline.
+    /// Host connects in flight (and name dials), by deadline.
     connect_deadlines: BTreeSet<(Instant, FlowId)>,
+    /// Flows whose first bytes must name a host by then.
+    inspect_deadlines: BTreeSet<(Instant, FlowId)>,
+    /// The stack's own queries to its upstream, by their datagram flow.
+    own_queries: HashMap<FlowId, OwnQuery>,
+    query_seq: u64,
     /// The caller's clock at `Instant::ZERO` of smoltcp's.
     epoch: std::time::Instant,
     now: Instant,
@@ -258,6 +289,9 @@ impl Stack {
             buffer_bytes: 0,
             next_sweep: None,
             connect_deadlines: BTreeSet::new(),
+            inspect_deadlines: BTreeSet::new(),
+            own_queries: HashMap::new(),
+            query_seq: cfg.random_seed,
             epoch: now,
             now: Instant::ZERO,
             dirty: true,
@@ -507,7 +541,12 @@ impl Stack {
         let tcp_denied: Vec<FlowId> = self
             .tcp
             .iter()
-            .filter(|(_, f)| !self.still_allowed(f.key.1, f.pin_name.as_deref()))
+            .filter(|(_, f)| match f.phase {
+                // Decided by the policy in force when its first bytes come.
+                tcp_flow::TcpPhase::Inspecting => false,
+                tcp_flow::TcpPhase::Resolver => !self.filters_names(),
+                _ => !self.still_allowed(f.key.1, f.name.as_deref()),
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in tcp_denied {
@@ -564,6 +603,13 @@ impl Stack {
             self.connect_deadlines.pop_first();
             self.handle_connect_failed(flow, ConnectError::TimedOut);
         }
+        while let Some(&(at, flow)) = self.inspect_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.inspect_deadlines.pop_first();
+            self.inspect_timed_out(flow);
+        }
         if self.next_sweep.is_some_and(|t| now >= t) {
             self.sweep_datagrams(now);
         }
@@ -577,6 +623,12 @@ impl Stack {
             HostEvent::ConnectFailed(err) => self.handle_connect_failed(flow, err),
             HostEvent::Eof => self.host_eof(flow),
             HostEvent::Reset => self.tcp_host_reset(flow),
+            HostEvent::Datagram(payload) if self.own_queries.contains_key(&flow) => {
+                self.own_answer(flow, Some(payload))
+            }
+            HostEvent::DatagramError(_) if self.own_queries.contains_key(&flow) => {
+                self.own_answer(flow, None)
+            }
             HostEvent::Datagram(payload) => self.datagram_from_host(now, flow, payload),
             HostEvent::DatagramError(why) => self.datagram_host_error(flow, why),
         }
@@ -627,7 +679,8 @@ impl Stack {
             .poll_at(now, &self.sockets)
             .filter(|&at| at > now || !self.tx.is_full());
         let connect = self.connect_deadlines.first().map(|&(at, _)| at);
-        let at = [smol, self.next_sweep, connect]
+        let inspect = self.inspect_deadlines.first().map(|&(at, _)| at);
+        let at = [smol, self.next_sweep, connect, inspect]
             .into_iter()
             .flatten()
             .min()?;
@@ -637,7 +690,14 @@ impl Stack {
     /// The next request for the host, in order.
     pub fn poll_request(&mut self) -> Option<HostRequest> {
         self.flush();
-        self.requests.pop_front()
+        let req = self.requests.pop_front()?;
+        if let HostRequest::Intercept { flow, .. } = &req {
+            // The host knows now: the flow's bytes are for its interceptor.
+            if let Some(f) = self.tcp.get_mut(flow) {
+                f.intercept_pending = false;
+            }
+        }
+        Some(req)
     }
 
     /// The next frame for the guest. Hand spent buffers back with `recycle`.

@@ -14,6 +14,14 @@ pub(super) enum TcpPhase {
     /// Our SYN to the guest is out (a connection from the public gateway).
     GuestConnecting,
     Open,
+    /// Accepted by the stack itself, reading the guest's first bytes for
+    /// a name (the name-dial path); no host socket yet.
+    Inspecting,
+    /// The first bytes named an allowed name: resolving it, then the host
+    /// connect. The guest's bytes wait in the buffer, to be replayed.
+    Dialing,
+    /// DNS over TCP to the filtering resolver, answered by the stack.
+    Resolver,
 }
 
 pub(super) struct TcpFlow {
@@ -36,8 +44,21 @@ pub(super) struct TcpFlow {
     pub(super) host_eof: bool,
     /// While `Connecting`: when the host connect is given up.
     pub(super) connect_deadline: Option<Instant>,
-    /// The name whose pin allowed the flow, if one did.
-    pub(super) pin_name: Option<String>,
+    /// The name that allowed the flow: a DNS pin's, or the SNI / Host
+    /// the host dialed.
+    pub(super) name: Option<String>,
+    /// A pinned flow whose first guest bytes are not yet known not to
+    /// name a denied host: the driver gets none of them.
+    pub(super) held: bool,
+    /// When the first bytes must have said enough.
+    pub(super) inspect_deadline: Option<Instant>,
+    /// The header rule this flow is intercepted for, and whether the host
+    /// has yet to take the `Intercept` request: until it has, none of the
+    /// guest's bytes may be taken (they would go to the server unchanged).
+    pub(super) intercept: Option<String>,
+    pub(super) intercept_pending: bool,
+    /// The stack's own query flow to its upstream for this flow.
+    pub(super) lookup: Option<FlowId>,
     pub(super) started: Instant,
     pub(super) to_host: u64,
     pub(super) to_guest: u64,
@@ -63,7 +84,7 @@ pub(super) fn closed_socket() -> tcp::Socket<'static> {
 
 /// The exact endpoint a relayed flow's socket answers on (never port 0:
 /// `classify` drops such segments).
-fn listen_endpoint(dst: SocketAddr) -> IpListenEndpoint {
+pub(super) fn listen_endpoint(dst: SocketAddr) -> IpListenEndpoint {
     IpListenEndpoint {
         addr: Some(dst.ip().into()),
         port: dst.port(),
@@ -71,7 +92,7 @@ fn listen_endpoint(dst: SocketAddr) -> IpListenEndpoint {
 }
 
 impl TcpFlow {
-    fn new(
+    pub(super) fn new(
         key: (SocketAddr, SocketAddr),
         handle: SocketHandle,
         phase: TcpPhase,
@@ -91,7 +112,12 @@ impl TcpFlow {
             aborted: false,
             host_eof: false,
             connect_deadline: None,
-            pin_name: None,
+            name: None,
+            held: false,
+            inspect_deadline: None,
+            intercept: None,
+            intercept_pending: false,
+            lookup: None,
             started: now,
             to_host: 0,
             to_guest: 0,
@@ -102,7 +128,7 @@ impl TcpFlow {
 impl Stack {
     /// A smoltcp socket for one relayed flow: the configured buffers, no
     /// Nagle (the ends do their own), a short ACK delay.
-    fn flow_socket(&self) -> tcp::Socket<'static> {
+    pub(super) fn flow_socket(&self) -> tcp::Socket<'static> {
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
             tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
@@ -113,7 +139,7 @@ impl Stack {
     }
 
     /// Account a new flow: it holds its buffers until `settle_tcp` frees it.
-    fn insert_flow(&mut self, flow: FlowId, entry: TcpFlow) {
+    pub(super) fn insert_flow(&mut self, flow: FlowId, entry: TcpFlow) {
         self.tcp_by_key.insert(entry.key, flow);
         self.tcp.insert(flow, entry);
         self.buffer_bytes += 2 * self.cfg.tcp_buffer;
@@ -145,35 +171,22 @@ impl Stack {
             return self.ingest(now, frame);
         };
         if self.is_resolver(dst) && self.filters_names() {
-            // DNS over TCP is not filtered by name yet: refused rather
-            // than let a denied name out through it.
-            self.stats.tcp_denied += 1;
-            if self.refusal_log.admit(self.now).is_some() {
-                tracing::info!(target: "slipway::flow", proto = "tcp", %src, %dst, verdict = "deny",
-                    rule = "DNS over TCP is not filtered by name", "new flow");
-            }
-            let rst = self.builder().rst_for_syn(ip, src, dst);
-            return self.emit(rst);
+            // DNS over TCP under a policy with names: the stack answers it,
+            // filtering each query as over UDP.
+            return self.accept_locally(now, frame, ip, (src, dst), TcpPhase::Resolver);
         }
         let (verdict, pin_name) = self.decide(decided_on, exempt);
+        if !verdict.allowed && self.filters_names() && !exempt {
+            // The name-dial path: the first bytes must name an allowed host.
+            return self.accept_locally(now, frame, ip, (src, dst), TcpPhase::Inspecting);
+        }
         if !verdict.allowed {
             self.stats.tcp_denied += 1;
             self.log_refusal("tcp", src, dst, verdict, None);
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
-        let need = 2 * self.cfg.tcp_buffer;
-        let caps = &self.cfg.caps;
-        let over = if self.tcp.len() >= caps.max_tcp_flows {
-            Some("max_tcp_flows")
-        } else if self.half_open >= caps.max_half_open {
-            Some("max_half_open")
-        } else if self.buffer_bytes + need > caps.max_buffer_bytes {
-            Some("max_buffer_bytes")
-        } else {
-            None
-        };
-        if let Some(cap) = over {
+        if let Some(cap) = self.tcp_cap_hit(true) {
             self.stats.hit_cap(cap);
             self.log_refusal("tcp", src, dst, verdict, Some(cap));
             let rst = self.builder().rst_for_syn(ip, src, dst);
@@ -194,7 +207,10 @@ impl Stack {
         }
         log_decision("tcp", src, dst, verdict, None, pin_name.as_deref());
         let mut entry = TcpFlow::new((src, dst), handle, TcpPhase::Connecting, verdict.rule, now);
-        entry.pin_name = pin_name;
+        // A pinned address may serve other names too: what the guest's
+        // first bytes name is checked before the host gets them.
+        entry.held = pin_name.is_some();
+        entry.name = pin_name;
         entry.syn = ip.to_vec();
         entry.syn_frame = frame.to_vec();
         let deadline = now + self.cfg.connect_timeout.into();
@@ -274,7 +290,9 @@ impl Stack {
             tracing::debug!(target: "slipway::flow", flow = %id, "guest reset the handshake");
             *s = closed_socket();
             f.aborted = true;
+            return;
         }
+        self.after_guest_segment(id);
     }
 
     /// Open a TCP connection from the gateway's address to the guest's `port`
@@ -357,6 +375,15 @@ impl Stack {
         let Some(f) = self.tcp.get(&flow) else {
             return;
         };
+        if f.phase == TcpPhase::Dialing && !f.aborted {
+            // The guest's connection is up already; its first bytes wait
+            // in the buffer and go out as the driver drains it.
+            self.connect_ended(flow);
+            let f = self.tcp.get_mut(&flow).expect("flow just found");
+            f.phase = TcpPhase::Open;
+            self.half_open -= 1;
+            return;
+        }
         if f.phase != TcpPhase::Connecting || f.aborted {
             return;
         }
@@ -381,6 +408,14 @@ impl Stack {
 
     /// The host connect failed: the guest learns at once (RST or ICMP).
     pub(super) fn handle_connect_failed(&mut self, flow: FlowId, err: ConnectError) {
+        if self
+            .tcp
+            .get(&flow)
+            .is_some_and(|f| f.phase == TcpPhase::Dialing && !f.aborted)
+        {
+            self.connect_ended(flow);
+            return self.dial_failed(flow, err);
+        }
         match self.tcp.get(&flow) {
             Some(f) if f.phase == TcpPhase::Connecting && !f.aborted => {}
             _ => return,
@@ -457,9 +492,12 @@ impl Stack {
 
     /// Guest→host bytes waiting in the flow's receive buffer.
     pub fn tcp_recv_pending(&self, flow: FlowId) -> usize {
-        self.tcp.get(&flow).map_or(0, |f| {
-            self.sockets.get::<tcp::Socket>(f.handle).recv_queue()
-        })
+        match self.tcp.get(&flow) {
+            Some(f) if f.phase == TcpPhase::Open && !f.held && !f.intercept_pending => {
+                self.sockets.get::<tcp::Socket>(f.handle).recv_queue()
+            }
+            _ => 0,
+        }
     }
 
     /// Take guest→host bytes: `drain` gets the contiguous pending bytes and
@@ -472,6 +510,11 @@ impl Stack {
     ) -> Option<R> {
         self.dirty = true;
         let (s, f) = self.open_socket(flow)?;
+        if f.phase != TcpPhase::Open || f.held || f.intercept_pending {
+            // Not the host's yet: being inspected, held for a check, or
+            // for an interceptor the host has not been told about.
+            return None;
+        }
         let (n, r) = s
             .recv(|buf| {
                 let (n, r) = drain(buf);
@@ -538,7 +581,8 @@ impl Stack {
                 f.guest_fin_seen = true;
             }
             let drained = s.recv_queue() == 0;
-            if f.guest_fin_seen && !f.guest_fin_reported && drained {
+            let hosted = f.phase == TcpPhase::Open;
+            if hosted && f.guest_fin_seen && !f.guest_fin_reported && drained {
                 f.guest_fin_reported = true;
                 self.requests
                     .push_back(HostRequest::TcpShutdown { flow: id });
@@ -560,7 +604,11 @@ impl Stack {
             }
             self.sockets.remove(f.handle);
             self.buffer_bytes -= 2 * self.cfg.tcp_buffer;
-            if f.phase == TcpPhase::Connecting {
+            self.forget_inspection(id, &f);
+            if matches!(
+                f.phase,
+                TcpPhase::Connecting | TcpPhase::Inspecting | TcpPhase::Dialing
+            ) {
                 self.half_open -= 1;
             }
             if f.inbound {
@@ -578,6 +626,11 @@ impl Stack {
                     .push_back(HostRequest::InboundFailed { flow: id, error });
                 continue;
             }
+            if matches!(f.phase, TcpPhase::Inspecting | TcpPhase::Resolver) {
+                // Never had a host socket; its refusal was logged already.
+                tracing::debug!(target: "slipway::flow", flow = %id, "tcp flow ended without a host side");
+                continue;
+            }
             let clean = f.guest_fin_reported && f.host_eof;
             tracing::info!(
                 target: "slipway::flow",
@@ -586,6 +639,7 @@ impl Stack {
                 src = %f.key.0,
                 dst = %f.key.1,
                 rule = %f.rule,
+                intercepted = f.intercept.as_deref(),
                 to_host = f.to_host,
                 to_guest = f.to_guest,
                 secs = (now - f.started).total_millis() as f64 / 1000.0,

@@ -55,6 +55,17 @@ pub(super) enum SetupError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot put the sandbox's CA bundle over {} (it must exist inside)",
+        super::CA_BUNDLE
+    )]
+    CaBundle(#[source] io::Error),
+    #[error("cannot hide {path} inside the sandbox")]
+    Hide {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Tap(#[from] TapError),
     #[error("cannot {step}")]
@@ -109,10 +120,26 @@ fn setup(plan: &Plan<'_>) -> Result<Tap, SetupError> {
     enter_namespaces()?;
     die_with_parent(plan.parent)?;
     mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE).map_err(SetupError::PrivateMounts)?;
+    // Before the scratch tmpfs covers /tmp and friends, where such files live.
+    for path in &plan.cfg.hidden_files {
+        hide(path).map_err(|source| SetupError::Hide {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
     {
         let scratch = Scratch::mount()?;
         if let Some(content) = &plan.resolv_conf {
             install_resolv_conf(&scratch, content)?;
+        }
+        if let Some(bundle) = &plan.cfg.ca_bundle {
+            let file = scratch.path("ca-bundle.crt");
+            std::fs::write(&file, bundle)
+                .and_then(|()| {
+                    let (file, target) = (c_path(&file)?, c_path(Path::new(super::CA_BUNDLE))?);
+                    mount(Some(&file), &target, None, libc::MS_BIND)
+                })
+                .map_err(SetupError::CaBundle)?;
         }
         remount_sys(&scratch);
     }
@@ -235,6 +262,11 @@ fn install_resolv_conf(scratch: &Scratch, content: &[u8]) -> Result<(), SetupErr
         };
         resolv_conf(&detail, source)
     })
+}
+
+/// Bind-mounts /dev/null over `path`: inside, it reads as empty.
+fn hide(path: &Path) -> io::Result<()> {
+    mount(Some(c"/dev/null"), &c_path(path)?, None, libc::MS_BIND)
 }
 
 /// Mounts a fresh sysfs on /sys so `/sys/class/net` lists the sandbox's
