@@ -71,6 +71,9 @@ pub enum Command {
     /// Serve many sandboxes in one process: a control API on a unix socket,
     /// the public URL gateway, Prometheus metrics.
     Serve(crate::serve::ServeArgs),
+    /// The public URL gateway for many hosts: routes from the cluster store
+    /// (etcd), requests through mTLS tunnels to the node holding the sandbox.
+    Edge(crate::edge::EdgeArgs),
     /// Drive a running `slipway serve` through its control API.
     Ctl(crate::ctl::CtlArgs),
 }

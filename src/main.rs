@@ -1,13 +1,16 @@
 //! The `slipway` binary: `run` puts a command behind a userspace stack in a
 //! fresh namespace; `attach` serves one VMM's link (tap, QEMU stream or
 //! dgram, vhost-user); `serve` runs many sandboxes behind a control API;
-//! `ctl` drives a running `serve`. This file only dispatches and reports.
+//! `ctl` drives a running `serve`; `edge` is the public gateway for many
+//! `serve` hosts. This file only dispatches and reports.
 
 mod attach;
 mod cli;
+mod cluster;
 mod confine;
 mod ctl;
 mod door;
+mod edge;
 mod public_url;
 mod rules;
 mod run;
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
             ))
         }
         Command::Serve(args) => serve::main(args),
+        Command::Edge(args) => edge::main(args),
         Command::Ctl(args) => ctl::main(args),
     }
 }

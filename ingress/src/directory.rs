@@ -1,15 +1,17 @@
 //! Which sandboxes the gateway knows and how to reach each: the `Directory`
 //! maps a sandbox id to its `Route` (a way into its stack, its access token,
 //! its Host mask and its incoming-connection cap). The binary fills it; the
-//! gateway only reads it.
+//! gateway only reads it. A route's way in may be local (a stack in this
+//! process) or a tunnel to the node that holds the sandbox (`slipway edge`).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::pool::GuestPool;
 use crate::target::{GuestPort, SandboxId};
@@ -38,6 +40,10 @@ pub enum GuestError {
     TimedOut,
     #[error("the sandbox's network is gone")]
     Gone,
+    /// The node that holds the sandbox refused the token the client
+    /// presented (it was rotated there before this gateway learned of it).
+    #[error("the sandbox's node refused the access token")]
+    Forbidden,
 }
 
 /// A way into one sandbox's network: opens a TCP connection from the
@@ -45,6 +51,18 @@ pub enum GuestError {
 /// gateway's business.
 pub trait GuestConnector: Send + Sync + 'static {
     fn connect(&self, port: GuestPort) -> ConnectFuture<'_>;
+
+    /// Connect on behalf of a client that presented a token with this
+    /// digest (`None`: none presented, or the sandbox is public). A way in
+    /// that crosses to another host passes it on for that host to check
+    /// again; a local one has nothing to do with it.
+    fn connect_presenting(
+        &self,
+        port: GuestPort,
+        _presented: Option<TokenDigest>,
+    ) -> ConnectFuture<'_> {
+        self.connect(port)
+    }
 }
 
 /// `mask_request_host`: the Host the guest sees, `${PORT}` standing for the port.
@@ -72,6 +90,11 @@ impl HostMask {
         }
     }
 
+    /// The mask as given, `${PORT}` and all.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     pub fn render(&self, port: GuestPort) -> http::HeaderValue {
         let host = self.0.replace(Self::PORT, &port.to_string());
         // Checked in `parse` with the widest port.
@@ -97,6 +120,10 @@ pub struct Route {
     guest: Arc<dyn GuestConnector>,
     /// `None`: public traffic is allowed.
     token: RwLock<Option<TokenDigest>>,
+    /// Bumped whenever the token changes, so that whoever admitted a
+    /// connection with the old one can end it. Made on first use: most
+    /// routes (an edge holds one per sandbox of the cluster) never need it.
+    token_changes: OnceLock<watch::Sender<u64>>,
     mask: Option<HostMask>,
     max_connections: usize,
     slots: Arc<Semaphore>,
@@ -116,31 +143,82 @@ impl Route {
         } else {
             Some(AccessToken::generate()?)
         };
-        let mut https_ports = spec.https_ports;
+        let route = Self::with_digest(
+            guest,
+            token.as_ref().map(AccessToken::digest),
+            spec.mask_request_host,
+            spec.max_connections,
+            spec.https_ports,
+        );
+        Ok((route, token))
+    }
+
+    /// A route whose token is known only by its digest (`None`: public), as
+    /// `slipway edge` learns it from the cluster store.
+    pub fn with_digest(
+        guest: Arc<dyn GuestConnector>,
+        digest: Option<TokenDigest>,
+        mask: Option<HostMask>,
+        max_connections: usize,
+        mut https_ports: Vec<GuestPort>,
+    ) -> Self {
         https_ports.sort();
         https_ports.dedup();
-        let route = Self {
+        Self {
             guest,
-            token: RwLock::new(token.as_ref().map(AccessToken::digest)),
-            mask: spec.mask_request_host,
-            max_connections: spec.max_connections,
-            slots: Arc::new(Semaphore::new(spec.max_connections)),
+            token: RwLock::new(digest),
+            token_changes: OnceLock::new(),
+            mask,
+            max_connections,
+            slots: Arc::new(Semaphore::new(max_connections)),
             https_ports,
             pool: GuestPool::default(),
-        };
-        Ok((route, token))
+        }
     }
 
     /// Replace the token; the old one stops working at once. `None` for a
     /// sandbox that allows public traffic (it has no token).
     pub fn rotate_token(&self) -> Result<Option<AccessToken>, NoRandomness> {
-        let mut slot = self.token.write().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
+        if self.is_public() {
             return Ok(None);
         }
         let fresh = AccessToken::generate()?;
-        *slot = Some(fresh.digest());
-        Ok(Some(fresh))
+        Ok(self.install_token(&fresh).then_some(fresh))
+    }
+
+    /// Make `token` the sandbox's token (a token drawn before the cluster
+    /// store took its digest); the old one stops working at once. False, and
+    /// nothing changes, for a sandbox that allows public traffic.
+    pub fn install_token(&self, token: &AccessToken) -> bool {
+        self.set_digest(Some(token.digest()))
+    }
+
+    /// Replace the digest a private route checks tokens against (`slipway
+    /// edge`, when the store says it was rotated). False, and nothing
+    /// changes, for a public route: whether a sandbox is public is fixed.
+    pub fn set_digest(&self, digest: Option<TokenDigest>) -> bool {
+        let mut slot = self.token.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() || digest.is_none() {
+            return false;
+        }
+        *slot = digest;
+        drop(slot);
+        if let Some(changes) = self.token_changes.get() {
+            changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        true
+    }
+
+    /// The digest of the sandbox's token; `None` when it is public.
+    pub fn token_digest(&self) -> Option<TokenDigest> {
+        *self.token.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes whenever the token changes.
+    pub fn token_changes(&self) -> watch::Receiver<u64> {
+        self.token_changes
+            .get_or_init(|| watch::Sender::new(0))
+            .subscribe()
     }
 
     pub fn is_public(&self) -> bool {
@@ -158,11 +236,27 @@ impl Route {
         }
     }
 
+    /// Whether a connection may pass on the strength of a token digest a
+    /// gateway in front of this one forwarded (compared in constant time).
+    pub fn check_presented(&self, presented: Option<&TokenDigest>) -> TokenCheck {
+        match (self.token_digest(), presented) {
+            (None, _) => TokenCheck::Granted,
+            (Some(_), None) => TokenCheck::Missing,
+            (Some(d), Some(p)) if d.same_as(p) => TokenCheck::Granted,
+            (Some(_), Some(_)) => TokenCheck::Invalid,
+        }
+    }
+
     pub fn mask(&self) -> Option<&HostMask> {
         self.mask.as_ref()
     }
 
     /// The incoming-connection cap (E2B's 429 message names it).
+    /// The guest ports that serve HTTPS (sorted).
+    pub fn https_ports(&self) -> &[GuestPort] {
+        &self.https_ports
+    }
+
     pub fn max_connections(&self) -> usize {
         self.max_connections
     }
@@ -186,17 +280,53 @@ impl Route {
     pub async fn connect(&self, port: GuestPort) -> Result<BoxGuestStream, GuestError> {
         self.guest.connect(port).await
     }
+
+    /// `connect`, for a client that presented a token with this digest.
+    pub async fn connect_presenting(
+        &self,
+        port: GuestPort,
+        presented: Option<TokenDigest>,
+    ) -> Result<BoxGuestStream, GuestError> {
+        self.guest.connect_presenting(port, presented).await
+    }
 }
 
 /// Every sandbox the gateway routes to, by id.
 #[derive(Default)]
 pub struct Directory {
     routes: RwLock<HashMap<SandboxId, Arc<Route>>>,
+    /// Private sandboxes are refused (503): the routes may be stale (an edge
+    /// that lost its store), and a stale route may hold a revoked token.
+    private_refused: AtomicBool,
 }
 
 impl Directory {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Refuse (or serve again) every private sandbox; public ones go on.
+    pub fn refuse_private(&self, refuse: bool) {
+        self.private_refused.store(refuse, Ordering::Relaxed);
+    }
+
+    pub fn private_refused(&self) -> bool {
+        self.private_refused.load(Ordering::Relaxed)
+    }
+
+    /// Sandboxes routed now.
+    pub fn len(&self) -> usize {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every id routed now.
+    pub fn ids(&self) -> Vec<SandboxId> {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        routes.keys().cloned().collect()
     }
 
     /// Add or replace a sandbox's route.
@@ -271,6 +401,37 @@ mod tests {
             route.check_access(&presenting(new.as_str())),
             TokenCheck::Granted
         );
+    }
+
+    #[test]
+    fn forwarded_digests_are_checked_and_follow_the_token() {
+        let (route, old) = private(1);
+        let mut changes = route.token_changes();
+        assert_eq!(
+            route.check_presented(Some(&old.digest())),
+            TokenCheck::Granted
+        );
+        assert_eq!(route.check_presented(None), TokenCheck::Missing);
+        let fresh = AccessToken::generate().unwrap();
+        assert!(route.install_token(&fresh));
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(
+            route.check_presented(Some(&old.digest())),
+            TokenCheck::Invalid
+        );
+        assert_eq!(
+            route.check_access(&presenting(fresh.as_str())),
+            TokenCheck::Granted
+        );
+        changes.mark_unchanged();
+        // A public route stays public whatever it is told.
+        let public = Route::with_digest(Arc::new(Nowhere), None, None, 1, Vec::new());
+        assert!(!public.set_digest(Some(fresh.digest())));
+        assert!(public.is_public());
+        assert_eq!(public.check_presented(None), TokenCheck::Granted);
+        // And a private one stays private.
+        assert!(!route.set_digest(None));
+        assert!(!changes.has_changed().unwrap());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod guest_tls;
 pub mod idle;
 pub mod pool;
 mod proxy;
+pub mod record;
 pub mod refusal;
 pub mod server;
 pub mod target;
@@ -26,6 +27,7 @@ pub use directory::{
 };
 pub use forward::{Forward, ForwardSpec};
 pub use guest_tls::{https_ports, BadHttpsPorts};
+pub use record::{NodeName, SandboxRecord};
 pub use refusal::Refusal;
 pub use server::{Gateway, GatewayConfig, GatewayStats, Limits};
 pub use target::{Domain, GuestPort, SandboxId, Target};

@@ -2,6 +2,10 @@
 //! the same port: a new connection costs a TCP handshake inside the stack and
 //! an accept in the guest, which for small requests is most of the work.
 //!
+//! Kept per port and per the token that opened them: a way in through
+//! another host (`slipway edge`'s tunnels) had the token checked there when
+//! it opened, so a connection is only reused for the same token.
+//!
 //! Bounded: a few idle connections per port, each forgotten after a short
 //! idle time. An idle connection holds no slot under the sandbox's cap (it
 //! serves no one); the stack's own inbound cap leaves room for them.
@@ -14,6 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
 use crate::target::GuestPort;
+use crate::token::TokenDigest;
 use crate::Body;
 
 /// Idle connections kept per guest port (per port and SNI on httpsPorts).
@@ -30,13 +35,26 @@ const READY_WAIT: Duration = Duration::from_millis(20);
 /// A kept connection and since when it is idle.
 type Kept = (SendRequest<Body>, Instant);
 
-/// What a kept connection may serve again: the same guest port and, on an
-/// httpsPorts port, the same SNI (a guest may serve other sites by name).
+/// What a kept connection may serve again: the same guest port, the digest
+/// of the token presented when it opened (`None` for a public sandbox) and,
+/// on an httpsPorts port, the same SNI (a guest may serve other sites by
+/// name).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
     pub port: GuestPort,
+    pub token: Option<[u8; 32]>,
     /// The host its TLS session named; `None` on a plain port.
     pub tls_host: Option<String>,
+}
+
+impl PoolKey {
+    pub fn new(port: GuestPort, presented: Option<&TokenDigest>, tls_host: Option<String>) -> Self {
+        Self {
+            port,
+            token: presented.map(TokenDigest::bytes),
+            tls_host,
+        }
+    }
 }
 
 #[derive(Default)]

@@ -32,7 +32,7 @@ use crate::idle::{until_idle, Activity, Watched};
 use crate::pool::PoolKey;
 use crate::refusal::{wants_html, Refusal};
 use crate::target::{authority_of, host_part, parse_target, Domain, SandboxId, Target};
-use crate::token::{TokenCheck, TOKEN_HEADER};
+use crate::token::{TokenCheck, TokenDigest, TOKEN_HEADER};
 use crate::Body;
 
 /// What every connection of one gateway shares.
@@ -94,11 +94,20 @@ async fn forward(
         .directory
         .get(&sandbox)
         .ok_or_else(|| Refusal::UnknownSandbox(sandbox.clone()))?;
+    let public = route.is_public();
+    if !public && shared.directory.private_refused() {
+        return Err(Refusal::RoutesStale(sandbox));
+    }
     match route.check_access(req.headers()) {
         TokenCheck::Granted => {}
         TokenCheck::Missing => return Err(Refusal::TokenMissing(sandbox)),
         TokenCheck::Invalid => return Err(Refusal::TokenInvalid(sandbox)),
     }
+    // A way in through another host checks the token again there; kept
+    // connections are reused only for the token that opened them.
+    let presented = (!public)
+        .then(|| TokenDigest::presented(req.headers()))
+        .flatten();
     let slot = route
         .try_slot()
         .ok_or_else(|| Refusal::OverCap(sandbox.clone(), route.max_connections()))?;
@@ -109,12 +118,10 @@ async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let masked = route.mask().map(|m| m.render(port));
     // On an httpsPorts port the TLS session names the Host the guest sees.
-    let key = PoolKey {
-        port,
-        tls_host: route
-            .is_https(port)
-            .then(|| guest_host(masked.as_ref(), &host)),
-    };
+    let tls_host = route
+        .is_https(port)
+        .then(|| guest_host(masked.as_ref(), &host));
+    let key = PoolKey::new(port, presented.as_ref(), tls_host);
     let pooled = match upgrade {
         None => route.pool.take(&key).await,
         Some(_) => None,
@@ -122,7 +129,7 @@ async fn forward(
     let reused = pooled.is_some();
     let mut sender = match pooled {
         Some(s) => s,
-        None => open(&route, &sandbox, &key, idle).await?,
+        None => open(&route, &sandbox, &key, presented, idle).await?,
     };
     let upstream = to_guest(req, &authority, masked, &client, upgrade.clone());
     // A kept connection may be closed by the guest just as a request goes
@@ -136,7 +143,7 @@ async fn forward(
             let unsent = e.take_message();
             match (reused, unsent.or(again)) {
                 (true, Some(req)) => {
-                    sender = open(&route, &sandbox, &key, idle).await?;
+                    sender = open(&route, &sandbox, &key, presented, idle).await?;
                     sender.send_request(req).await.map_err(|e| {
                         tracing::debug!(target: "slipway::ingress", %sandbox, %port, error = %e, "guest answered no HTTP");
                         broke()
@@ -204,16 +211,21 @@ async fn open(
     route: &Route,
     sandbox: &SandboxId,
     key: &PoolKey,
+    presented: Option<TokenDigest>,
     idle: Duration,
 ) -> Result<SendRequest<Body>, Refusal> {
     let port = key.port;
-    let stream = route.connect(port).await.map_err(|e| match e {
-        GuestError::OverCap => Refusal::OverCap(sandbox.clone(), route.max_connections()),
-        GuestError::NoPort => Refusal::NoLocalPort(sandbox.clone(), port),
-        GuestError::Refused => Refusal::PortNotOpen(sandbox.clone(), port),
-        GuestError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
-        GuestError::Gone => Refusal::UnknownSandbox(sandbox.clone()),
-    })?;
+    let stream = route
+        .connect_presenting(port, presented)
+        .await
+        .map_err(|e| match e {
+            GuestError::OverCap => Refusal::OverCap(sandbox.clone(), route.max_connections()),
+            GuestError::NoPort => Refusal::NoLocalPort(sandbox.clone(), port),
+            GuestError::Refused => Refusal::PortNotOpen(sandbox.clone(), port),
+            GuestError::TimedOut => Refusal::GuestTimedOut(sandbox.clone(), port),
+            GuestError::Gone => Refusal::UnknownSandbox(sandbox.clone()),
+            GuestError::Forbidden => Refusal::TokenInvalid(sandbox.clone()),
+        })?;
     let stream: BoxGuestStream = match &key.tls_host {
         None => stream,
         Some(host) => match guest_tls::connect(stream, host).await {

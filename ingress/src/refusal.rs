@@ -29,6 +29,9 @@ pub enum Refusal {
     GuestTimedOut(SandboxId, GuestPort),
     /// The guest's server closed or sent something that is not HTTP.
     GuestBroke(SandboxId, GuestPort),
+    /// A private sandbox, and the gateway's routes may be stale: it has
+    /// lost the cluster store for longer than it trusts its copy.
+    RoutesStale(SandboxId),
 }
 
 impl Refusal {
@@ -37,7 +40,7 @@ impl Refusal {
             Refusal::BadTarget(_) => StatusCode::BAD_REQUEST,
             Refusal::TokenMissing(_) | Refusal::TokenInvalid(_) => StatusCode::FORBIDDEN,
             Refusal::OverCap(..) | Refusal::ClientOverCap(_) => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::NoLocalPort(..) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::NoLocalPort(..) | Refusal::RoutesStale(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::GuestTimedOut(..) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UnknownSandbox(_) | Refusal::PortNotOpen(..) | Refusal::GuestBroke(..) => {
                 StatusCode::BAD_GATEWAY
@@ -58,6 +61,7 @@ impl Refusal {
             Refusal::PortNotOpen(..) => "port_not_open",
             Refusal::GuestTimedOut(..) => "sandbox_timed_out",
             Refusal::GuestBroke(..) => "bad_upstream_response",
+            Refusal::RoutesStale(_) => "routes_stale",
         }
     }
 
@@ -92,6 +96,10 @@ impl Refusal {
                 "The server on port {port} in sandbox {id} closed the connection \
                  or did not answer with HTTP."
             ),
+            Refusal::RoutesStale(id) => format!(
+                "The gateway has lost its route store; the sandbox {id} does not allow \
+                 public traffic and is refused until the store is back."
+            ),
         }
     }
 
@@ -101,7 +109,8 @@ impl Refusal {
             Refusal::UnknownSandbox(id)
             | Refusal::TokenMissing(id)
             | Refusal::TokenInvalid(id)
-            | Refusal::OverCap(id, _) => (Some(id), None),
+            | Refusal::OverCap(id, _)
+            | Refusal::RoutesStale(id) => (Some(id), None),
             Refusal::PortNotOpen(id, p)
             | Refusal::NoLocalPort(id, p)
             | Refusal::GuestTimedOut(id, p)
@@ -269,6 +278,7 @@ mod tests {
             (Refusal::PortNotOpen(id(), port), 502),
             (Refusal::GuestTimedOut(id(), port), 504),
             (Refusal::NoLocalPort(id(), port), 503),
+            (Refusal::RoutesStale(id()), 503),
         ];
         for (r, code) in rows {
             assert_eq!(r.status().as_u16(), code, "{r:?}");

@@ -57,8 +57,46 @@ impl TokenDigest {
 
     /// Whether `presented` is the token this digest was made from.
     pub fn matches(&self, presented: &[u8]) -> bool {
-        let other = Self::of(presented);
+        self.same_as(&Self::of(presented))
+    }
+
+    /// Whether two digests are equal, in constant time: a gateway in front
+    /// of this one (`slipway edge`) forwards the digest of the token its
+    /// client presented, never the token.
+    pub fn same_as(&self, other: &TokenDigest) -> bool {
         self.0.ct_eq(&other.0).into()
+    }
+
+    /// The digest of the one token header a request carries, if it carries
+    /// exactly one (none, or several, is no presented token).
+    pub fn presented(headers: &http::HeaderMap) -> Option<Self> {
+        let mut all = headers.get_all(TOKEN_HEADER).iter();
+        let first = all.next()?;
+        all.next().is_none().then(|| Self::of(first.as_bytes()))
+    }
+
+    /// 64 lower-case hex digits, as the cluster store keeps it.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Exactly 64 hex digits (either case); anything else is `None`.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let s = s.as_bytes();
+        if s.len() != 64 {
+            return None;
+        }
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; 32];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Some(Self(out))
+    }
+
+    /// The raw bytes, for keying kept connections by the token that opened them.
+    pub(crate) fn bytes(&self) -> [u8; 32] {
+        self.0
     }
 }
 
@@ -124,6 +162,39 @@ mod tests {
         let almost = format!("{}x", t.as_str());
         assert_eq!(check(&d, &with(&[&almost])), TokenCheck::Invalid);
         assert_eq!(check(&d, &with(&[t.as_str()])), TokenCheck::Granted);
+    }
+
+    #[test]
+    fn digests_go_to_hex_and_back_and_nothing_else_parses() {
+        let d = AccessToken::generate().unwrap().digest();
+        let hex = d.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(TokenDigest::from_hex(&hex).unwrap().same_as(&d));
+        assert!(TokenDigest::from_hex(&hex.to_ascii_uppercase())
+            .unwrap()
+            .same_as(&d));
+        let other = AccessToken::generate().unwrap().digest();
+        assert!(!other.same_as(&d));
+        for bad in [
+            "",
+            "00",
+            &hex[..63],
+            &format!("{hex}0"),
+            &"g".repeat(64),
+            "é".repeat(32).as_str(),
+            &format!("+{}", &hex[1..]),
+        ] {
+            assert!(TokenDigest::from_hex(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_single_token_header_is_a_presented_token() {
+        let t = AccessToken::generate().unwrap();
+        assert!(TokenDigest::presented(&HeaderMap::new()).is_none());
+        assert!(TokenDigest::presented(&with(&[t.as_str(), t.as_str()])).is_none());
+        let p = TokenDigest::presented(&with(&[t.as_str()])).unwrap();
+        assert!(p.same_as(&t.digest()));
     }
 
     #[test]

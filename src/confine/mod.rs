@@ -60,6 +60,7 @@ pub enum Mode {
     Run,
     Attach,
     Serve,
+    Edge,
 }
 
 /// A capability kept, and why.

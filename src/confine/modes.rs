@@ -101,6 +101,12 @@ pub fn serve(paths: &ServePaths<'_>) -> (Plan, ServeFence) {
     (plan, fence)
 }
 
+/// `edge`: its listeners are bound and its certificates read; what is left
+/// is sockets, and `/proc/self` for the metrics. No capability, no other path.
+pub fn edge() -> Plan {
+    Plan::new(Mode::Edge).read_tree(Path::new("/proc/self"))
+}
+
 /// The directory a path is in (`.` for a bare name).
 fn parent(path: &Path) -> &Path {
     path.parent()

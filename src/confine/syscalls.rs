@@ -174,7 +174,7 @@ fn allowlist(mode: Mode, take_fds: bool) -> Result<seccompiler::BpfProgram> {
         // serve's run-time file calls (settings re-read on SIGHUP, socket
         // files and vhost-user's private directory) are in COMMON and
         // LEGACY; Landlock narrows them to its paths.
-        Mode::Attach | Mode::Serve => &[],
+        Mode::Attach | Mode::Serve | Mode::Edge => &[],
     };
     let fds: &[libc::c_long] = if take_fds { TAKE_FDS } else { &[] };
     for &nr in COMMON.iter().chain(LEGACY).chain(extra).chain(fds) {
@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn every_mode_has_a_filter() {
-        for mode in [Mode::Run, Mode::Attach, Mode::Serve] {
+        for mode in [Mode::Run, Mode::Attach, Mode::Serve, Mode::Edge] {
             assert!(!allowlist(mode, false).unwrap().is_empty());
         }
         assert!(!allowlist(Mode::Serve, true).unwrap().is_empty());

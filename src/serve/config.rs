@@ -48,6 +48,9 @@ pub struct FileConfig {
     pub runtime: RuntimeFile,
     pub sandbox: SandboxFile,
     pub confine: ConfineFile,
+    /// Many hosts: this node's lease, records and tunnel listener in the
+    /// cluster store (off while `store` is empty).
+    pub cluster: crate::cluster::config::NodeClusterFile,
     /// Secrets for header rules, by name: `"@/path/to/file"` or
     /// `"env:VAR"`, never the value itself. Read once at start; the
     /// control API's `PUT /secrets/{name}` changes them live.
@@ -160,6 +163,7 @@ impl Default for FileConfig {
             runtime: RuntimeFile::default(),
             sandbox: SandboxFile::default(),
             confine: ConfineFile::default(),
+            cluster: Default::default(),
             secrets: BTreeMap::new(),
         }
     }
@@ -232,7 +236,7 @@ fn default_socket() -> PathBuf {
 }
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Str,
     Int,
     Float,
@@ -244,7 +248,7 @@ enum Kind {
 
 /// Every key an environment variable can set: `SLIPWAY_<SECTION>_<KEY>`
 /// (`SLIPWAY_LOG` for the top-level `log`).
-const ENV_KEYS: &[(&str, &str, Kind)] = &[
+pub(crate) const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("", "log", Kind::Str),
     ("control", "socket", Kind::Str),
     ("control", "mode", Kind::Str),
@@ -278,6 +282,14 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("confine", "enabled", Kind::Bool),
     ("confine", "socket_dirs", Kind::List),
     ("confine", "tap_fd", Kind::Bool),
+    ("cluster", "store", Kind::List),
+    ("cluster", "node", Kind::Str),
+    ("cluster", "advertise", Kind::Str),
+    ("cluster", "listen", Kind::Str),
+    ("cluster", "ca", Kind::Str),
+    ("cluster", "cert", Kind::Str),
+    ("cluster", "key", Kind::Str),
+    ("cluster", "lease_ttl", Kind::Int),
 ];
 
 pub fn env_var_name(section: &str, key: &str) -> String {
@@ -294,6 +306,35 @@ pub fn env_var_name(section: &str, key: &str) -> String {
 
 /// The file (if any) with the environment's overrides on top.
 pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<FileConfig> {
+    decode(path, merge(path, env, ENV_KEYS)?)
+}
+
+/// A settings table as `T` (`slipway serve`'s `FileConfig`, `slipway
+/// edge`'s file), the error naming the file (or the environment) and key.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    table: toml::Table,
+) -> Result<T> {
+    let origin = path
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("environment"));
+    // Integers where floats are expected (`drain_timeout = 5`) are fine.
+    let table = widen_ints(table);
+    toml::Value::Table(table)
+        .try_into::<T>()
+        .map_err(|e| ConfigError::Syntax {
+            path: origin,
+            // One line that names the key: "… expected u64 in `gateway.max_connections`".
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+}
+
+/// The file's table (if any) with the environment variables of `keys` on top.
+pub(crate) fn merge(
+    path: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    keys: &[(&str, &str, Kind)],
+) -> Result<toml::Table> {
     let mut table = match path {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -308,7 +349,7 @@ pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         }
         None => toml::Table::new(),
     };
-    for &(section, key, kind) in ENV_KEYS {
+    for &(section, key, kind) in keys {
         let var = env_var_name(section, key);
         let Some(raw) = env(&var) else { continue };
         let bad = |expected| ConfigError::Env {
@@ -356,18 +397,7 @@ pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         };
         slot.insert(key.to_string(), value);
     }
-    let origin = path
-        .map(Path::to_owned)
-        .unwrap_or_else(|| PathBuf::from("environment"));
-    // Integers where floats are expected (`drain_timeout = 5`) are fine.
-    let table = widen_ints(table);
-    toml::Value::Table(table)
-        .try_into::<FileConfig>()
-        .map_err(|e| ConfigError::Syntax {
-            path: origin,
-            // One line that names the key: "… expected u64 in `gateway.max_connections`".
-            message: e.to_string().trim_end().replace('\n', " "),
-        })
+    Ok(table)
 }
 
 /// Keys whose value is a float: an integer given there is taken as one.
@@ -377,6 +407,7 @@ const FLOAT_KEYS: &[&str] = &[
     "drain_timeout",
     "connect_timeout",
     "udp_timeout",
+    "stale_after",
 ];
 
 fn widen_ints(mut table: toml::Table) -> toml::Table {

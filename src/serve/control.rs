@@ -21,7 +21,7 @@ use vmm_glue::{TransportError, TransportSpec};
 
 use super::api::{self, ApiError};
 use super::registry::RegistryError;
-use super::Shared;
+use super::{clustered, Shared};
 
 /// Largest request body taken.
 const MAX_BODY: usize = 1 << 20;
@@ -94,6 +94,7 @@ async fn route(
             let settings = shared.settings();
             let create = api::parse_create(&body, &settings.sandbox.allow_internal)?;
             let view = registry.create(create, caller, &settings.sandbox)?;
+            let view = clustered::claim_created(shared, view).await?;
             Ok(json(StatusCode::CREATED, &view))
         }
         (&Method::GET, ["sandboxes", id]) => {
@@ -101,7 +102,9 @@ async fn route(
             Ok(json(StatusCode::OK, &view))
         }
         (&Method::DELETE, ["sandboxes", id]) => {
-            registry.delete(&sandbox_id(id)?).await?;
+            let id = sandbox_id(id)?;
+            registry.delete(&id).await?;
+            clustered::release_deleted(shared, &id).await;
             Ok(empty(StatusCode::NO_CONTENT))
         }
         (&Method::PUT, ["sandboxes", id, "network"]) => {
@@ -144,7 +147,7 @@ async fn route(
         }
         (&Method::POST, ["sandboxes", id, "token"]) => {
             let id = sandbox_id(id)?;
-            let token = registry.rotate_token(&id)?;
+            let token = clustered::rotate_token(shared, &id).await?;
             Ok(json(
                 StatusCode::OK,
                 &serde_json::json!({"sandboxID": id.as_str(), "trafficAccessToken": token}),

@@ -40,7 +40,35 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// few hundred bytes. Larger heads get 431.
 const MAX_REQUEST_BYTES: usize = 8 << 10;
 
+/// What a page answers: its status, content type and text.
+pub(crate) type Page = (StatusCode, &'static str, String);
+/// The pages a listener serves, by path (GET only).
+pub(crate) type Pages = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Page> + Send>>
+        + Send
+        + Sync,
+>;
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let pages: Pages = Arc::new(move |path: String| {
+        let shared = shared.clone();
+        Box::pin(async move {
+            if path == "/metrics" {
+                (StatusCode::OK, PROMETHEUS, render(&shared).await)
+            } else {
+                (StatusCode::NOT_FOUND, "text/plain", "see /metrics\n".into())
+            }
+        })
+    });
+    serve_pages(listener, pages).await
+}
+
+/// The Prometheus text format's content type.
+pub(crate) const PROMETHEUS: &str = "text/plain; version=0.0.4";
+
+/// Serve `pages` on the bounded listener (`slipway edge` serves its health
+/// and metrics the same way).
+pub(crate) async fn serve_pages(listener: TcpListener, pages: Pages) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -56,25 +84,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             tracing::debug!(client = %peer, "metrics: {MAX_CONNECTIONS} connections open; closing");
             continue;
         };
-        let shared = shared.clone();
+        let pages = pages.clone();
         let http = http.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
+                let pages = pages.clone();
                 async move {
-                    let reply = if req.method() == Method::GET && req.uri().path() == "/metrics" {
-                        let mut r = Response::new(Full::new(Bytes::from(render(&shared).await)));
-                        r.headers_mut().insert(
-                            CONTENT_TYPE,
-                            HeaderValue::from_static("text/plain; version=0.0.4"),
-                        );
-                        r
+                    let (status, kind, text) = if req.method() == Method::GET {
+                        pages(req.uri().path().to_string()).await
                     } else {
-                        let mut r = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
-                        *r.status_mut() = StatusCode::NOT_FOUND;
-                        r
+                        (
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "text/plain",
+                            "GET only\n".into(),
+                        )
                     };
-                    Ok::<_, Infallible>(reply)
+                    let mut r = Response::new(Full::new(Bytes::from(text)));
+                    *r.status_mut() = status;
+                    r.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+                    Ok::<_, Infallible>(r)
                 }
             });
             let activity = Activity::new();
@@ -86,18 +115,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// One family: its HELP and TYPE lines, then its samples.
-struct Family {
-    text: String,
+pub(crate) struct Family {
+    pub text: String,
 }
 
 impl Family {
-    fn new(name: &str, kind: &str, help: &str) -> Self {
+    pub fn new(name: &str, kind: &str, help: &str) -> Self {
         Self {
             text: format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"),
         }
     }
 
-    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+    pub fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
         if labels.is_empty() {
             let _ = writeln!(self.text, "{name} {value}");
         } else {
@@ -298,11 +327,14 @@ pub async fn render(shared: &Shared) -> String {
     if let Some(gw) = shared.gateway.get() {
         out.push_str(&gateway_families(gw));
     }
+    if let Some(node) = shared.cluster.get() {
+        out.push_str(&crate::cluster::node_families(node, &node.tunnels));
+    }
     out
 }
 
 /// The public gateway's connections and refusals.
-fn gateway_families(gw: &ingress::Gateway) -> String {
+pub(crate) fn gateway_families(gw: &ingress::Gateway) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let mut conns = Family::new(
         "slipway_gateway_connections",
@@ -345,7 +377,7 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * vmm_glue::sys::page_size()?)
 }
 
-fn open_fds() -> Option<usize> {
+pub(crate) fn open_fds() -> Option<usize> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
 }
 

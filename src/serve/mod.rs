@@ -6,12 +6,13 @@
 //! their own, so a flood inside the sandboxes cannot slow the operator down.
 
 pub(crate) mod api;
+mod clustered;
 pub mod config;
 mod control;
-mod metrics;
+pub(crate) mod metrics;
 mod registry;
 mod secrets;
-mod settings;
+pub(crate) mod settings;
 mod view;
 
 use std::os::unix::fs::PermissionsExt;
@@ -51,6 +52,8 @@ pub struct Shared {
     settings: RwLock<Arc<Settings>>,
     /// The public gateway, once started (for its counters in the metrics).
     gateway: OnceLock<Arc<ingress::Gateway>>,
+    /// This node's part in a cluster (`[cluster]`), once joined.
+    cluster: OnceLock<Arc<crate::cluster::node::ClusterNode>>,
 }
 
 impl Shared {
@@ -180,6 +183,8 @@ enum ServeError {
     },
     #[error(transparent)]
     Confine(#[from] crate::confine::ConfineError),
+    #[error("cannot join the cluster")]
+    Cluster(#[source] crate::cluster::store::StoreError),
 }
 
 /// Listeners bound before anything runs, so that a taken port or a bad
@@ -188,6 +193,8 @@ struct Bound {
     control: std::os::unix::net::UnixListener,
     gateway: Option<std::net::TcpListener>,
     metrics: Option<std::net::TcpListener>,
+    /// `[cluster]`: the tunnel listener edges reach this node on.
+    tunnels: Option<std::net::TcpListener>,
 }
 
 fn bind(settings: &Settings) -> Result<Bound, ServeError> {
@@ -205,11 +212,16 @@ fn bind(settings: &Settings) -> Result<Bound, ServeError> {
         Some(addr) => Some(tcp(addr, "metrics (metrics.listen)")?),
         None => None,
     };
+    let tunnels = match &settings.cluster {
+        Some(c) => Some(tcp(c.listen, "tunnels (cluster.listen)")?),
+        None => None,
+    };
     let control = bind_control(&settings.control.socket, settings.control.mode)?;
     Ok(Bound {
         control,
         gateway,
         metrics,
+        tunnels,
     })
 }
 
@@ -279,6 +291,7 @@ fn serve(
         registry: Registry::new(net.handle().clone(), base),
         settings: RwLock::new(Arc::new(settings.clone())),
         gateway: OnceLock::new(),
+        cluster: OnceLock::new(),
     });
     let gateway = match (bound.gateway, &settings.gateway) {
         (Some(listener), Some(g)) => {
@@ -303,6 +316,9 @@ fn serve(
         let control = tokio::net::UnixListener::from_std(bound.control)
             .map_err(serving("the control socket"))?;
         tokio::spawn(control::serve(control, shared.clone()));
+        if let (Some(listener), Some(cfg)) = (bound.tunnels, &settings.cluster) {
+            join_cluster(&shared, cfg, listener, net.handle(), &settings).await?;
+        }
         if let Some(l) = bound.metrics {
             let l = tokio::net::TcpListener::from_std(l).map_err(serving("metrics"))?;
             tokio::spawn(metrics::serve(l, shared.clone()));
@@ -330,12 +346,58 @@ fn serve(
                 .unwrap_or_default(),
             shown(settings.metrics),
         );
+        if let Some(c) = &settings.cluster {
+            eprintln!(
+                "slipway: cluster node {}: tunnels on {} (advertised {}), store {}",
+                c.node,
+                c.listen,
+                c.advertise,
+                c.store.join(",")
+            );
+        }
         run_until_stopped(&shared, path.as_deref(), &settings, &log, gateway).await;
         Ok::<_, ServeError>(())
     });
     let _ = std::fs::remove_file(&socket);
     net.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Join the cluster: the lease keeper on the control runtime (a flood in
+/// the sandboxes cannot starve the keep-alives), the tunnel listener on the
+/// sandboxes' runtime (it carries their traffic).
+async fn join_cluster(
+    shared: &Arc<Shared>,
+    cfg: &crate::cluster::config::NodeCluster,
+    listener: std::net::TcpListener,
+    net: &tokio::runtime::Handle,
+    settings: &Settings,
+) -> Result<(), ServeError> {
+    use crate::cluster::{node::ClusterNode, tunnel};
+    let node = ClusterNode::start(cfg.clone())
+        .await
+        .map_err(ServeError::Cluster)?;
+    let _ = shared.cluster.set(node.clone());
+    let _in_net = net.enter();
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|source| ServeError::Serve {
+            what: "the tunnel listener",
+            source,
+        })?;
+    let registry = shared.clone();
+    let server = tunnel::TunnelServer {
+        directory: shared.registry.directory.clone(),
+        draining: Box::new(move || registry.registry.is_draining()),
+        idle_timeout: settings
+            .gateway
+            .as_ref()
+            .map_or(ingress::Limits::default().idle_timeout, |g| {
+                g.limits.idle_timeout
+            }),
+        stats: node.tunnels.clone(),
+    };
+    net.spawn(tunnel::serve(listener, cfg.tls.clone(), server));
+    Ok(())
 }
 
 /// Sockets bound, nothing running yet: confine the process before the
@@ -349,6 +411,12 @@ fn confine(path: Option<&Path>, settings: &Settings) -> Result<(), ServeError> {
             .into_iter()
             .flatten()
             .map(PathBuf::as_path)
+            .chain(
+                settings
+                    .cluster
+                    .iter()
+                    .flat_map(|c| c.files.iter().map(PathBuf::as_path)),
+            )
             .collect(),
         control_socket: &settings.control.socket,
         socket_dirs: &settings.confine.socket_dirs,
@@ -383,9 +451,13 @@ async fn run_until_stopped(
             _ = int.recv() => break,
         }
     }
-    // Drain: no new sandboxes, no new public connections; the requests in
+    // Drain: out of the cluster first (the lease revoked, edges stop
+    // sending); no new sandboxes, no new public connections; the requests in
     // flight get drain_timeout to finish (a second signal cuts it short);
     // then every sandbox's flows are reset and its stack freed.
+    if let Some(node) = shared.cluster.get() {
+        node.leave().await;
+    }
     let drain_timeout = shared.settings().drain_timeout;
     eprintln!(
         "slipway: draining: {} sandboxes, up to {:?} for {} gateway requests in flight",

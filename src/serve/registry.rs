@@ -160,6 +160,12 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// Its route in the gateway directory (the cluster publishes its token
+    /// digest and mask).
+    pub fn route(&self) -> &Arc<Route> {
+        &self.route
+    }
+
     pub fn transport_kind(&self) -> &'static str {
         self.transport.kind()
     }
@@ -497,6 +503,10 @@ impl Registry {
     /// Refuse new sandboxes from now on.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Tear every sandbox down, all at once.

@@ -25,6 +25,8 @@ pub struct Settings {
     pub worker_threads: usize,
     pub sandbox: SandboxDefaults,
     pub confine: ConfineSettings,
+    /// `[cluster]`: this node's part in a cluster store, when `store` is set.
+    pub cluster: Option<crate::cluster::config::NodeCluster>,
 }
 
 #[derive(Clone)]
@@ -78,52 +80,8 @@ impl FileConfig {
                 })?,
             token: self.control_token()?,
         };
-        let g = &self.gateway;
-        let limits = ingress::Limits {
-            max_connections: positive("gateway.max_connections", g.max_connections)?,
-            max_connections_per_client: positive(
-                "gateway.max_connections_per_client",
-                g.max_connections_per_client,
-            )?,
-            header_read_timeout: seconds("gateway.header_timeout", g.header_timeout)?,
-            idle_timeout: seconds("gateway.idle_timeout", g.idle_timeout)?,
-            ..ingress::Limits::default()
-        };
-        let gateway = match listen_addr("gateway.listen", &g.listen)? {
-            None => None,
-            Some(listen) => Some(GatewaySettings {
-                listen,
-                domain: ingress::Domain::parse(&g.domain)
-                    .map_err(|e| value("gateway.domain", &g.domain, &e.to_string()))?,
-                tls: match (&g.tls_cert, &g.tls_key) {
-                    (Some(cert), Some(key)) => {
-                        Some(ingress::tls::server_config(cert, key).map_err(|e| {
-                            value(
-                                "gateway.tls_cert",
-                                &cert.display().to_string(),
-                                &e.to_string(),
-                            )
-                        })?)
-                    }
-                    (None, None) => None,
-                    _ => {
-                        return Err(value(
-                            "gateway.tls_cert",
-                            "",
-                            "give both tls_cert and tls_key, or neither",
-                        ))
-                    }
-                },
-                limits,
-            }),
-        };
-        let drain_timeout = Duration::try_from_secs_f64(g.drain_timeout).map_err(|_| {
-            value(
-                "gateway.drain_timeout",
-                &g.drain_timeout.to_string(),
-                "give a number of seconds, 0 or more",
-            )
-        })?;
+        let gateway = self.gateway.validate()?;
+        let drain_timeout = self.gateway.drain_timeout()?;
         Ok(Settings {
             file: self.clone(),
             log: self.log.clone(),
@@ -143,6 +101,7 @@ impl FileConfig {
             metrics: listen_addr("metrics.listen", &self.metrics.listen)?,
             worker_threads: self.runtime.worker_threads as usize,
             sandbox: self.sandbox.validate()?,
+            cluster: self.cluster.validate()?,
         })
         .and_then(|s| {
             for (name, source) in &self.secrets {
@@ -186,6 +145,62 @@ impl FileConfig {
             return Err(value("control.token", "", "the token is empty"));
         }
         Ok(Some(TokenDigest::of(token.as_bytes())))
+    }
+}
+
+impl GatewayFile {
+    /// The public gateway's settings; `None` when `listen` is `off`.
+    /// `slipway edge` takes the same `[gateway]` keys.
+    pub fn validate(&self) -> Result<Option<GatewaySettings>> {
+        let limits = ingress::Limits {
+            max_connections: positive("gateway.max_connections", self.max_connections)?,
+            max_connections_per_client: positive(
+                "gateway.max_connections_per_client",
+                self.max_connections_per_client,
+            )?,
+            header_read_timeout: seconds("gateway.header_timeout", self.header_timeout)?,
+            idle_timeout: seconds("gateway.idle_timeout", self.idle_timeout)?,
+            ..ingress::Limits::default()
+        };
+        Ok(match listen_addr("gateway.listen", &self.listen)? {
+            None => None,
+            Some(listen) => Some(GatewaySettings {
+                listen,
+                domain: ingress::Domain::parse(&self.domain)
+                    .map_err(|e| value("gateway.domain", &self.domain, &e.to_string()))?,
+                tls: match (&self.tls_cert, &self.tls_key) {
+                    (Some(cert), Some(key)) => {
+                        Some(ingress::tls::server_config(cert, key).map_err(|e| {
+                            value(
+                                "gateway.tls_cert",
+                                &cert.display().to_string(),
+                                &e.to_string(),
+                            )
+                        })?)
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err(value(
+                            "gateway.tls_cert",
+                            "",
+                            "give both tls_cert and tls_key, or neither",
+                        ))
+                    }
+                },
+                limits,
+            }),
+        })
+    }
+
+    /// On SIGTERM, how long requests in flight may take to finish.
+    pub fn drain_timeout(&self) -> Result<Duration> {
+        Duration::try_from_secs_f64(self.drain_timeout).map_err(|_| {
+            value(
+                "gateway.drain_timeout",
+                &self.drain_timeout.to_string(),
+                "give a number of seconds, 0 or more",
+            )
+        })
     }
 }
 
@@ -272,11 +287,14 @@ impl Settings {
         if a.secrets != b.secrets {
             keys.push("secrets");
         }
+        if a.cluster != b.cluster {
+            keys.push("cluster");
+        }
         keys
     }
 }
 
-fn value(key: &'static str, v: &str, expected: &str) -> ConfigError {
+pub(crate) fn value(key: &'static str, v: &str, expected: &str) -> ConfigError {
     ConfigError::Value {
         key,
         value: v.to_string(),
@@ -284,7 +302,7 @@ fn value(key: &'static str, v: &str, expected: &str) -> ConfigError {
     }
 }
 
-fn absolute(key: &'static str, p: &Path) -> Result<PathBuf> {
+pub(crate) fn absolute(key: &'static str, p: &Path) -> Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_owned())
     } else {
@@ -296,21 +314,21 @@ fn absolute(key: &'static str, p: &Path) -> Result<PathBuf> {
     }
 }
 
-fn positive(key: &'static str, n: u64) -> Result<usize> {
+pub(crate) fn positive(key: &'static str, n: u64) -> Result<usize> {
     if n == 0 {
         return Err(value(key, "0", "give a whole number above 0"));
     }
     usize::try_from(n).map_err(|_| value(key, &n.to_string(), "too large"))
 }
 
-fn in_range(key: &'static str, n: u64, lo: u64, hi: u64) -> Result<usize> {
+pub(crate) fn in_range(key: &'static str, n: u64, lo: u64, hi: u64) -> Result<usize> {
     if !(lo..=hi).contains(&n) {
         return Err(value(key, &n.to_string(), &format!("give {lo} to {hi}")));
     }
     Ok(n as usize)
 }
 
-fn seconds(key: &'static str, v: f64) -> Result<Duration> {
+pub(crate) fn seconds(key: &'static str, v: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(v)
         .ok()
         .filter(|d| !d.is_zero())
@@ -318,7 +336,7 @@ fn seconds(key: &'static str, v: f64) -> Result<Duration> {
 }
 
 /// `off` (or empty) disables a listener.
-fn listen_addr(key: &'static str, s: &str) -> Result<Option<SocketAddr>> {
+pub(crate) fn listen_addr(key: &'static str, s: &str) -> Result<Option<SocketAddr>> {
     match s.trim() {
         "" | "off" => Ok(None),
         a => a

@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod classify;
+pub mod cluster_record;
 pub mod first_bytes;
 pub mod frames;
 pub mod gateway;
@@ -40,6 +41,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("first_bytes", first_bytes::run),
     ("socks_reply", socks::run),
     ("header_rewrite", header_rewrite::run),
+    ("cluster_record", cluster_record::run),
 ];
 
 /// Run the target `name` on `data`; `false` if there is no such target.
