@@ -599,9 +599,11 @@ impl<L: Link> Driver<L> {
 
     fn connect_directly(&mut self, now: Instant, flow: FlowId, dst: SocketAddr) {
         match start_connect(dst) {
-            Ok(stream) => {
-                // Loopback and other fast peers are done before connect()
-                // returns: answer the guest in this same round.
+            // connect() said it is done: no need to ask the socket again.
+            Ok((stream, true)) => self.on_connected(now, flow, Ok(stream)),
+            Ok((stream, false)) => {
+                // Loopback and other fast peers may be done by now: answer
+                // the guest in this same round.
                 match connect_outcome(&stream) {
                     Some(outcome) => self.on_connected(now, flow, outcome.map(|()| stream)),
                     None => {
