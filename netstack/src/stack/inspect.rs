@@ -59,11 +59,18 @@ impl Stack {
         phase: TcpPhase,
     ) {
         let inspecting = phase == TcpPhase::Inspecting;
+        // A flow to be inspected got here because no rule matched its
+        // address; DNS over TCP because it is for the resolver.
+        let rule = if inspecting {
+            Rule::Default
+        } else {
+            Rule::Resolver
+        };
         if let Some(cap) = self.tcp_cap_hit(inspecting) {
             self.stats.hit_cap(cap);
             let v = Verdict {
                 allowed: true,
-                rule: Rule::Resolver,
+                rule,
             };
             self.log_refusal("tcp", src, dst, v, Some(cap));
             let rst = self.builder().rst_for_syn(ip, src, dst);
@@ -82,11 +89,6 @@ impl Stack {
             return self.emit(rst);
         }
         let flow = self.alloc_flow();
-        let rule = if inspecting {
-            Rule::Default
-        } else {
-            Rule::Resolver
-        };
         let mut entry = tcp_flow::TcpFlow::new((src, dst), handle, phase, rule, now);
         if inspecting {
             let at = now + FIRST_BYTES_TIMEOUT.into();
