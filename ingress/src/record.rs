@@ -24,8 +24,10 @@ use crate::token::TokenDigest;
 pub const SANDBOX_PREFIX: &str = "/slipway/v1/sbx/";
 /// Where a node's address lives: this, then its name.
 pub const NODE_PREFIX: &str = "/slipway/v1/nodes/";
-/// Largest value taken: a real record is about 200 bytes.
-pub const MAX_RECORD_BYTES: usize = 1024;
+/// Largest value taken: a real record is about 200 bytes, and the largest
+/// a node can write (the longest node name, mask and address, 64 HTTPS
+/// ports) about 1.2 KB; a test pins that it fits.
+pub const MAX_RECORD_BYTES: usize = 2048;
 /// Longest node name: a DNS name.
 pub const MAX_NODE_NAME_LEN: usize = 253;
 
@@ -288,6 +290,33 @@ mod tests {
         assert!(SandboxRecord::parse(json.as_bytes()).unwrap().is_public());
     }
 
+    /// The largest record a node can write is read back by an edge.
+    #[test]
+    fn the_largest_record_a_node_can_write_fits() {
+        let label = |n: usize| "a".repeat(n);
+        let node = format!("{}.{}.{}.{}", label(63), label(63), label(63), label(61));
+        let mask = format!("{}:{}", label(246), HostMask::PORT);
+        let rec = SandboxRecord {
+            node: NodeName::parse(&node).unwrap(),
+            addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535"
+                .parse()
+                .unwrap(),
+            token_digest: Some(AccessToken::generate().unwrap().digest()),
+            mask: Some(HostMask::parse(&mask).unwrap()),
+            https_ports: crate::guest_tls::https_ports(&(65472..=65535).collect::<Vec<u16>>())
+                .unwrap(),
+        };
+        let json = rec.to_json();
+        assert!(
+            json.len() > 1024 && json.len() <= MAX_RECORD_BYTES,
+            "{}",
+            json.len()
+        );
+        assert!(SandboxRecord::parse(json.as_bytes())
+            .unwrap()
+            .same_way(&rec));
+    }
+
     /// Each bad value, and what the reader is told.
     #[test]
     fn hostile_values_are_refused_with_a_reason() {
@@ -345,9 +374,9 @@ mod tests {
             (
                 format!(
                     r#"{{"node":"a","addr":"10.0.0.1:1","public":true,"x":"{}"}}"#,
-                    "y".repeat(1100)
+                    "y".repeat(2100)
                 ),
-                "more than 1024",
+                "more than 2048",
             ),
             ("[".repeat(1000), "not a sandbox record"),
             (
