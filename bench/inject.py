@@ -63,23 +63,14 @@ class World:
     def __init__(self, server_bin, tmp):
         self.ns = f"slwinject{os.getpid()}"
         self.ca = os.path.join(tmp, "server-ca.pem")
-        peers.netns_add(self.ns)
-        for cmd in ("ip link add d0 type veth peer name d1", "ip link set d1 up", "ip link set d0 up",
-                    "ip link set lo up",
-                    f"ip addr add {SERVER}/24 dev d0", f"ip addr add {DNS}/24 dev d0"):
-            subprocess.run(["ip", "netns", "exec", self.ns] + cmd.split(), check=True, capture_output=True)
+        peers.world_netns(self.ns, [SERVER, DNS])
         self.server = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, server_bin, f"{SERVER}:443", NAME, self.ca],
             stdout=subprocess.PIPE, text=True, start_new_session=True)
         peers.register_group(self.server)
         if self.server.stdout.readline().strip() != "ready":
             raise RuntimeError("the bench's HTTPS server did not start")
-        self.dns = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "dnsmasq", "-k", "--no-resolv", "--no-hosts",
-             "--bind-interfaces", f"--listen-address={DNS}", "--user=root", "--pid-file=",
-             f"--host-record={NAME},{SERVER}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        peers.register_group(self.dns)
+        self.dns = peers.world_dnsmasq(self.ns, DNS, {NAME: SERVER})
         time.sleep(0.3)
 
     def run(self, binary, mode, a):

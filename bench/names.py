@@ -45,28 +45,18 @@ class World:
 
     def __init__(self):
         self.ns = f"slwnames{os.getpid()}"
-        peers.netns_add(self.ns)
-        # A veth pair (this kernel has no dummy links); its peer end just stays up.
-        for cmd in ("ip link add d0 type veth peer name d1", "ip link set d1 up", "ip link set d0 up",
-                    "ip addr add 198.51.100.1/24 dev d0", "ip addr add 198.51.100.3/24 dev d0",
-                    "ip addr add 198.51.100.53/24 dev d0",
-                    # slipway's host sockets close first, so thousands of
-                    # connections a second leave their ports in TIME_WAIT:
-                    # without reuse the later repetitions run out of ports.
-                    "sysctl -qw net.ipv4.tcp_tw_reuse=1"):
-            subprocess.run(["ip", "netns", "exec", self.ns] + cmd.split(), check=True, capture_output=True)
+        # slipway's host sockets close first, so thousands of connections a
+        # second leave their ports in TIME_WAIT: without reuse the later
+        # repetitions run out of ports.
+        peers.world_netns(self.ns, ["198.51.100.1", "198.51.100.3", "198.51.100.53"],
+                          "sysctl -qw net.ipv4.tcp_tw_reuse=1")
         self.echo = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, os.path.join(HERE, "echo_server.py"),
              "--bind", "0.0.0.0", "--lifetime", "1800"],
             stdout=subprocess.PIPE, text=True, start_new_session=True)
         peers.register_group(self.echo)
         self.port = int(self.echo.stdout.readline())
-        self.dns = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "dnsmasq", "-k", "--no-resolv", "--no-hosts",
-             "--bind-interfaces", "--listen-address=198.51.100.53", "--user=root", "--pid-file=",
-             "--cache-size=0", "--host-record=echo.bench.test,198.51.100.3"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        peers.register_group(self.dns)
+        self.dns = peers.world_dnsmasq(self.ns, "198.51.100.53", {"echo.bench.test": "198.51.100.3"})
         time.sleep(0.3)
 
     def run(self, binary, policy, agent_args, timeout):

@@ -52,6 +52,29 @@ def netns_add(name):
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True)
 
 
+def world_netns(name, addrs, *extra):
+    """A namespace for a bench's own "internet": a veth pair (this kernel
+    has no dummy links) whose d0 holds each of `addrs` as a /24, no route
+    out; `extra` commands (split on spaces) run inside it afterwards."""
+    netns_add(name)
+    cmds = ["ip link add d0 type veth peer name d1", "ip link set d1 up", "ip link set d0 up"]
+    cmds += [f"ip addr add {a}/24 dev d0" for a in addrs]
+    for cmd in cmds + list(extra):
+        subprocess.run(["ip", "netns", "exec", name] + cmd.split(), check=True, capture_output=True)
+
+
+def world_dnsmasq(ns, listen, records):
+    """dnsmasq in `ns` on `listen`, answering only `records` (name -> address),
+    uncached; registered for clean-up."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "dnsmasq", "-k", "--no-resolv", "--no-hosts",
+         "--bind-interfaces", f"--listen-address={listen}", "--user=root", "--pid-file=",
+         "--cache-size=0"] + [f"--host-record={n},{a}" for n, a in records.items()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    register_group(proc)
+    return proc
+
+
 def netns_del(name):
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
     for pid in pids:
