@@ -37,6 +37,8 @@ fn allowed_flows_work_over_ipv4_and_ipv6() {
         probe("tcp-echo", "2001:db8::1", 7),
         probe("udp", "198.51.100.1", 7),
         probe("udp", "2001:db8::1", 7),
+        probe("udp-burst", "198.51.100.1", 7),
+        probe("udp-burst", "2001:db8::1", 7),
         "ping -c1 -W5 192.0.2.1 >/dev/null && echo ping4-ok 0".into(),
         "ping -6 -c1 -W5 2001:db8::1 >/dev/null && echo ping6-ok 0".into(),
         "getent ahostsv4 world.test | head -n1".into(),
@@ -61,6 +63,8 @@ fn allowed_flows_work_over_ipv4_and_ipv6() {
     }
     assert_eq!(got.iter().filter(|r| *r == "echo-ok").count(), 2, "{out}");
     assert_eq!(got.iter().filter(|r| *r == "reply").count(), 2, "{out}");
+    // Every datagram of a burst, mixed sizes, each once and in order.
+    assert_eq!(got.iter().filter(|r| *r == "burst-ok").count(), 2, "{out}");
     assert!(out.contains("192.0.2.1       STREAM world.test"), "{out}");
     assert!(out.contains("2001:db8::80    STREAM www.test"), "{out}");
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Guest-side probe for slipway's end-to-end tests: one attempt, one line out,
-"<result> <milliseconds>", where result is `connected`, `echo-ok`, `greet-ok`, `reply`,
+"<result> <milliseconds>", where result is `connected`, `echo-ok`, `greet-ok`, `reply`, `burst-ok`,
 `timeout` or the errno name (ECONNREFUSED, EHOSTUNREACH, EACCES, ...)."""
 import errno
 import socket
@@ -54,6 +54,29 @@ def main():
                 # A second send picks up an ICMP error that raced the first recv.
                 got = s.recv(2048)
                 result = "reply" if got == b"slipway udp" else "wrong-reply"
+        elif what == "udp-burst":
+            # Back to back, so that they reach the stack in one round: runs
+            # of one size (which go out as one GSO send), a shorter one
+            # ending a run, sizes that change every datagram, an empty one.
+            sizes = [1200] * 20 + [700] + [300] * 5 + [1, 0, 900, 1000, 1100] + [1200] * 30
+            sent = [(b"%04d" % i + bytes([i % 251]) * size)[:size] for i, size in enumerate(sizes)]
+            with socket.socket(family(host), socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                s.settimeout(3)
+                s.connect((host, port))
+                for p in sent:
+                    s.send(p)
+                got = []
+                while len(got) < len(sent):
+                    try:
+                        got.append(s.recv(2048))
+                    except socket.timeout:
+                        break
+            if got == sent:
+                result = "burst-ok"
+            else:
+                in_order = [g for g in got if g in sent] == [p for p in sent if p in got]
+                result = f"burst-mismatch(got-{len(got)}-of-{len(sent)},in-order-{in_order})"
         else:
             raise SystemExit(f"unknown probe {what}")
     except OSError as e:

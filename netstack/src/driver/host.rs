@@ -128,6 +128,140 @@ impl OpenTls {
 
 pub(super) struct HostDatagram {
     pub(super) socket: AsyncFd<Socket>,
+    /// Whether runs of equal-size datagrams go out as one UDP GSO send
+    /// (`UDP_SEGMENT`): UDP sockets start with it, and lose it for good
+    /// the first time the kernel refuses it (a path MTU under the
+    /// datagram size, a device without checksum offload, an old kernel).
+    gso: bool,
+}
+
+/// The most datagrams one GSO send carries (the kernel's `UDP_MAX_SEGMENTS`
+/// is 64 before Linux 6.9, 128 since).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// The most payload one UDP send carries: 65535 less the IPv4 and UDP headers.
+const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
+
+impl HostDatagram {
+    pub(super) fn new(kind: DatagramKind, socket: AsyncFd<Socket>) -> Self {
+        Self {
+            socket,
+            gso: kind == DatagramKind::Udp,
+        }
+    }
+
+    /// Send the datagrams one round of guest frames queued for this flow,
+    /// in order: each run of equal-size ones (the last may be shorter) in
+    /// one `sendmsg` with UDP GSO, which takes a run through the host's
+    /// stack once instead of once per datagram; anything else one
+    /// datagram per send. A full socket buffer loses the rest, as UDP may;
+    /// any other error ends the batch and is returned (a connection
+    /// refused is the guest's to hear about).
+    pub(super) fn send_all(&mut self, payloads: &[Vec<u8>]) -> io::Result<()> {
+        let mut rest = payloads;
+        while !rest.is_empty() {
+            let run = if self.gso { gso_run(rest) } else { 1 };
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            let sent = if run > 1 {
+                match self.send_gso(now) {
+                    Err(e) if gso_refused(&e) => {
+                        tracing::debug!(error = %e, "UDP GSO refused: this flow sends one datagram at a time");
+                        self.gso = false;
+                        now.iter().try_for_each(|p| self.send_one(p))
+                    }
+                    other => other,
+                }
+            } else {
+                self.send_one(&now[0])
+            };
+            match sent {
+                Ok(()) => {}
+                Err(e) if is_full(&e) => {
+                    tracing::trace!(error = %e, "host socket full: datagrams dropped");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn send_one(&self, payload: &[u8]) -> io::Result<()> {
+        self.socket.get_ref().send(payload).map(drop)
+    }
+
+    fn send_gso(&self, run: &[Vec<u8>]) -> io::Result<()> {
+        let segment = (run[0].len() as u16).to_ne_bytes();
+        let control = gso_control(segment);
+        let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let msg = socket2::MsgHdr::new()
+            .with_buffers(&iov)
+            .with_control(&control);
+        self.socket.get_ref().sendmsg(&msg, 0).map(drop)
+    }
+}
+
+/// One control message: `SOL_UDP`, `UDP_SEGMENT`, the segment size (two bytes).
+fn gso_control(segment: [u8; 2]) -> Vec<u8> {
+    const fn align(n: usize) -> usize {
+        let a = std::mem::size_of::<usize>();
+        (n + a - 1) & !(a - 1)
+    }
+    let head = align(std::mem::size_of::<libc::cmsghdr>());
+    // SAFETY: cmsghdr is plain integers (and padding on some libcs), for
+    // which all zeroes is a valid value.
+    let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+    hdr.cmsg_len = (head + segment.len()) as _;
+    hdr.cmsg_level = libc::SOL_UDP;
+    hdr.cmsg_type = libc::UDP_SEGMENT;
+    let mut control = vec![0u8; head + align(segment.len())];
+    // SAFETY: reads the bytes of a live, initialised value of its own size.
+    let hdr_bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&hdr as *const libc::cmsghdr).cast::<u8>(),
+            std::mem::size_of::<libc::cmsghdr>(),
+        )
+    };
+    control[..hdr_bytes.len()].copy_from_slice(hdr_bytes);
+    control[head..head + segment.len()].copy_from_slice(&segment);
+    control
+}
+
+/// How many datagrams from the start of `rest` one GSO send can carry:
+/// equal sizes, the last possibly shorter (but not empty), within the
+/// kernel's bounds on segments and bytes. 1 means send it alone.
+fn gso_run(rest: &[Vec<u8>]) -> usize {
+    let size = rest[0].len();
+    if size == 0 {
+        return 1;
+    }
+    let mut total = 0;
+    let mut n = 0;
+    for p in rest.iter().take(GSO_MAX_SEGMENTS) {
+        if p.is_empty() || p.len() > size || total + p.len() > GSO_MAX_BYTES {
+            break;
+        }
+        total += p.len();
+        n += 1;
+        if p.len() < size {
+            break;
+        }
+    }
+    n.max(1)
+}
+
+/// An error that says this socket cannot send with GSO, not that the
+/// datagrams could not go.
+fn gso_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EIO | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+    )
+}
+
+/// The host's buffers are full: the datagrams are lost, as UDP may lose them.
+fn is_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
 }
 
 /// Host → guest: read the host socket straight into the flow's send buffer.
@@ -372,4 +506,98 @@ pub(super) fn open_datagram(kind: DatagramKind, dst: SocketAddr) -> io::Result<A
     socket.connect(&dst.into())?;
     // SAFETY: the socket owns its descriptor, which lives as long as the AsyncFd.
     unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    fn sized(sizes: &[usize]) -> Vec<Vec<u8>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let mut p = vec![i as u8; n];
+                p.iter_mut().take(2).for_each(|b| *b = (i >> 8) as u8);
+                p
+            })
+            .collect()
+    }
+
+    fn runs(payloads: &[Vec<u8>]) -> Vec<usize> {
+        let mut rest = payloads;
+        let mut out = vec![];
+        while !rest.is_empty() {
+            let n = gso_run(rest);
+            out.push(n);
+            rest = &rest[n..];
+        }
+        out
+    }
+
+    #[test]
+    fn runs_are_one_size_ending_at_most_in_one_shorter_datagram() {
+        let p = sized(&[1400, 1400, 1400, 900, 1400, 0, 0, 5, 7, 7, 3, 3]);
+        assert_eq!(runs(&p), [4, 1, 1, 1, 1, 3, 1]);
+        // The kernel's bounds: 64 segments, 65507 bytes.
+        assert_eq!(runs(&sized(&[100; 130])), [64, 64, 2]);
+        assert_eq!(runs(&sized(&[1400; 50])), [46, 4]);
+        assert_eq!(runs(&sized(&[65507, 65507])), [1, 1]);
+    }
+
+    /// A receiver on loopback and a host datagram socket connected to it.
+    fn pair() -> (UdpSocket, HostDatagram) {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket2::SockRef::from(&rx)
+            .set_recv_buffer_size(4 << 20)
+            .unwrap();
+        let socket = open_datagram(DatagramKind::Udp, rx.local_addr().unwrap()).unwrap();
+        (rx, HostDatagram::new(DatagramKind::Udp, socket))
+    }
+
+    fn receive(rx: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut buf = [0u8; 65536];
+        (0..n)
+            .map(|_| {
+                let got = rx.recv(&mut buf).expect("a datagram");
+                buf[..got].to_vec()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_arrives_whole_and_in_order_through_gso() {
+        let (rx, mut host) = pair();
+        let sent = sized(&[1200, 1200, 1200, 700, 300, 300, 0, 1, 1500, 1500, 1500]);
+        host.send_all(&sent).unwrap();
+        assert_eq!(receive(&rx, sent.len()), sent);
+        assert!(host.gso, "loopback takes GSO sends");
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_refuses_gso_sends_one_datagram_at_a_time() {
+        let (rx, mut host) = pair();
+        // SO_NO_CHECK: IPv4 UDP without checksums, which GSO refuses (EINVAL).
+        let one: libc::c_int = 1;
+        // SAFETY: a valid descriptor and an int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(host.socket.get_ref()),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        let sent = sized(&[1000; 8]);
+        host.send_all(&sent).unwrap();
+        assert!(!host.gso, "the refusal is remembered");
+        assert_eq!(receive(&rx, sent.len()), sent);
+        host.send_all(&sent[..3]).unwrap();
+        assert_eq!(receive(&rx, 3), sent[..3]);
+    }
 }

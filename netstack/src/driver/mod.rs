@@ -75,6 +75,10 @@ pub struct Driver<L: Link> {
     interceptor: Option<SharedInterceptor>,
     /// `Intercept` requests whose host connect (or proxy dial) is still in flight.
     intercepts: HashMap<FlowId, intercept::Pending>,
+    /// Guest datagrams for `outgoing_flow` not sent yet: one round's, sent
+    /// together at the end of `serve_requests`.
+    outgoing: Vec<Vec<u8>>,
+    outgoing_flow: Option<FlowId>,
 }
 
 impl<L: Link> Driver<L> {
@@ -99,6 +103,8 @@ impl<L: Link> Driver<L> {
             dial_policy: None,
             interceptor: None,
             intercepts: HashMap::new(),
+            outgoing: Vec::new(),
+            outgoing_flow: None,
         })
     }
 
@@ -260,6 +266,8 @@ impl<L: Link> Driver<L> {
         }
         self.intercepts.clear();
         self.datagrams.clear();
+        self.outgoing.clear();
+        self.outgoing_flow = None;
     }
 
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -622,6 +630,11 @@ impl<L: Link> Driver<L> {
         let mut progress = false;
         while let Some(req) = self.stack.poll_request() {
             progress = true;
+            // A flow's datagrams queue up and go together, but nothing
+            // passes them: whatever else comes, they are sent first.
+            if !matches!(req, HostRequest::DatagramSend { .. }) {
+                self.send_datagrams(now);
+            }
             match req {
                 HostRequest::TcpConnect { flow, dst, name } => {
                     if let Some(plan) = self.dial_plan(dst, name.as_deref()) {
@@ -693,7 +706,7 @@ impl<L: Link> Driver<L> {
                 }
                 HostRequest::DatagramOpen { flow, kind, dst } => match open_datagram(kind, dst) {
                     Ok(socket) => {
-                        self.datagrams.insert(flow, HostDatagram { socket });
+                        self.datagrams.insert(flow, HostDatagram::new(kind, socket));
                     }
                     Err(e) => {
                         if kind == DatagramKind::IcmpEcho
@@ -714,24 +727,38 @@ impl<L: Link> Driver<L> {
                     }
                 },
                 HostRequest::DatagramSend { flow, payload } => {
-                    if let Some(host) = self.datagrams.get(&flow) {
-                        match host.socket.get_ref().send(&payload) {
-                            Ok(_) => {}
-                            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                                let error = HostEvent::DatagramError(Unreachable::Port);
-                                self.stack.handle_host(now, flow, error);
-                            }
-                            // UDP may lose datagrams; a full host buffer drops this one.
-                            Err(e) => tracing::trace!(%flow, error = %e, "datagram send failed"),
-                        }
+                    if self.outgoing_flow != Some(flow) || self.outgoing.len() >= FRAMES_PER_ROUND {
+                        self.send_datagrams(now);
+                        self.outgoing_flow = Some(flow);
                     }
+                    self.outgoing.push(payload);
+                    continue;
                 }
                 HostRequest::DatagramClose { flow } => {
                     self.datagrams.remove(&flow);
                 }
             }
         }
+        self.send_datagrams(now);
         progress
+    }
+
+    /// Send the datagrams queued for `outgoing_flow` (see `HostDatagram::send_all`).
+    fn send_datagrams(&mut self, now: Instant) {
+        let Some(flow) = self.outgoing_flow.take() else {
+            return;
+        };
+        if let Some(host) = self.datagrams.get_mut(&flow) {
+            match host.send_all(&self.outgoing) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    let error = HostEvent::DatagramError(Unreachable::Port);
+                    self.stack.handle_host(now, flow, error);
+                }
+                Err(e) => tracing::trace!(%flow, error = %e, "datagram send failed"),
+            }
+        }
+        self.outgoing.clear();
     }
 }
 
