@@ -55,8 +55,13 @@ fn glibc_at_least(major: u32, minor: u32) -> bool {
 }
 
 /// Whether rustc links with its own lld: the default from 1.90 on, unless
-/// the build picks another linker.
+/// the build picks another linker (a `linker` in Cargo's config, which
+/// Cargo hands build scripts as RUSTC_LINKER, or linker flags).
 fn rustc_links_with_lld() -> bool {
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
+    if env::var_os("RUSTC_LINKER").is_some() {
+        return false;
+    }
     let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
     if flags.contains("linker") {
         return false;
