@@ -1254,6 +1254,14 @@ fn download_mbit(guest: &Guest, mib: u64) -> f64 {
     size as f64 * 8.0 / secs / 1e6
 }
 
+/// The best of `n` downloads, and all of them: the tests of this binary
+/// run two at a time, and a moment's work of the other one (a guest
+/// starting, a download of its own) must not pass for what the flood did.
+fn best_download_mbit(guest: &Guest, mib: u64, n: usize) -> (f64, Vec<f64>) {
+    let all: Vec<f64> = (0..n).map(|_| download_mbit(guest, mib)).collect();
+    (all.iter().copied().fold(0.0, f64::max), all)
+}
+
 /// The bound this test holds the measured sandbox to: under a flood in
 /// another sandbox it keeps at least this share of its quiet throughput.
 const FLOOD_KEEPS_AT_LEAST: f64 = 0.4;
@@ -1267,7 +1275,7 @@ fn a_flood_in_one_sandbox_leaves_another_its_throughput() {
     let serve = world_serve(&w, 18580, "max_udp_flows = 256\nmax_half_open = 64\n");
     let (quiet, _) = Guest::create(&w, &serve, "quiet", "swquiet", &[]);
     let (noisy, _) = Guest::create(&w, &serve, "noisy", "swnoisy", &[]);
-    let alone = download_mbit(&quiet, MIB);
+    let (alone, alone_all) = best_download_mbit(&quiet, MIB, 3);
     // The flood's own processes run at the lowest priority: what is measured
     // is slipway sharing itself between sandboxes, not the test machine's CPUs
     // being shared with the flood generator.
@@ -1301,7 +1309,7 @@ fn a_flood_in_one_sandbox_leaves_another_its_throughput() {
     .map(|args| noisy.spawn(args))
     .collect();
     std::thread::sleep(Duration::from_secs(2));
-    let flooded = download_mbit(&quiet, MIB);
+    let (flooded, flooded_all) = best_download_mbit(&quiet, MIB, 3);
     let reply = serve.ctl_ok(&["get", "noisy"]);
     for f in &mut floods {
         let _ = f.kill();
@@ -1313,7 +1321,8 @@ fn a_flood_in_one_sandbox_leaves_another_its_throughput() {
     let counters = &reply["counters"];
     sent.push_str(&format!("{counters}"));
     eprintln!(
-        "quiet sandbox alone {alone:.0} Mbit/s, during the flood {flooded:.0} Mbit/s ({:.0}%); noisy: {sent}",
+        "quiet sandbox alone {alone:.0} Mbit/s (best of {alone_all:.0?}), during the flood \
+         {flooded:.0} Mbit/s (best of {flooded_all:.0?}, {:.0}%); noisy: {sent}",
         100.0 * flooded / alone
     );
     assert!(
