@@ -159,20 +159,20 @@ impl HostDatagram {
     pub(super) fn send_all(&mut self, payloads: &[Vec<u8>]) -> io::Result<()> {
         let mut rest = payloads;
         while !rest.is_empty() {
-            let run = if self.gso { gso_run(rest) } else { 1 };
-            let (now, later) = rest.split_at(run);
+            let n = if self.gso { gso_run(rest) } else { 1 };
+            let (run, later) = rest.split_at(n);
             rest = later;
-            let sent = if run > 1 {
-                match self.send_gso(now) {
+            let sent = if n > 1 {
+                match self.send_gso(run) {
                     Err(e) if gso_refused(&e) => {
                         tracing::debug!(error = %e, "UDP GSO refused: this flow sends one datagram at a time");
                         self.gso = false;
-                        now.iter().try_for_each(|p| self.send_one(p))
+                        run.iter().try_for_each(|p| self.send_one(p))
                     }
                     other => other,
                 }
             } else {
-                self.send_one(&now[0])
+                self.send_one(&run[0])
             };
             match sent {
                 Ok(()) => {}
@@ -191,30 +191,33 @@ impl HostDatagram {
     }
 
     fn send_gso(&self, run: &[Vec<u8>]) -> io::Result<()> {
-        let segment = (run[0].len() as u16).to_ne_bytes();
-        let control = gso_control(segment);
-        let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let control = gso_control(run[0].len() as u16);
+        let mut iov = [std::io::IoSlice::new(&[]); GSO_MAX_SEGMENTS];
+        for (slot, p) in iov.iter_mut().zip(run) {
+            *slot = std::io::IoSlice::new(p);
+        }
         let msg = socket2::MsgHdr::new()
-            .with_buffers(&iov)
+            .with_buffers(&iov[..run.len()])
             .with_control(&control);
         self.socket.get_ref().sendmsg(&msg, 0).map(drop)
     }
 }
 
-/// One control message: `SOL_UDP`, `UDP_SEGMENT`, the segment size (two bytes).
-fn gso_control(segment: [u8; 2]) -> Vec<u8> {
-    const fn align(n: usize) -> usize {
-        let a = std::mem::size_of::<usize>();
-        (n + a - 1) & !(a - 1)
-    }
-    let head = align(std::mem::size_of::<libc::cmsghdr>());
+// SAFETY: CMSG_SPACE and CMSG_LEN are arithmetic on a length, nothing more.
+const GSO_CONTROL_SPACE: usize = unsafe { libc::CMSG_SPACE(2) } as usize;
+// SAFETY: as above.
+const GSO_CONTROL_LEN: usize = unsafe { libc::CMSG_LEN(2) } as usize;
+// SAFETY: as above; where a control message's data starts.
+const GSO_CONTROL_DATA: usize = unsafe { libc::CMSG_LEN(0) } as usize;
+
+/// One control message: `SOL_UDP`, `UDP_SEGMENT`, the segment size.
+fn gso_control(segment: u16) -> [u8; GSO_CONTROL_SPACE] {
     // SAFETY: cmsghdr is plain integers (and padding on some libcs), for
     // which all zeroes is a valid value.
     let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
-    hdr.cmsg_len = (head + segment.len()) as _;
+    hdr.cmsg_len = GSO_CONTROL_LEN as _;
     hdr.cmsg_level = libc::SOL_UDP;
     hdr.cmsg_type = libc::UDP_SEGMENT;
-    let mut control = vec![0u8; head + align(segment.len())];
     // SAFETY: reads the bytes of a live, initialised value of its own size.
     let hdr_bytes = unsafe {
         std::slice::from_raw_parts(
@@ -222,8 +225,9 @@ fn gso_control(segment: [u8; 2]) -> Vec<u8> {
             std::mem::size_of::<libc::cmsghdr>(),
         )
     };
+    let mut control = [0u8; GSO_CONTROL_SPACE];
     control[..hdr_bytes.len()].copy_from_slice(hdr_bytes);
-    control[head..head + segment.len()].copy_from_slice(&segment);
+    control[GSO_CONTROL_DATA..GSO_CONTROL_LEN].copy_from_slice(&segment.to_ne_bytes());
     control
 }
 
