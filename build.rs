@@ -18,6 +18,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=link/slipway.order");
     println!("cargo:rerun-if-env-changed=SLIPWAY_SYMBOL_ORDER");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     if env::var("PROFILE").as_deref() != Ok("release")
         || env::var("TARGET").as_deref() != Ok("x86_64-unknown-linux-gnu")
         || !rustc_links_with_lld()
@@ -58,7 +59,6 @@ fn glibc_at_least(major: u32, minor: u32) -> bool {
 /// the build picks another linker (a `linker` in Cargo's config, which
 /// Cargo hands build scripts as RUSTC_LINKER, or linker flags).
 fn rustc_links_with_lld() -> bool {
-    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     if env::var_os("RUSTC_LINKER").is_some() {
         return false;
     }
