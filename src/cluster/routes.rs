@@ -105,8 +105,27 @@ impl RouteTable {
         self.stale.load(Ordering::Relaxed)
     }
 
+    /// The store confirmed the copy: private sandboxes are served again at
+    /// once, not at the next staleness tick (right after the first list,
+    /// a route could be there and its private sandbox still refused).
     fn touch(&self) {
         *lock(&self.contact) = Some(Instant::now());
+        self.update_staleness();
+    }
+
+    /// Refuse private sandboxes while the store has been silent past
+    /// `stale_after`; say so when that changes.
+    fn update_staleness(&self) {
+        let stale = self.contact_age().is_none_or(|age| age > self.stale_after);
+        if self.stale.swap(stale, Ordering::Relaxed) != stale {
+            if stale {
+                tracing::warn!(target: "slipway::edge", stale_after = ?self.stale_after,
+                    "no word from the cluster store: private sandboxes are refused (503) until it is back");
+            } else {
+                tracing::info!(target: "slipway::edge", "the cluster store is back: serving private sandboxes again");
+            }
+        }
+        self.directory.refuse_private(stale);
     }
 
     /// Keep the copy forever: list, watch, resume or list again.
@@ -353,22 +372,13 @@ impl RouteTable {
         }
     }
 
-    /// Refuse private sandboxes while the store has been silent past
-    /// `stale_after`; say so when that changes.
+    /// Notice the store going silent: the staleness is checked every 250 ms
+    /// (and at every contact, see `touch`).
     pub async fn watch_staleness(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tick.tick().await;
-            let stale = self.contact_age().is_none_or(|age| age > self.stale_after);
-            if self.stale.swap(stale, Ordering::Relaxed) != stale {
-                if stale {
-                    tracing::warn!(target: "slipway::edge", stale_after = ?self.stale_after,
-                        "no word from the cluster store: private sandboxes are refused (503) until it is back");
-                } else {
-                    tracing::info!(target: "slipway::edge", "the cluster store is back: serving private sandboxes again");
-                }
-            }
-            self.directory.refuse_private(stale);
+            self.update_staleness();
         }
     }
 }
