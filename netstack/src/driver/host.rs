@@ -479,14 +479,16 @@ pub(super) fn start_connect(dst: SocketAddr) -> io::Result<(TcpStream, bool)> {
 }
 
 /// Whether a connect in flight has finished: `None` while it has not.
+/// A socket with a peer is connected (one system call, the usual case);
+/// one without has failed if it holds an error, else it is still trying.
 pub(super) fn connect_outcome(stream: &TcpStream) -> Option<Result<(), ConnectError>> {
-    match stream.take_error() {
-        Ok(Some(e)) | Err(e) => Some(Err(connect_error(&e))),
-        Ok(None) => match stream.peer_addr() {
-            Ok(_) => Some(Ok(())),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
-            Err(e) => Some(Err(connect_error(&e))),
+    match stream.peer_addr() {
+        Ok(_) => Some(Ok(())),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(Err(connect_error(&e))),
+            Ok(None) => None,
         },
+        Err(e) => Some(Err(connect_error(&e))),
     }
 }
 
