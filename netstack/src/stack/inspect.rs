@@ -76,20 +76,22 @@ impl Stack {
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
-        let mut socket = self.flow_socket();
+        let (mut socket, buffers) = self.flow_socket();
         if socket.listen(tcp_flow::listen_endpoint(dst)).is_err() {
+            self.discard_flow_socket(socket, buffers);
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
         let handle = self.sockets.add(socket);
         self.ingest(now, frame);
         if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
-            self.sockets.remove(handle);
+            self.remove_flow_socket(handle, Some(buffers), None);
             let rst = self.builder().rst_for_syn(ip, src, dst);
             return self.emit(rst);
         }
         let flow = self.alloc_flow();
         let mut entry = tcp_flow::TcpFlow::new((src, dst), handle, phase, rule, now);
+        entry.buffers = Some(buffers);
         if inspecting {
             let at = now + FIRST_BYTES_TIMEOUT.into();
             entry.inspect_deadline = Some(at);

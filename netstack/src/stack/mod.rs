@@ -39,6 +39,7 @@ use crate::wire::{self, FrameBuilder, GuestPacket, RxMeta, Unreachable};
 
 mod datagram_flow;
 mod inspect;
+mod pool;
 mod resolver;
 mod tcp_flow;
 
@@ -200,6 +201,9 @@ pub struct Stats {
     /// TLS flows handed to the interceptor because a header rule matched
     /// their SNI.
     pub intercepted_flows: u64,
+    /// TCP buffers (two per flow) a new flow took from those of flows that
+    /// ended, instead of new memory.
+    pub tcp_buffers_reused: u64,
 }
 
 impl Stats {
@@ -223,6 +227,11 @@ pub struct Stack {
     policy: EgressPolicy,
     iface: Interface,
     sockets: SocketSet<'static>,
+    /// The TCP buffers of flows that ended, for the next ones; the
+    /// sockets borrow from it (see `Drop`).
+    pool: pool::BufferPool,
+    /// When the pool's kept buffers are freed unless a flow ends first.
+    pool_release_at: Option<Instant>,
     tx: TxQueue,
     gateway_mac: EthernetAddress,
     guest_mac: EthernetAddress,
@@ -262,6 +271,20 @@ pub struct Stack {
 #[cfg(feature = "fault-injection")]
 pub const PANIC_FRAME: &[u8] = b"slipway-fault-injection: panic";
 
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // The sockets go first: only then may the pool have back the
+        // buffers they borrow, and free them.
+        self.sockets = SocketSet::new(Vec::new());
+        for f in self.tcp.values_mut() {
+            if let Some(buffers) = f.buffers.take() {
+                // SAFETY: every socket was dropped just above.
+                unsafe { self.pool.give_back(buffers, None) };
+            }
+        }
+    }
+}
+
 impl Stack {
     /// A sandbox's network as of `now` (the caller's clock, which every
     /// later input continues).
@@ -274,6 +297,8 @@ impl Stack {
             policy,
             iface,
             sockets: SocketSet::new(Vec::new()),
+            pool: pool::BufferPool::new(cfg.tcp_buffer),
+            pool_release_at: None,
             tx,
             gateway_mac,
             guest_mac: EthernetAddress::BROADCAST,
@@ -592,8 +617,9 @@ impl Stack {
     // ----- driving ----------------------------------------------------------
 
     /// Time passed: connects past their deadline fail, idle datagram flows
-    /// are forgotten, smoltcp's timers (retransmits, delayed ACKs, …) run
-    /// at the next output.
+    /// are forgotten, TCP buffers kept for new flows that none took are
+    /// freed, smoltcp's timers (retransmits, delayed ACKs, …) run at the
+    /// next output.
     pub fn handle_timeout(&mut self, now: std::time::Instant) {
         let now = self.clock(now);
         while let Some(&(at, flow)) = self.connect_deadlines.first() {
@@ -612,6 +638,10 @@ impl Stack {
         }
         if self.next_sweep.is_some_and(|t| now >= t) {
             self.sweep_datagrams(now);
+        }
+        if self.pool_release_at.is_some_and(|t| now >= t) {
+            self.pool.release();
+            self.pool_release_at = None;
         }
     }
 
@@ -680,10 +710,16 @@ impl Stack {
             .filter(|&at| at > now || !self.tx.is_full());
         let connect = self.connect_deadlines.first().map(|&(at, _)| at);
         let inspect = self.inspect_deadlines.first().map(|&(at, _)| at);
-        let at = [smol, self.next_sweep, connect, inspect]
-            .into_iter()
-            .flatten()
-            .min()?;
+        let at = [
+            smol,
+            self.next_sweep,
+            connect,
+            inspect,
+            self.pool_release_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
         Some(self.caller_time(at))
     }
 

@@ -2,6 +2,7 @@
 //! paused) until the host connect succeeds; connections the gateway opens
 //! into the guest; and the calls the driver moves bytes with.
 
+use super::pool::FlowBuffers;
 use super::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,9 @@ pub(super) struct TcpFlow {
     pub(super) intercept_pending: bool,
     /// The stack's own query flow to its upstream for this flow.
     pub(super) lookup: Option<FlowId>,
+    /// The buffers its socket borrows from the pool, once it has them;
+    /// back to the pool when the flow ends.
+    pub(super) buffers: Option<FlowBuffers>,
     pub(super) started: Instant,
     pub(super) to_host: u64,
     pub(super) to_guest: u64,
@@ -118,6 +122,7 @@ impl TcpFlow {
             intercept: None,
             intercept_pending: false,
             lookup: None,
+            buffers: None,
             started: now,
             to_host: 0,
             to_guest: 0,
@@ -126,16 +131,49 @@ impl TcpFlow {
 }
 
 impl Stack {
-    /// A smoltcp socket for one relayed flow: the configured buffers, no
-    /// Nagle (the ends do their own), a short ACK delay.
-    pub(super) fn flow_socket(&self) -> tcp::Socket<'static> {
+    /// A smoltcp socket for one relayed flow: the configured buffers, from
+    /// the pool, no Nagle (the ends do their own), a short ACK delay. The
+    /// buffers go back to the pool after the socket is dropped: when the
+    /// flow ends (`settle_tcp`), or at once (`discard_flow_socket`).
+    pub(super) fn flow_socket(&mut self) -> (tcp::Socket<'static>, FlowBuffers) {
+        let (rx, rx_buf, rx_kept) = self.pool.take();
+        let (tx, tx_buf, tx_kept) = self.pool.take();
+        self.stats.tcp_buffers_reused += u64::from(rx_kept) + u64::from(tx_kept);
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.cfg.tcp_buffer]),
+            tcp::SocketBuffer::new(rx_buf),
+            tcp::SocketBuffer::new(tx_buf),
         );
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(ACK_DELAY);
-        socket
+        (socket, FlowBuffers { rx, tx })
+    }
+
+    /// Drop a socket `flow_socket` made and never put in the set, and
+    /// return its buffers.
+    pub(super) fn discard_flow_socket(
+        &mut self,
+        socket: tcp::Socket<'static>,
+        buffers: FlowBuffers,
+    ) {
+        drop(socket);
+        // SAFETY: the only socket borrowing the buffers was dropped above.
+        unsafe { self.pool.give_back(buffers, None) };
+    }
+
+    /// Remove a flow's socket from the set, and return the buffers it
+    /// borrowed (`moved` as for `BufferPool::give_back`).
+    pub(super) fn remove_flow_socket(
+        &mut self,
+        handle: SocketHandle,
+        buffers: Option<FlowBuffers>,
+        moved: Option<(u64, u64)>,
+    ) {
+        self.sockets.remove(handle);
+        if let Some(buffers) = buffers {
+            // SAFETY: the socket at `handle`, the only one borrowing these
+            // buffers, was removed from the set and dropped just above.
+            unsafe { self.pool.give_back(buffers, moved) };
+        }
     }
 
     /// Account a new flow: it holds its buffers until `settle_tcp` frees it.
@@ -335,11 +373,12 @@ impl Stack {
             .find(|l| !self.tcp_by_key.contains_key(&(guest, *l)))
             .ok_or(InboundError::NoPort)?;
         self.next_ephemeral = EPHEMERAL.start + (local.port() - EPHEMERAL.start + 1) % span;
-        let mut socket = self.flow_socket();
+        let (mut socket, buffers) = self.flow_socket();
         socket.set_timeout(Some(GUEST_CONNECT_TIMEOUT.into()));
         let remote = (IpAddress::from(guest.ip()), guest.port());
         let from = (IpAddress::from(local.ip()), local.port());
         if socket.connect(self.iface.context(), remote, from).is_err() {
+            self.discard_flow_socket(socket, buffers);
             return Err(InboundError::NoPort);
         }
         let handle = self.sockets.add(socket);
@@ -352,6 +391,7 @@ impl Stack {
             now,
         );
         entry.inbound = true;
+        entry.buffers = Some(buffers);
         self.insert_flow(flow, entry);
         self.inbound += 1;
         tracing::info!(target: "slipway::flow", flow = %flow, proto = "tcp", %local, %guest, "inbound connection");
@@ -393,11 +433,15 @@ impl Stack {
         self.half_open -= 1;
         let (handle, dst) = (f.handle, f.key.1);
         let syn_frame = std::mem::take(&mut f.syn_frame);
-        let mut socket = self.flow_socket();
+        let (mut socket, buffers) = self.flow_socket();
         if socket.listen(listen_endpoint(dst)).is_ok() {
+            // The placeholder it replaces holds no buffers.
             *self.sockets.get_mut::<tcp::Socket>(handle) = socket;
+            self.tcp.get_mut(&flow).expect("flow just found").buffers = Some(buffers);
             let now = self.now;
             self.ingest(now, &syn_frame);
+        } else {
+            self.discard_flow_socket(socket, buffers);
         }
         if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
             // smoltcp took this SYN when it came; it cannot refuse it now,
@@ -595,14 +639,22 @@ impl Stack {
             }
         }
         for id in finished {
-            let Some(f) = self.tcp.remove(&id) else {
+            let Some(mut f) = self.tcp.remove(&id) else {
                 continue;
             };
             self.tcp_by_key.remove(&f.key);
             if let Some(at) = f.connect_deadline {
                 self.connect_deadlines.remove(&(at, id));
             }
-            self.sockets.remove(f.handle);
+            // Only a flow that ended cleanly took every byte its buffers
+            // held: then the counts say what they hold.
+            let clean = f.phase == TcpPhase::Open && f.guest_fin_reported && f.host_eof;
+            let moved = clean.then_some((f.to_host, f.to_guest));
+            let had_buffers = f.buffers.is_some();
+            self.remove_flow_socket(f.handle, f.buffers.take(), moved);
+            if had_buffers {
+                self.pool_release_at = (self.pool.kept() > 0).then(|| now + pool::IDLE.into());
+            }
             self.buffer_bytes -= 2 * self.cfg.tcp_buffer;
             self.forget_inspection(id, &f);
             if matches!(
