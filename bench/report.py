@@ -18,6 +18,7 @@ CASE_LABELS = {
     "tcp_h2g_P1": "TCP host→guest, 1 stream",
     "tcp_h2g_P4": "TCP host→guest, 4 streams",
     "udp_g2h": "UDP guest→host",
+    "udp_h2g": "UDP host→guest",
     "crr": "TCP connect+request+response",
     "rr": "1-byte request/response RTT",
     "connect": "TCP connect",
@@ -43,6 +44,8 @@ FIGURES = [
     ("tcp_h2g_P4", "gbps", "throughput", "Gbit/s", "higher", "{:.2f}"),
     ("udp_g2h", "gbps", "received", "Gbit/s", "higher", "{:.3f}"),
     ("udp_g2h", "loss_pct", "loss", "%", "lower", "{:.2f}"),
+    ("udp_h2g", "gbps", "received", "Gbit/s", "higher", "{:.3f}"),
+    ("udp_h2g", "loss_pct", "loss", "%", "lower", "{:.2f}"),
     ("crr", "cps", "rate", "conn/s", "higher", "{:.0f}"),
     ("rr", "p50_us", "p50", "µs", "lower", "{:.0f}"),
     ("rr", "p99_us", "p99", "µs", "lower", "{:.0f}"),
@@ -51,6 +54,7 @@ FIGURES = [
     ("tcp_h2g_P1", "cpu_per_gb", "stack CPU", "s/GB", "lower", "{:.2f}"),
     ("tcp_h2g_P4", "cpu_per_gb", "stack CPU", "s/GB", "lower", "{:.2f}"),
     ("udp_g2h", "cpu_per_gb", "stack CPU", "s/GB", "lower", "{:.2f}"),
+    ("udp_h2g", "cpu_per_gb", "stack CPU", "s/GB", "lower", "{:.2f}"),
     ("session", "rss_mib", "peak RSS (VmHWM)", "MiB", "lower", "{:.1f}"),
 ]
 
