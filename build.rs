@@ -10,6 +10,10 @@
 //!   the loader reads a few KiB at start-up instead of 430 KiB of
 //!   `.rela.dyn`. The binary then needs glibc 2.36, so only when the
 //!   build machine has it (a native build: it is where the binary runs).
+//!
+//! And Cargo links the binary with glibc statically, through
+//! link/rustc-wrapper (named in .cargo/config.toml), which `SLIPWAY_STATIC=0`
+//! turns off; the two lines below make Cargo relink when either changes.
 
 use std::env;
 use std::path::Path;
@@ -19,6 +23,8 @@ fn main() {
     println!("cargo:rerun-if-changed=link/slipway.order");
     println!("cargo:rerun-if-env-changed=SLIPWAY_SYMBOL_ORDER");
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
+    println!("cargo:rerun-if-changed=link/rustc-wrapper");
+    println!("cargo:rerun-if-env-changed=SLIPWAY_STATIC");
     if env::var("PROFILE").as_deref() != Ok("release")
         || env::var("TARGET").as_deref() != Ok("x86_64-unknown-linux-gnu")
         || !rustc_links_with_lld()
