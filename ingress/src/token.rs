@@ -4,7 +4,7 @@
 //! and the two fixed-length digests are compared in constant time, so neither
 //! the token's length nor the position of the first differing byte leaks.
 
-use std::fmt;
+use std::{fmt, io};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -20,13 +20,36 @@ const TOKEN_BYTES: usize = 20;
 pub struct AccessToken(String);
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot draw a random access token: {0}")]
-pub struct NoRandomness(getrandom::Error);
+#[error("cannot draw random bytes: {0}")]
+pub struct NoRandomness(io::Error);
+
+/// Fill `buf` from the kernel's random pool: getrandom(2), which waits
+/// only until the pool is first seeded. It is called through libc itself,
+/// not the getrandom crate: in slipway's statically linked binary that
+/// crate finds no `getrandom` by `dlsym` and reads /dev/urandom instead,
+/// which confinement does not let slipway open.
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), NoRandomness> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes at `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(NoRandomness(e));
+            }
+            continue;
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
 
 impl AccessToken {
     pub fn generate() -> Result<Self, NoRandomness> {
         let mut raw = [0u8; TOKEN_BYTES];
-        getrandom::fill(&mut raw).map_err(NoRandomness)?;
+        random_bytes(&mut raw)?;
         Ok(Self(raw.iter().map(|b| format!("{b:02x}")).collect()))
     }
 

@@ -49,7 +49,7 @@ pub async fn rotate_token(shared: &Shared, id: &SandboxId) -> api::Result<String
     if route.is_public() {
         return Err(RegistryError::NoToken(id.clone()).into());
     }
-    let fresh = AccessToken::generate().map_err(RegistryError::Route)?;
+    let fresh = AccessToken::generate().map_err(RegistryError::Random)?;
     let record = node.record(
         Some(fresh.digest()),
         route.mask().cloned(),

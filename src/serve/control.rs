@@ -233,9 +233,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::Transport { spec, source } => {
                 (transport_status(source), Some(field_of(spec)))
             }
-            RegistryError::Route(_) | RegistryError::Random(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, None)
-            }
+            RegistryError::Random(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
             RegistryError::NotRunning { .. } | RegistryError::NoToken(_) => {
                 (StatusCode::CONFLICT, None)
             }

@@ -60,10 +60,7 @@ pub enum RegistryError {
         source: TransportError,
     },
     #[error(transparent)]
-    Route(#[from] NoRandomness),
-    // getrandom's error is not a std error without its `std` feature.
-    #[error("cannot draw random bytes: {0}")]
-    Random(getrandom::Error),
+    Random(#[from] NoRandomness),
     #[error("sandbox {id}'s network is not running ({state}): delete it")]
     NotRunning { id: SandboxId, state: String },
     #[error("sandbox {0} allows public traffic: it has no traffic access token")]
@@ -589,7 +586,9 @@ fn open(spec: &TransportSpec, caller: Option<i32>, mtu: usize) -> Result<Transpo
 }
 
 fn random_u64() -> Result<u64, RegistryError> {
-    getrandom::u64().map_err(RegistryError::Random)
+    let mut raw = [0u8; 8];
+    ingress::token::random_bytes(&mut raw)?;
+    Ok(u64::from_ne_bytes(raw))
 }
 
 /// Twelve characters of a-z0-9 not in use yet.
