@@ -7,13 +7,15 @@
 //!   the executable resident per process. `SLIPWAY_SYMBOL_ORDER=0` turns
 //!   it off.
 //! - Relative relocations are packed (`-z pack-relative-relocs`, DT_RELR):
-//!   the loader reads a few KiB at start-up instead of 430 KiB of
-//!   `.rela.dyn`. The binary then needs glibc 2.36, so only when the
-//!   build machine has it (a native build: it is where the binary runs).
+//!   a few KiB are read at start-up instead of 430 KiB of `.rela.dyn`.
+//!   Only when the build machine's glibc has it (2.36): a dynamically
+//!   linked binary then needs 2.36 where it runs; a static one (below)
+//!   relocates itself and needs no glibc at all there.
 //!
-//! And Cargo links the binary with glibc statically, through
-//! link/rustc-wrapper (named in .cargo/config.toml), which `SLIPWAY_STATIC=0`
-//! turns off; the two lines below make Cargo relink when either changes.
+//! Cargo links the binary with glibc statically (a static PIE) through
+//! link/rustc-wrapper, which .cargo/config.toml names and `SLIPWAY_STATIC=0`
+//! turns off; the two `rerun-if` lines below make Cargo relink when either
+//! changes.
 
 use std::env;
 use std::path::Path;
