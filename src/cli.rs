@@ -550,10 +550,7 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, UsageError> {
 
 fn random_seed() -> u64 {
     let mut seed = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
-        .is_err()
-    {
+    if ingress::token::random_bytes(&mut seed).is_err() {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
