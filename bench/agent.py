@@ -118,8 +118,9 @@ def connect(host, port, seconds, max_count):
     return res
 
 
-def rr(host, port, seconds, max_count):
+def rr(host, port, seconds, max_count, samples=False):
     """1-byte request/response over one connection; round-trip times in µs."""
+    raw = samples
     samples = []
     try:
         s = socket.create_connection((host, port), timeout=2.0)
@@ -151,7 +152,10 @@ def rr(host, port, seconds, max_count):
     def pct(p):
         return samples[min(len(samples) - 1, int(p / 100.0 * len(samples)))]
 
-    return {"ok": True, "count": len(samples), "p50": pct(50), "p99": pct(99), "max": samples[-1]}
+    res = {"ok": True, "count": len(samples), "p50": pct(50), "p99": pct(99), "max": samples[-1]}
+    if raw:
+        res["samples"] = [round(x, 1) for x in samples]
+    return res
 
 
 def main():

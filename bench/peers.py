@@ -18,6 +18,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Every namespace and process group the run made, so `cleanup_all` can end them.
 _namespaces = set()
+_netns_serial = 0
 _groups = {}
 
 
@@ -269,7 +270,11 @@ class NamespacePeer(Session):
     """A peer that serves a namespace made by `ip netns add` (TESTBEDS.md)."""
 
     def _start_stack(self, timeout):
-        self.netns = f"slwb{os.getpid()}{self.name[:2]}{self.mtu}"
+        # Unique per session: several peers' sessions are open at once in
+        # the interleaved phase (pasta and pasta-2025 share a prefix).
+        global _netns_serial
+        _netns_serial += 1
+        self.netns = f"slwb{os.getpid()}n{_netns_serial}"
         netns_add(self.netns)
         self.stack = self._popen(self.stack_command())
         deadline = time.monotonic() + timeout

@@ -55,6 +55,7 @@ FIGURES = [
     ("tcp_h2g_P4", "cpu_per_gb", "stack CPU", "s/GB", "lower", "{:.2f}"),
     ("udp_g2h", "cpu_per_gb", "stack CPU", "s/GB", "lower", "{:.2f}"),
     ("udp_h2g", "cpu_per_gb", "stack CPU", "s/GB", "lower", "{:.2f}"),
+    ("crr", "cpu_us_per_conn", "stack CPU", "µs/conn", "lower", "{:.0f}"),
     ("session", "rss_mib", "peak RSS (VmHWM)", "MiB", "lower", "{:.1f}"),
 ]
 
