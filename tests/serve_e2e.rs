@@ -967,7 +967,20 @@ fn each_policy_holds_for_its_own_guest_and_changes_live() {
     let counters = serve.ctl_ok(&["get", "fenced"])["counters"].clone();
     assert_eq!(counters["tcpDenied"], 1, "{counters}");
     assert_eq!(counters["tcpAllowed"], 2, "{counters}");
+    // Each probe closes at once, so each flow ends cleanly long before the
+    // next probe's SYN: the second flow of a sandbox takes the first's two
+    // buffers from the pool, and the API and the metrics both say so.
+    let reused = serve.ctl_ok(&["get", "open"])["counters"]["tcpBuffersReused"].clone();
+    assert_eq!(reused, 2, "{}", serve.log());
     let m = metrics(&w, 18281);
+    assert!(
+        m.contains(r#"slipway_tcp_buffers_reused_total{sandbox="open"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"slipway_tcp_buffers_reused_total{sandbox="offline"} 0"#),
+        "{m}"
+    );
     assert!(m.contains("slipway_sandboxes 3"), "{m}");
     assert!(
         m.contains(r#"slipway_flows_total{sandbox="offline",proto="tcp",verdict="denied"} 2"#),

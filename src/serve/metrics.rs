@@ -192,6 +192,11 @@ pub async fn render(shared: &Shared) -> String {
         "counter",
         "Times a sandbox's stack panicked and was made anew, its flows reset.",
     );
+    let mut reused = Family::new(
+        "slipway_tcp_buffers_reused_total",
+        "counter",
+        "TCP buffers (two per flow) new flows took from short flows that ended cleanly, instead of new memory.",
+    );
     for (s, snap) in sandboxes.iter().zip(&snapshots) {
         let id = s.id.as_str();
         up.sample(
@@ -278,6 +283,11 @@ pub async fn render(shared: &Shared) -> String {
             &format!("sandbox=\"{id}\""),
             st.stack_panics,
         );
+        reused.sample(
+            "slipway_tcp_buffers_reused_total",
+            &format!("sandbox=\"{id}\""),
+            st.tcp_buffers_reused,
+        );
         for (cap, n) in &st.caps_hit_by_cap {
             caps.sample(
                 "slipway_caps_hit_total",
@@ -320,7 +330,8 @@ pub async fn render(shared: &Shared) -> String {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     for f in [
-        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics, names, rules,
+        count, rss, fds, inbound, up, flows, open, bytes, dropped, caps, panics, reused, names,
+        rules,
     ] {
         out.push_str(&f.text);
     }

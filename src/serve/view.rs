@@ -117,6 +117,9 @@ pub struct CountersView {
     pub bytes_to_guest: u64,
     /// Times this sandbox's stack panicked and was made anew (flows reset).
     pub stack_panics: u64,
+    /// TCP buffers (two per flow) new flows took from short flows that
+    /// ended cleanly, instead of new memory.
+    pub tcp_buffers_reused: u64,
     /// The filtering resolver (names in allowOut): queries forwarded and
     /// blocked, answers rewritten without internal addresses, flows a DNS
     /// pin allowed.
@@ -157,6 +160,7 @@ impl CountersView {
             bytes_to_host: s.stats.bytes_to_host,
             bytes_to_guest: s.stats.bytes_to_guest,
             stack_panics: s.stats.stack_panics,
+            tcp_buffers_reused: s.stats.tcp_buffers_reused,
             dns_forwarded: s.stats.dns_forwarded,
             dns_blocked: s.stats.dns_blocked,
             dns_answers_rewritten: s.stats.dns_answers_rewritten,
