@@ -17,7 +17,6 @@ mod host;
 mod intercept;
 mod link;
 
-use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
@@ -43,7 +42,7 @@ use crate::policy::EgressPolicy;
 use crate::proxy::EgressProxy;
 use crate::socks::Target;
 use crate::stack::{
-    ConnectError, DatagramKind, FlowId, HostEvent, HostRequest, InboundError, Stack,
+    ConnectError, DatagramKind, FlowId, FlowMap, HostEvent, HostRequest, InboundError, Stack,
 };
 use crate::wire::{Unreachable, MAX_FRAME};
 
@@ -55,8 +54,8 @@ const ROUNDS_PER_POLL: usize = 16;
 pub struct Driver<L: Link> {
     stack: Stack,
     link: AsyncFd<L>,
-    tcp: HashMap<FlowId, HostTcp>,
-    datagrams: HashMap<FlowId, HostDatagram>,
+    tcp: FlowMap<HostTcp>,
+    datagrams: FlowMap<HostDatagram>,
     commands_tx: mpsc::UnboundedSender<Command>,
     commands: mpsc::UnboundedReceiver<Command>,
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -74,7 +73,7 @@ pub struct Driver<L: Link> {
     /// Where intercepted flows go; without one they are reset.
     interceptor: Option<SharedInterceptor>,
     /// `Intercept` requests whose host connect (or proxy dial) is still in flight.
-    intercepts: HashMap<FlowId, intercept::Pending>,
+    intercepts: FlowMap<intercept::Pending>,
     /// Guest datagrams for `outgoing_flow` not sent yet: one round's, sent
     /// together at the end of `serve_requests`.
     outgoing: Vec<Vec<u8>>,
@@ -90,8 +89,8 @@ impl<L: Link> Driver<L> {
             stack,
             // SAFETY: `Link` implementors promise a stable, owned descriptor.
             link: unsafe { AsyncFd::register(link) }.map_err(io::Error::from)?,
-            tcp: HashMap::new(),
-            datagrams: HashMap::new(),
+            tcp: FlowMap::default(),
+            datagrams: FlowMap::default(),
             commands_tx,
             commands,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
@@ -102,7 +101,7 @@ impl<L: Link> Driver<L> {
             egress_proxy: None,
             dial_policy: None,
             interceptor: None,
-            intercepts: HashMap::new(),
+            intercepts: FlowMap::default(),
             outgoing: Vec::new(),
             outgoing_flow: None,
         })

@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -51,6 +52,37 @@ use tcp_flow::{TcpFlow, EPHEMERAL};
 /// Identifies one relayed flow between the core and its driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowId(pub u64);
+
+/// A map keyed by flow id. The ids are the stack's own counter, never a
+/// value the guest picks, so they need no keyed hash (SipHash, what maps
+/// keyed by guest addresses keep): a folded multiply spreads them, and
+/// several lookups per frame cost less.
+pub type FlowMap<V> = HashMap<FlowId, V, BuildHasherDefault<FlowIdHasher>>;
+
+/// The hasher of a [`FlowMap`]: the 128-bit product of the id and an odd
+/// constant, its halves folded together, so that every bit of the id moves
+/// the low bits the table indexes by (ids that share their low bits do not
+/// share a bucket).
+#[derive(Default)]
+pub struct FlowIdHasher(u64);
+
+impl Hasher for FlowIdHasher {
+    fn finish(&self) -> u64 {
+        let product = u128::from(self.0) * 0x9e37_79b9_7f4a_7c15;
+        (product as u64) ^ ((product >> 64) as u64)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` comes from `FlowId`; anything else still hashes.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 impl fmt::Display for FlowId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -235,9 +267,9 @@ pub struct Stack {
     tx: TxQueue,
     gateway_mac: EthernetAddress,
     guest_mac: EthernetAddress,
-    tcp: HashMap<FlowId, TcpFlow>,
+    tcp: FlowMap<TcpFlow>,
     tcp_by_key: HashMap<(SocketAddr, SocketAddr), FlowId>,
-    datagram: HashMap<FlowId, DatagramFlow>,
+    datagram: FlowMap<DatagramFlow>,
     datagram_by_key: HashMap<DatagramKey, FlowId>,
     requests: std::collections::VecDeque<HostRequest>,
     next_flow: u64,
@@ -251,7 +283,7 @@ pub struct Stack {
     /// Flows whose first bytes must name a host by then.
     inspect_deadlines: BTreeSet<(Instant, FlowId)>,
     /// The stack's own queries to its upstream, by their datagram flow.
-    own_queries: HashMap<FlowId, OwnQuery>,
+    own_queries: FlowMap<OwnQuery>,
     query_seq: u64,
     /// The caller's clock at `Instant::ZERO` of smoltcp's.
     epoch: std::time::Instant,
@@ -302,9 +334,9 @@ impl Stack {
             tx,
             gateway_mac,
             guest_mac: EthernetAddress::BROADCAST,
-            tcp: HashMap::new(),
+            tcp: FlowMap::default(),
             tcp_by_key: HashMap::new(),
-            datagram: HashMap::new(),
+            datagram: FlowMap::default(),
             datagram_by_key: HashMap::new(),
             requests: Default::default(),
             next_flow: 1,
@@ -315,7 +347,7 @@ impl Stack {
             next_sweep: None,
             connect_deadlines: BTreeSet::new(),
             inspect_deadlines: BTreeSet::new(),
-            own_queries: HashMap::new(),
+            own_queries: FlowMap::default(),
             query_seq: cfg.random_seed,
             epoch: now,
             now: Instant::ZERO,
@@ -873,4 +905,41 @@ fn log_flow(
         suppressed = (suppressed > 0).then_some(suppressed),
         "new flow"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    /// Ids a guest could keep alive by closing the others (every 2^k-th)
+    /// must not pile into a few of a table's buckets.
+    #[test]
+    fn flow_ids_sharing_low_bits_spread_over_buckets() {
+        let build = BuildHasherDefault::<FlowIdHasher>::default();
+        for shift in [0u32, 6, 10, 16, 32] {
+            let buckets = 1024u64;
+            let mut used = std::collections::HashSet::new();
+            for i in 0..buckets {
+                let id = FlowId(i << shift);
+                used.insert(build.hash_one(id) & (buckets - 1));
+            }
+            // Random hashing fills about 63% of the buckets.
+            assert!(
+                used.len() > 550,
+                "ids spaced 2^{shift} use {} of {buckets} buckets",
+                used.len()
+            );
+        }
+    }
+
+    #[test]
+    fn flow_map_finds_what_it_holds() {
+        let mut map = FlowMap::default();
+        for i in 0..5000u64 {
+            map.insert(FlowId(i * 7919), i);
+        }
+        assert!((0..5000u64).all(|i| map.get(&FlowId(i * 7919)) == Some(&i)));
+        assert_eq!(map.get(&FlowId(1)), None);
+    }
 }
