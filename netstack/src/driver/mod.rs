@@ -8,14 +8,16 @@
 //!
 //! Rooms: `link` (the transport's trait), `handle` (how the rest of the
 //! process reaches a sandbox), `host` (host sockets and byte pumps), `dial`
-//! (a flow's way through the egress proxy), and here the loop that feeds
-//! the core its inputs and drains its outputs.
+//! (a flow's way through the egress proxy), `own_wake` (the shutdown
+//! future polled only when it asks), and here the loop that feeds the core
+//! its inputs and drains its outputs.
 
 mod dial;
 mod handle;
 mod host;
 mod intercept;
 mod link;
+mod own_wake;
 
 use std::future::{poll_fn, Future};
 use std::io::{self, Read};
@@ -37,6 +39,7 @@ use host::{
 };
 pub use intercept::{InterceptedFlow, Interceptor, SharedInterceptor, UpstreamIo};
 pub use link::Link;
+use own_wake::OwnWake;
 
 use crate::policy::EgressPolicy;
 use crate::proxy::EgressProxy;
@@ -150,9 +153,12 @@ impl<L: Link> Driver<L> {
     ) -> (Parked, Option<io::Error>) {
         self.stack.advertise_router();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut shutdown_wake = OwnWake::new();
         let result = poll_fn(|cx| {
-            if shutdown.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
+            if let Some(mut scx) = shutdown_wake.due(cx) {
+                if shutdown.as_mut().poll(&mut scx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
             }
             self.poll_contained(cx)
         })
